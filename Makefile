@@ -1,0 +1,46 @@
+# r1pipeline: one target per stage. Outputs go to runs/$(RUN)/<stage>/.
+#   make all                      the embedded default, every stage, skipping stages already done
+#   make sft RUN=x ARGS="sft.learning_rate=1e-4 grpo.max_steps=50"
+#   make grpo ACCELERATE_CONFIG=recipes/accelerate/ddp.yaml
+#   make test                     installs what it needs, then runs the tests
+
+SYSTEM_PYTHON ?= python3
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+RECIPE ?= tiny
+RUN ?= default
+ARGS ?=
+export ACCELERATE_CONFIG
+
+PIPELINE := $(PYTHON) -m r1pipeline --recipe $(RECIPE) --run $(RUN)
+
+.PHONY: install all sft grpo test test-fast bench clean-runs
+
+install: $(VENV)/.installed
+
+# torch goes first and pinned: on the CPU machines that picks the local CPU build instead of
+# letting the resolver pull gigabytes of CUDA wheels.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PYTHON) || $(SYSTEM_PYTHON) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q torch==2.13.0
+	$(PYTHON) -m pip install -q -e ".[dev]"
+	touch $@
+
+all: install
+	$(PIPELINE) all $(ARGS)
+
+sft grpo: install
+	$(PIPELINE) $@ $(ARGS)
+
+test: install
+	$(PYTHON) -m pytest -q
+
+test-fast: install
+	$(PYTHON) -m pytest -q -m "not slow"
+
+bench: install
+	@set -e; for b in benchmarks/*.py; do [ -e "$$b" ] || continue; echo "== $$b"; $(PYTHON) $$b; done
+
+clean-runs:
+	rm -rf runs/

@@ -1,0 +1,17 @@
+"""Data for the R1 pipeline: template, tokenizer, synthetic problems, loading."""
+
+from .loading import DataError, build_datasets
+from .synthetic import SYNTHETIC_KINDS, build_synthetic
+from .template import R1_SYSTEM_PROMPT, render_completion, render_prompt
+from .tokenizer import build_tokenizer
+
+__all__ = [
+    "R1_SYSTEM_PROMPT",
+    "render_prompt",
+    "render_completion",
+    "build_tokenizer",
+    "build_synthetic",
+    "build_datasets",
+    "DataError",
+    "SYNTHETIC_KINDS",
+]

@@ -1,0 +1,190 @@
+"""Synthetic math problems with exact answers and short step-by-step workings.
+
+Each generator takes a random.Random and max_operand and returns
+(prompt, solution, reasoning). Workings are digit-wise / partial-product-wise
+so a tiny model can imitate them during SFT.
+"""
+
+import hashlib
+import random
+from fractions import Fraction
+from math import gcd
+
+from datasets import Dataset, DatasetDict
+
+SYNTHETIC_KINDS = ("add", "sub", "mul", "linear", "fraction", "collect")
+
+# Give up after this many draws in a row that add nothing new: the space of
+# distinct problems is then (practically) exhausted.
+_MAX_FRUITLESS_DRAWS = 20_000
+
+
+def _digits(n: int) -> list[int]:
+    """Digits of n >= 0, ones first."""
+    return [int(c) for c in reversed(str(n))]
+
+
+def _add(rng: random.Random, m: int) -> tuple[str, str, str]:
+    a, b = rng.randint(0, m), rng.randint(0, m)
+    da, db = _digits(a), _digits(b)
+    steps, carry = [], 0
+    for i in range(max(len(da), len(db))):
+        terms = [d[i] for d in (da, db) if i < len(d)] + ([carry] if carry else [])
+        s = sum(terms)
+        carry = s // 10
+        line = f"{' + '.join(map(str, terms))} = {s}, digit {s % 10}"
+        steps.append(line + (f" carry {carry}" if carry else ""))
+    if carry:
+        steps.append(f"digit {carry}")
+    steps.append(f"{a} + {b} = {a + b}")
+    return f"What is {a} + {b}?", str(a + b), "\n".join(steps)
+
+
+def _column_subtract(big: int, small: int) -> list[str]:
+    db, ds = _digits(big), _digits(small)
+    steps, borrow = [], 0
+    for i, top in enumerate(db):
+        bottom = ds[i] if i < len(ds) else 0
+        top -= borrow
+        borrow = int(top < bottom)
+        if borrow:
+            steps.append(f"{top + 10} - {bottom} = {top + 10 - bottom}, borrow 1")
+        else:
+            steps.append(f"{top} - {bottom} = {top - bottom}")
+    return steps
+
+
+def _sub(rng: random.Random, m: int) -> tuple[str, str, str]:
+    a, b = rng.randint(0, m), rng.randint(0, m)
+    if a >= b:
+        steps = _column_subtract(a, b) + [f"{a} - {b} = {a - b}"]
+    else:
+        steps = [f"{a} < {b}, so {a} - {b} = -({b} - {a})"]
+        steps += _column_subtract(b, a) + [f"{b} - {a} = {b - a}", f"{a} - {b} = {a - b}"]
+    return f"What is {a} - {b}?", str(a - b), "\n".join(steps)
+
+
+def _mul(rng: random.Random, m: int) -> tuple[str, str, str]:
+    a, b = rng.randint(0, m), rng.randint(0, m)
+    partials = [d * 10**i for i, d in enumerate(_digits(b)) if d]
+    steps = []
+    if len(partials) > 1:
+        steps = [f"{a} * {p} = {a * p}" for p in partials]
+        steps.append(f"{' + '.join(str(a * p) for p in partials)} = {a * b}")
+    steps.append(f"{a} * {b} = {a * b}")
+    return f"What is {a} * {b}?", str(a * b), "\n".join(steps)
+
+
+def _linear(rng: random.Random, m: int) -> tuple[str, str, str]:
+    a, x, b = rng.randint(2, m), rng.randint(-m, m), rng.randint(-m, m)
+    c = a * x + b
+    lhs = f"{a}*x" + (f" + {b}" if b > 0 else f" - {-b}" if b < 0 else "")
+    steps = []
+    if b:
+        move = f"{c} - {b}" if b > 0 else f"{c} + {-b}"
+        steps.append(f"{a}*x = {move} = {c - b}")
+    steps.append(f"x = {c - b} / {a} = {x}")
+    return f"Solve for x: {lhs} = {c}", str(x), "\n".join(steps)
+
+
+def _fraction(rng: random.Random, m: int) -> tuple[str, str, str]:
+    p, q, r, s = rng.randint(1, m), rng.randint(2, m), rng.randint(1, m), rng.randint(2, m)
+    den = q * s // gcd(q, s)
+    n1, n2 = p * den // q, r * den // s
+    steps = [f"lcm({q}, {s}) = {den}"]
+    steps += [f"{n}/{d} = {n * den // d}/{den}" for n, d in ((p, q), (r, s)) if d != den]
+    steps.append(f"{n1}/{den} + {n2}/{den} = {n1 + n2}/{den}")
+    total = Fraction(n1 + n2, den)
+    if total.denominator != den:
+        g = gcd(n1 + n2, den)
+        steps.append(f"gcd({n1 + n2}, {den}) = {g}, so {n1 + n2}/{den} = {total}")
+    return f"What is {p}/{q} + {r}/{s}?", str(total), "\n".join(steps)
+
+
+def _collect(rng: random.Random, m: int) -> tuple[str, str, str]:
+    var = rng.choice("xyz")
+    coeffs = [rng.randint(1, m) * rng.choice((1, -1)) for _ in range(rng.randint(2, 4))]
+
+    def signed(c: int, first: bool) -> str:
+        if first:
+            return str(c)
+        return f" + {c}" if c >= 0 else f" - {-c}"
+
+    expr = "".join(signed(c, i == 0) + f"*{var}" for i, c in enumerate(coeffs))
+    steps, acc = [], coeffs[0]
+    for c in coeffs[1:]:
+        steps.append(f"{acc}{signed(c, False)} = {acc + c}")
+        acc += c
+    answer = "0" if acc == 0 else var if acc == 1 else f"-{var}" if acc == -1 else f"{acc}*{var}"
+    summed = "".join(signed(c, i == 0) for i, c in enumerate(coeffs))
+    steps.append(f"({summed})*{var} = {answer}")
+    return f"Simplify: {expr}", answer, "\n".join(steps)
+
+
+_GENERATORS = {
+    "add": _add,
+    "sub": _sub,
+    "mul": _mul,
+    "linear": _linear,
+    "fraction": _fraction,
+    "collect": _collect,
+}
+assert tuple(_GENERATORS) == SYNTHETIC_KINDS
+
+
+def is_heldout(prompt: str) -> bool:
+    """Stable split: the same prompt lands in the same split on every run/seed."""
+    return int(hashlib.sha1(prompt.encode("utf-8")).hexdigest(), 16) % 10 == 0
+
+
+def generate_problem(kind: str, rng: random.Random, max_operand: int = 99) -> dict:
+    if kind not in _GENERATORS:
+        raise ValueError(f"unknown problem kind {kind!r}; allowed kinds: {', '.join(SYNTHETIC_KINDS)}")
+    prompt, solution, reasoning = _GENERATORS[kind](rng, max_operand)
+    return {"prompt": prompt, "solution": solution, "reasoning": reasoning, "kind": kind}
+
+
+def build_synthetic(
+    num_train: int,
+    num_heldout: int,
+    seed: int,
+    kinds: list[str],
+    max_operand: int = 99,
+) -> DatasetDict:
+    kinds = list(kinds)
+    if not kinds:
+        raise ValueError(f"kinds is empty; allowed kinds: {', '.join(SYNTHETIC_KINDS)}")
+    for kind in kinds:
+        if kind not in _GENERATORS:
+            raise ValueError(f"unknown problem kind {kind!r}; allowed kinds: {', '.join(SYNTHETIC_KINDS)}")
+    if max_operand < 2:
+        raise ValueError(f"max_operand={max_operand} is too small; it must be >= 2")
+    if num_train < 0 or num_heldout < 0:
+        raise ValueError(f"num_train={num_train} and num_heldout={num_heldout} must be >= 0")
+
+    rng = random.Random(seed)
+    want = {"train": num_train, "heldout": num_heldout}
+    rows: dict[str, list[dict]] = {"train": [], "heldout": []}
+    seen: set[str] = set()
+    fruitless = 0
+    while any(len(rows[s]) < want[s] for s in rows):
+        if fruitless >= _MAX_FRUITLESS_DRAWS:
+            raise ValueError(
+                f"could only generate {len(rows['train'])} train and {len(rows['heldout'])} "
+                f"held-out distinct problems (asked for num_train={num_train}, "
+                f"num_heldout={num_heldout}) with kinds={kinds} and max_operand={max_operand}; "
+                "lower the counts or raise max_operand"
+            )
+        problem = generate_problem(rng.choice(kinds), rng, max_operand)
+        split = "heldout" if is_heldout(problem["prompt"]) else "train"
+        if problem["prompt"] in seen or len(rows[split]) >= want[split]:
+            fruitless += 1
+            continue
+        fruitless = 0
+        seen.add(problem["prompt"])
+        rows[split].append(problem)
+
+    columns = ("prompt", "solution", "reasoning", "kind")
+    return DatasetDict(
+        {s: Dataset.from_dict({c: [r[c] for r in rows[s]] for c in columns}) for s in rows}
+    )

@@ -1,0 +1,60 @@
+"""`python -m r1pipeline [--recipe R] [--run NAME] STAGE [section.field=value ...]`
+
+STAGE is one of the stages (sft, grpo) or `all`. With ACCELERATE_CONFIG=<file> (or
+--accelerate-config) the stages run under `accelerate launch` with that config; the recipe is
+validated once here first, so a bad recipe fails before any process starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from r1pipeline.config import ConfigError, apply_overrides, load_recipe
+from r1pipeline.pipeline import STAGE_ORDER, execute, log, plan, world_size_of
+
+LAUNCHED = "R1PIPELINE_UNDER_ACCELERATE"
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="r1pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("stage", choices=[*STAGE_ORDER, "all"])
+    parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. grpo.learning_rate=1e-5")
+    parser.add_argument("--recipe", default="tiny", help="name in recipes/ or path to a YAML file")
+    parser.add_argument("--run", default="default", help="run name: outputs go to <runs-dir>/<run>/")
+    parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--accelerate-config", default=os.environ.get("ACCELERATE_CONFIG") or None)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    stages = list(STAGE_ORDER) if args.stage == "all" else [args.stage]
+    try:
+        if not re.fullmatch(r"[\w.-]+", args.run):
+            raise ConfigError(f"run name {args.run!r} may hold only letters, digits, '_', '.' and '-'")
+        if args.accelerate_config and not Path(args.accelerate_config).is_file():
+            raise ConfigError(f"ACCELERATE_CONFIG = {args.accelerate_config!r}: no such file")
+        recipe = apply_overrides(load_recipe(args.recipe), args.overrides)
+        planned = plan(recipe, stages, Path(args.runs_dir) / args.run, world_size_of(args.accelerate_config))
+    except ConfigError as exc:
+        print(f"r1pipeline: error: {exc}", file=sys.stderr)
+        return 2
+
+    if args.accelerate_config and not os.environ.get(LAUNCHED):
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", args.accelerate_config,
+                   "-m", "r1pipeline", *(sys.argv[1:] if argv is None else argv)]
+        log(f"launching under accelerate: {' '.join(command[1:])}")
+        return subprocess.call(command, env={**os.environ, LAUNCHED: "1"})
+
+    for stage in planned:
+        execute(stage)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""Plan and run stages: validate the whole recipe first, then run each stage that is not done.
+
+A stage is done when its manifest names the same config hash and the same input; `make all` skips
+it. A stage re-run without a manifest resumes from its newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import platform
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from r1pipeline import config as cfg
+from r1pipeline import rundir
+
+STAGE_ORDER = ("sft", "grpo")
+DEFAULT_INIT = {"sft": "model", "grpo": "sft"}
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def log(message: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[r1pipeline] {message}", flush=True)
+
+
+@dataclass
+class Stage:
+    """Everything a stage module needs, validated."""
+
+    name: str
+    run_dir: Path
+    recipe: dict
+    trl_fields: dict
+    init_from: str
+    rewards: list = field(default_factory=list)
+    datasets: object = None  # datasets.DatasetDict with "train" and "heldout"
+    world_size: int = 1
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.run_dir / self.name
+
+    @property
+    def section(self) -> dict:
+        return self.recipe.get(self.name) or {}
+
+    def resolved_config(self) -> dict:
+        """What determines this stage's output (hashed into the manifest)."""
+        return {"model": self.recipe.get("model") or {}, "data": self.recipe.get("data") or {},
+                self.name: self.section}
+
+    def input_path(self) -> str | None:
+        """The checkpoint this stage starts from, or None for a fresh preset."""
+        if self.init_from == "model":
+            return (self.recipe.get("model") or {}).get("name_or_path")
+        if self.init_from in STAGE_ORDER:
+            return str(self.run_dir / self.init_from / "final")
+        return self.init_from
+
+    def input_ref(self) -> dict:
+        path = self.input_path()
+        if path is None:
+            return {"kind": "preset", "preset": self.recipe["model"]["preset"],
+                    "hash": rundir.config_hash(self.recipe["model"])}
+        if Path(path).exists():
+            return {"kind": "checkpoint", "path": str(path), "hash": rundir.content_hash(Path(path))}
+        return {"kind": "hub", "name": path, "hash": None}
+
+
+# ---- validation --------------------------------------------------------------------------------
+
+
+def world_size_of(accelerate_config: str | None) -> int:
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    if accelerate_config:
+        with open(accelerate_config) as f:
+            return int((yaml.safe_load(f) or {}).get("num_processes", 1))
+    return 1
+
+
+def check_model(model: dict) -> None:
+    from r1pipeline.policy import DTYPES, PRESETS, config_fields
+
+    if ("preset" in model) == ("name_or_path" in model):
+        raise cfg.ConfigError(f"model: give exactly one of 'preset' ({sorted(PRESETS)}) or 'name_or_path'; got {model!r}")
+    if "preset" in model and model["preset"] not in PRESETS:
+        raise cfg.ConfigError(f"model.preset = {model['preset']!r}; allowed: {sorted(PRESETS)}")
+    overrides = model.get("config") or {}
+    if not isinstance(overrides, dict):
+        raise cfg.ConfigError(f"model.config must be a mapping of DeepseekV3Config fields, got {overrides!r}")
+    for key in overrides:
+        if key not in config_fields():
+            raise cfg.unknown_key_error("model.config (DeepseekV3Config fields)", key, config_fields())
+    if model.get("dtype", "float32") not in DTYPES:
+        raise cfg.ConfigError(f"model.dtype = {model['dtype']!r}; allowed: {sorted(DTYPES)}")
+    if "name_or_path" in model:
+        check_checkpoint_ref("model.name_or_path", model["name_or_path"])
+
+
+def check_checkpoint_ref(where: str, ref) -> None:
+    if not isinstance(ref, str) or not ref:
+        raise cfg.ConfigError(f"{where} = {ref!r} must be a checkpoint path or a hub name")
+    path = Path(ref)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise cfg.ConfigError(f"{where} = {ref!r} is not a checkpoint: it has no config.json")
+    elif ref.startswith((".", "/", "~")) or not HUB_ID.fullmatch(ref):
+        raise cfg.ConfigError(f"{where} = {ref!r}: no such checkpoint directory (nor a hub name like org/model)")
+
+
+def required_columns(name: str, rewards: list) -> set[str]:
+    if name == "sft":
+        return {"prompt", "solution"}
+    return {"prompt"} | {column for reward in rewards for column in reward.columns}
+
+
+def plan(recipe: dict, stages: list[str], run_dir: Path, world_size: int = 1) -> list[Stage]:
+    """Validate everything the given stages need; raise ConfigError before any work or write."""
+    from data import DataError, build_datasets
+    from rewards import resolve
+
+    cfg.check_sections(recipe)
+    check_model(recipe.get("model") or {})
+    try:
+        datasets = build_datasets(recipe.get("data") or {})
+    except DataError as exc:
+        raise cfg.ConfigError(f"data: {exc}") from None
+
+    planned: list[Stage] = []
+    for name in stages:
+        section = dict(recipe.get(name) or {})
+        own = {key: section.pop(key) for key in list(section) if key in cfg.STAGE_KEYS[name]}
+        trl_fields = cfg.check_trl_fields(name, section)
+        init_from = own.get("init_from", DEFAULT_INIT[name])
+        if init_from in STAGE_ORDER:
+            scheduled = [s.name for s in planned]
+            if init_from not in scheduled and rundir.read_manifest(run_dir / init_from) is None:
+                raise cfg.ConfigError(
+                    f"{name}.init_from = {init_from!r}: its output {run_dir / init_from / 'final'} is missing or "
+                    f"unfinished (no manifest.json); run `make {init_from} RUN={run_dir.name}` first, "
+                    f"or set {name}.init_from to a checkpoint path")
+        elif init_from != "model":
+            check_checkpoint_ref(f"{name}.init_from", init_from)
+
+        rewards = []
+        if name == "grpo":
+            try:
+                rewards = resolve(own.get("rewards"))
+            except ValueError as exc:
+                raise cfg.ConfigError(f"grpo.{exc}") from None
+            cfg.check_grpo_batch(trl_fields, world_size)
+            if "reward_weights" in trl_fields:
+                raise cfg.ConfigError("grpo.reward_weights is set from the weights in grpo.rewards; give them there")
+            if trl_fields.get("use_vllm") and importlib.util.find_spec("vllm") is None:
+                raise cfg.ConfigError("grpo.use_vllm = true but vLLM is not installed: `pip install -e .[gpu]` on a "
+                                      "GPU machine, or set grpo.use_vllm=false to generate with transformers")
+
+        missing = required_columns(name, rewards) - set(datasets["train"].column_names)
+        if name == "sft" and not {"reasoning", "completion"} & set(datasets["train"].column_names):
+            missing.add("reasoning (or completion)")
+        if missing:
+            raise cfg.ConfigError(
+                f"{name}: the training data lacks column(s) {sorted(missing)}; it has "
+                f"{datasets['train'].column_names}. Map them with data.columns, e.g. "
+                f"data.columns={{prompt: question, solution: answer}}")
+        stage = Stage(name, run_dir, recipe, trl_fields, init_from, rewards, datasets, world_size)
+        try:  # TRL's own checks (e.g. on batch sizes and strategies), still before any work
+            cfg.trl_config_class(name)(output_dir=str(stage.stage_dir), **trl_fields)
+        except (ValueError, TypeError) as exc:
+            raise cfg.ConfigError(f"{name}: {exc}") from None
+        planned.append(stage)
+    return planned
+
+
+# ---- running -----------------------------------------------------------------------------------
+
+
+def versions() -> dict:
+    import accelerate
+    import datasets
+    import torch
+    import transformers
+    import trl
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "trl": trl.__version__,
+            "accelerate": accelerate.__version__, "datasets": datasets.__version__}
+
+
+def execute(stage: Stage) -> dict:
+    """Run one stage unless it is done; returns its manifest."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    resolved = stage.resolved_config()
+    digest = rundir.config_hash(resolved)
+    source = stage.input_ref()
+    manifest = rundir.read_manifest(stage.stage_dir)
+    if manifest and manifest["config_hash"] == digest and manifest["input"] == source:
+        log(f"{stage.name}: done, skipping ({stage.stage_dir / 'manifest.json'}: same config and input)")
+        return manifest
+
+    if state.is_main_process:
+        started = stage.stage_dir / "stage_config.json"
+        if manifest:
+            rundir.set_aside(stage.stage_dir, "its config or input changed since it was done")
+        elif started.is_file() and rundir.read_json(started)["config_hash"] != digest:
+            rundir.set_aside(stage.stage_dir, "its checkpoints come from another config")
+        stage.stage_dir.mkdir(parents=True, exist_ok=True)
+        rundir.atomic_write_json(started, {"config": resolved, "config_hash": digest, "input": source})
+        for path in rundir.remove_incomplete_checkpoints(stage.stage_dir):
+            log(f"{stage.name}: removed incomplete checkpoint {path} (killed while being written)")
+    state.wait_for_everyone()
+
+    log(f"{stage.name}: starting from {source.get('path') or source.get('name') or 'preset ' + source['preset']}")
+    start = time.time()
+    module = importlib.import_module(f"stages.{stage.name}")
+    metrics = module.run(stage)
+    manifest = {
+        "stage": stage.name,
+        "input": source,
+        "output": str(stage.stage_dir / "final"),
+        "config": resolved,
+        "config_hash": digest,
+        "metrics": metrics,
+        "wall_time_s": round(time.time() - start, 2),
+        "versions": versions(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if state.is_main_process:
+        rundir.atomic_write_json(stage.stage_dir / "manifest.json", manifest)
+        log(f"{stage.name}: done in {manifest['wall_time_s']:.0f}s -> {stage.stage_dir / 'final'}")
+    state.wait_for_everyone()
+    return manifest

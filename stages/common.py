@@ -1,0 +1,104 @@
+"""What every training stage shares: the starting model, the prompt template, callbacks that keep
+the run directory honest, and train-with-resume then an atomic save of `final/`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from transformers import AutoTokenizer, TrainerCallback
+
+from data import R1_SYSTEM_PROMPT, build_tokenizer, render_completion, render_prompt
+from r1pipeline import policy, rundir
+from r1pipeline.pipeline import Stage, log
+
+
+def system_prompt(stage: Stage) -> str:
+    return (stage.recipe.get("data") or {}).get("system_prompt", R1_SYSTEM_PROMPT)
+
+
+def completion_of(row: dict) -> str:
+    if row.get("completion"):
+        return row["completion"]
+    return render_completion(row["reasoning"], row["solution"])
+
+
+def load_policy(stage: Stage):
+    """(model, tokenizer) this stage starts from: a fresh preset or a checkpoint / hub model."""
+    model_cfg = stage.recipe.get("model") or {}
+    dtype = model_cfg.get("dtype", "float32")
+    path = stage.input_path()
+    if path is None:
+        # The embedded default trains its tokenizer offline on the training texts, then the model.
+        system = system_prompt(stage)
+        corpus = (render_prompt(row["prompt"], system) + completion_of(row) for row in stage.datasets["train"])
+        tokenizer = build_tokenizer(corpus)
+        model = policy.build_from_preset(model_cfg["preset"], model_cfg.get("config"), tokenizer,
+                                         seed=model_cfg.get("seed", 0), dtype=dtype)
+        return model, tokenizer
+    tokenizer_path = path if stage.init_from != "model" else model_cfg.get("tokenizer", path)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return policy.load_pretrained(path, dtype), tokenizer
+
+
+class RunDirCallback(TrainerCallback):
+    """Marks a checkpoint COMPLETE once every process has written its part, and appends each
+    logged step to metrics.jsonl."""
+
+    def __init__(self, stage_dir: Path):
+        self.stage_dir = Path(stage_dir)
+
+    def on_save(self, args, state, control, **kwargs):
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+        if state.is_world_process_zero:
+            rundir.mark_complete(self.stage_dir / f"checkpoint-{state.global_step}")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with open(self.stage_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+def read_metrics(stage_dir: Path) -> list[dict]:
+    path = Path(stage_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def truncate_metrics(stage_dir: Path, step: int) -> None:
+    """After a resume from step N, the lines logged past N by the killed run are replayed: drop them."""
+    kept = [row for row in read_metrics(stage_dir) if row["step"] <= step]
+    rundir.atomic_write_text(Path(stage_dir) / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def train_and_save(trainer, stage: Stage) -> dict:
+    """Train (resuming from the newest complete checkpoint), then write final/ atomically."""
+    checkpoint = rundir.latest_complete_checkpoint(stage.stage_dir)
+    if checkpoint is not None:
+        step = int(checkpoint.name.split("-")[1])
+        log(f"{stage.name}: resuming from {checkpoint} (step {step})")
+        if trainer.is_world_process_zero():
+            truncate_metrics(stage.stage_dir, step)
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+    final, staging = stage.stage_dir / "final", stage.stage_dir / "final.tmp"
+    if trainer.is_world_process_zero() and staging.exists():
+        shutil.rmtree(staging)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))
+    if trainer.is_world_process_zero():
+        trainer.processing_class.save_pretrained(str(staging))
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+    trainer.accelerator.wait_for_everyone()
+    return {key: value for key, value in result.metrics.items() if isinstance(value, (int, float))}
+
+
+def trainer_args(stage: Stage, **defaults) -> dict:
+    """The stage's TRL fields over our defaults, with the run directory as output_dir."""
+    return {"report_to": "none", **defaults, **stage.trl_fields, "output_dir": str(stage.stage_dir)}

@@ -1,0 +1,24 @@
+"""Stage 1, cold-start SFT: teach the R1 format (reasoning in <think>, then <answer>) with TRL's
+SFTTrainer, the loss on the completion only."""
+
+from trl import SFTConfig, SFTTrainer
+
+from data import render_prompt
+from r1pipeline.pipeline import Stage
+from stages.common import RunDirCallback, completion_of, load_policy, system_prompt, train_and_save, trainer_args
+
+
+def build_dataset(stage: Stage):
+    system = system_prompt(stage)
+    train = stage.datasets["train"]
+    return train.map(lambda row: {"prompt": render_prompt(row["prompt"], system), "completion": completion_of(row)},
+                     remove_columns=train.column_names)
+
+
+def run(stage: Stage) -> dict:
+    model, tokenizer = load_policy(stage)
+    # completion_only_loss=None means TRL's default for prompt-completion data: loss on the completion.
+    args = SFTConfig(**trainer_args(stage))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=build_dataset(stage), processing_class=tokenizer,
+                         callbacks=[RunDirCallback(stage.stage_dir)])
+    return train_and_save(trainer, stage)

@@ -232,6 +232,7 @@ def execute(stage: Stage) -> dict:
         "config_hash": digest,
         "metrics": metrics,
         "wall_time_s": round(time.time() - start, 2),
+        "world_size": state.num_processes,
         "versions": versions(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -44,6 +44,22 @@ def load_policy(stage: Stage):
     return policy.load_pretrained(path, dtype), tokenizer
 
 
+class ExactResumeMixin:
+    """Reload checkpoint weights so that every tensor arrives.
+
+    transformers' Trainer resumes with a non-strict `load_state_dict` of the saved file. MoE models
+    keep their experts fused in memory (`experts.gate_up_proj`) but save them per expert
+    (`experts.0.gate_proj.weight`), so those names never match and the experts silently keep their
+    pre-resume values. `from_pretrained` converts the names; the strict load then insists."""
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        model = model if model is not None else self.model
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        loaded = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype)
+        model.load_state_dict(loaded.state_dict(), strict=True)
+
+
 class RunDirCallback(TrainerCallback):
     """Marks a checkpoint COMPLETE once every process has written its part, and appends each
     logged step to metrics.jsonl."""

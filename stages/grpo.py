@@ -9,10 +9,10 @@ from trl import GRPOConfig, GRPOTrainer
 
 from data import render_prompt
 from r1pipeline.pipeline import Stage, log
-from stages.common import RunDirCallback, load_policy, read_metrics, system_prompt, train_and_save, trainer_args
+from stages.common import ExactResumeMixin, RunDirCallback, load_policy, read_metrics, system_prompt, train_and_save, trainer_args
 
 
-class ResumableGRPOTrainer(GRPOTrainer):
+class ResumableGRPOTrainer(ExactResumeMixin, GRPOTrainer):
     """GRPOTrainer whose checkpoints also hold the rollout buffer.
 
     TRL generates a batch every `steps_per_generation * num_iterations` micro-steps and, after a

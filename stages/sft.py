@@ -5,7 +5,12 @@ from trl import SFTConfig, SFTTrainer
 
 from data import render_prompt
 from r1pipeline.pipeline import Stage
-from stages.common import RunDirCallback, completion_of, load_policy, system_prompt, train_and_save, trainer_args
+from stages.common import (ExactResumeMixin, RunDirCallback, completion_of, load_policy, system_prompt,
+                           train_and_save, trainer_args)
+
+
+class ResumableSFTTrainer(ExactResumeMixin, SFTTrainer):
+    pass
 
 
 def build_dataset(stage: Stage):
@@ -19,6 +24,6 @@ def run(stage: Stage) -> dict:
     model, tokenizer = load_policy(stage)
     # completion_only_loss=None means TRL's default for prompt-completion data: loss on the completion.
     args = SFTConfig(**trainer_args(stage))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=build_dataset(stage), processing_class=tokenizer,
+    trainer = ResumableSFTTrainer(model=model, args=args, train_dataset=build_dataset(stage), processing_class=tokenizer,
                          callbacks=[RunDirCallback(stage.stage_dir)])
     return train_and_save(trainer, stage)

@@ -1,0 +1,180 @@
+"""End to end on the real stages (TRL trainers, tiny DeepSeek-V3 policy, synthetic data), run as
+`python -m r1pipeline` subprocesses the way `make` runs them. A killed stage resumes from its
+newest complete checkpoint and ends with exactly the weights of an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import FAST_DATA, FAST_GRPO, FAST_SFT, ROOT, pipeline_env
+
+pytestmark = pytest.mark.slow
+
+KILLER_REWARD = '''
+import os, signal
+from pathlib import Path
+
+def brevity(prompts, completions, completion_ids=None, **columns):
+    """A user reward; when KILL_AFTER names an existing file it SIGKILLs its own training process."""
+    marker = os.environ.get("KILL_AFTER")
+    if marker and Path(marker).exists():
+        os.kill(os.getpid(), signal.SIGKILL)
+    return [1.0 / (1 + len(ids)) for ids in completion_ids]
+'''
+
+
+def pipeline(runs_dir, run, stage, *overrides, env=None, kill_when=None, accelerate_config=None):
+    """Run `python -m r1pipeline`; with kill_when, SIGKILL the whole process group once it holds."""
+    command = [sys.executable, "-m", "r1pipeline", "--runs-dir", str(runs_dir), "--run", run]
+    if accelerate_config:
+        command += ["--accelerate-config", str(accelerate_config)]
+    log = runs_dir.parent / f"{run}-{stage}-{time.monotonic_ns()}.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([*command, stage, *overrides], cwd=ROOT, env=env or pipeline_env(),
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 600
+        while process.poll() is None and time.monotonic() < deadline:
+            if kill_when is not None and kill_when():
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                break
+            time.sleep(0.01)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail(f"timed out: {command}")
+    return process.returncode, log.read_text()
+
+
+def weights(stage_dir: Path) -> dict:
+    return load_file(str(stage_dir / "final" / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    different = [name for name in wa if not torch.equal(wa[name], wb[name])]
+    assert not different, f"weights differ after resume: {different[:5]}"
+
+
+@pytest.fixture(scope="module")
+def sft_checkpoint(tmp_path_factory):
+    """A short SFT run, shared as the GRPO tests' starting point."""
+    runs = tmp_path_factory.mktemp("shared") / "runs"
+    code, out = pipeline(runs, "base", "sft", *FAST_DATA, *FAST_SFT)
+    assert code == 0, out
+    return runs / "base" / "sft" / "final"
+
+
+def test_sft_killed_then_resumed_equals_uninterrupted(tmp_path):
+    runs = tmp_path / "runs"
+    args = [*FAST_DATA, *FAST_SFT, "sft.max_steps=30", "sft.save_steps=3"]
+    code, out = pipeline(runs, "straight", "sft", *args)
+    assert code == 0, out
+
+    stage = runs / "killed" / "sft"
+    code, _ = pipeline(runs, "killed", "sft", *args, kill_when=lambda: (stage / "checkpoint-3" / "COMPLETE").exists())
+    assert code == -signal.SIGKILL and not (stage / "manifest.json").exists(), "the run must really be killed"
+    # A checkpoint killed mid-write, newer than every complete one, must never be loaded.
+    newest = max(int(p.name.split("-")[1]) for p in stage.glob("checkpoint-*") if (p / "COMPLETE").exists())
+    torn = stage / f"checkpoint-{newest + 1}"
+    torn.mkdir(exist_ok=True)
+    (torn / "COMPLETE").unlink(missing_ok=True)
+    (torn / "model.safetensors").write_bytes(b"torn write")
+
+    code, out = pipeline(runs, "killed", "sft", *args)
+    assert code == 0, out
+    assert f"sft: resuming from {stage / f'checkpoint-{newest}'} (step {newest})" in out
+    assert f"removed incomplete checkpoint {torn}" in out
+    assert_same_weights(runs / "straight" / "sft", stage)
+    steps = [row["step"] for row in map(json.loads, (stage / "metrics.jsonl").read_text().splitlines())
+             if "loss" in row]
+    assert steps == list(range(1, 31)), "metrics.jsonl holds each step once after a resume"
+
+
+def test_grpo_killed_then_resumed_equals_uninterrupted(tmp_path, sft_checkpoint):
+    """Also: a user reward given by dotted path is used and logged under its name, and a checkpoint
+    inside a generation batch (steps_per_generation=2, save_steps=3) resumes exactly."""
+    plugins = tmp_path / "plugins"
+    (plugins / "my_pkg").mkdir(parents=True)
+    (plugins / "my_pkg" / "__init__.py").write_text("")
+    (plugins / "my_pkg" / "my_rewards.py").write_text(KILLER_REWARD)
+    runs = tmp_path / "runs"
+    args = [*FAST_DATA, *FAST_GRPO, f"grpo.init_from={sft_checkpoint}", "grpo.save_steps=3",
+            "grpo.steps_per_generation=2", "grpo.logging_steps=1",
+            "grpo.rewards=[{name: exact_match, weight: 1.0}, {function: 'my_pkg.my_rewards:brevity', weight: 0.5}]"]
+    code, out = pipeline(runs, "straight", "grpo", *args, env=pipeline_env(plugins))
+    assert code == 0, out
+
+    stage = runs / "killed" / "grpo"
+    killer = {**pipeline_env(plugins), "KILL_AFTER": str(stage / "checkpoint-3" / "COMPLETE")}
+    code, _ = pipeline(runs, "killed", "grpo", *args, env=killer)
+    assert code == -signal.SIGKILL and not (stage / "manifest.json").exists()
+    assert (stage / "checkpoint-3" / "COMPLETE").exists() and not (stage / "checkpoint-6").exists()
+
+    code, out = pipeline(runs, "killed", "grpo", *args, env=pipeline_env(plugins))
+    assert code == 0, out
+    assert f"grpo: resuming from {stage / 'checkpoint-3'} (step 3)" in out
+    assert_same_weights(runs / "straight" / "grpo", stage)
+
+    # Rewards are logged when a batch is generated (every steps_per_generation=2 steps): the resumed
+    # run logs each of them once, with the uninterrupted run's values.
+    def reward_rows(stage_dir):
+        logged = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+        return [(row["step"], row["rewards/brevity/mean"], row["rewards/exact_match/mean"])
+                for row in logged if "reward" in row]
+
+    assert [step for step, *_ in reward_rows(stage)] == [1, 3, 5]
+    assert reward_rows(stage) == reward_rows(runs / "straight" / "grpo")
+    manifest = json.loads((stage / "manifest.json").read_text())
+    assert manifest["input"]["path"] == str(sft_checkpoint)
+    assert manifest["config"]["grpo"]["rewards"][1]["function"] == "my_pkg.my_rewards:brevity"
+
+
+def test_all_chains_stages_and_skips_done_ones(tmp_path):
+    runs = tmp_path / "runs"
+    args = [*FAST_DATA, *FAST_SFT, *FAST_GRPO, "grpo.max_steps=2", "sft.max_steps=2"]
+    code, out = pipeline(runs, "chain", "all", *args)
+    assert code == 0, out
+    sft = json.loads((runs / "chain" / "sft" / "manifest.json").read_text())
+    grpo = json.loads((runs / "chain" / "grpo" / "manifest.json").read_text())
+    assert sft["input"]["kind"] == "preset"
+    assert grpo["input"]["path"] == str(runs / "chain" / "sft" / "final")
+    assert grpo["input"]["hash"] == sft_output_hash(runs / "chain" / "sft" / "final")
+    assert {"torch", "transformers", "trl"} <= grpo["versions"].keys() and grpo["wall_time_s"] > 0
+
+    code, out = pipeline(runs, "chain", "all", *args)
+    assert code == 0, out
+    assert "sft: done, skipping" in out and "grpo: done, skipping" in out
+
+    # A changed GRPO setting re-runs GRPO only; its old outputs are kept aside, not deleted.
+    code, out = pipeline(runs, "chain", "all", *args, "grpo.learning_rate=2e-5")
+    assert code == 0, out
+    assert "sft: done, skipping" in out and "grpo: done, skipping" not in out
+    assert list((runs / "chain").glob("grpo.old-*/manifest.json"))
+
+
+def sft_output_hash(path):
+    from r1pipeline.rundir import content_hash
+
+    return content_hash(path)
+
+
+def test_two_cpu_processes_under_accelerate(tmp_path):
+    runs = tmp_path / "runs"
+    args = [*FAST_DATA, *FAST_SFT, *FAST_GRPO, "sft.max_steps=2", "grpo.max_steps=2",
+            "sft.per_device_train_batch_size=4", "grpo.per_device_train_batch_size=4",
+            "grpo.num_generations=4"]
+    code, out = pipeline(runs, "ddp", "all", *args, accelerate_config=ROOT / "recipes/accelerate/cpu2.yaml")
+    assert code == 0, out
+    for stage in ("sft", "grpo"):
+        manifest = json.loads((runs / "ddp" / stage / "manifest.json").read_text())
+        assert manifest["world_size"] == 2
+        assert (runs / "ddp" / stage / "final" / "model.safetensors").exists()

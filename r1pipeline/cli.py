@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from r1pipeline.config import ConfigError, apply_overrides, load_recipe
 from r1pipeline.pipeline import STAGE_ORDER, execute, log, plan, world_size_of
 
@@ -48,8 +50,13 @@ def main(argv=None) -> int:
     if args.accelerate_config and not os.environ.get(LAUNCHED):
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", args.accelerate_config,
                    "-m", "r1pipeline", *(sys.argv[1:] if argv is None else argv)]
+        env = {**os.environ, LAUNCHED: "1"}
+        if not torch.cuda.is_available():
+            # accelerate's multi-process launcher assumes GPUs; without any, each process would train
+            # alone. This makes them one gloo process group on the CPU (accelerate's MULTI_CPU).
+            env["ACCELERATE_USE_CPU"] = "true"
         log(f"launching under accelerate: {' '.join(command[1:])}")
-        return subprocess.call(command, env={**os.environ, LAUNCHED: "1"})
+        return subprocess.call(command, env=env)
 
     for stage in planned:
         execute(stage)

@@ -106,6 +106,7 @@ def train_and_save(trainer, stage: Stage) -> dict:
         shutil.rmtree(staging)
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(staging))
+    trainer.accelerator.wait_for_everyone()  # every rank takes part in save_model; rename after all
     if trainer.is_world_process_zero():
         trainer.processing_class.save_pretrained(str(staging))
         if final.exists():

@@ -212,8 +212,9 @@ def execute(stage: Stage) -> dict:
         started = stage.stage_dir / "stage_config.json"
         if manifest:
             rundir.set_aside(stage.stage_dir, "its config or input changed since it was done")
-        elif started.is_file() and rundir.read_json(started)["config_hash"] != digest:
-            rundir.set_aside(stage.stage_dir, "its checkpoints come from another config")
+        elif started.is_file() and (rundir.read_json(started)["config_hash"], rundir.read_json(started)["input"]) \
+                != (digest, source):
+            rundir.set_aside(stage.stage_dir, "its checkpoints come from another config or input")
         stage.stage_dir.mkdir(parents=True, exist_ok=True)
         rundir.atomic_write_json(started, {"config": resolved, "config_hash": digest, "input": source})
         for path in rundir.remove_incomplete_checkpoints(stage.stage_dir):

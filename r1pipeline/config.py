@@ -45,6 +45,14 @@ DATA_KEYS = {
     "max_operand": "largest operand of synthetic problems",
     "system_prompt": "text placed before each question (default: the R1 template)",
 }
+KEY_TYPES = {
+    "model.name_or_path": str, "model.preset": str, "model.config": dict, "model.tokenizer": str,
+    "model.dtype": str, "model.seed": int,
+    "data.source": str, "data.path": str, "data.name": str | None, "data.split": str, "data.heldout_split": str,
+    "data.heldout_path": str, "data.heldout_fraction": float, "data.columns": dict, "data.seed": int,
+    "data.num_train": int, "data.num_heldout": int, "data.kinds": list[str], "data.max_operand": int,
+    "data.system_prompt": str,
+}
 # Keys of a stage section that are ours, not TRL's.
 STAGE_KEYS = {
     "sft": {"init_from": "'model', a stage name, or a checkpoint path / hub name"},
@@ -127,9 +135,13 @@ def check_sections(recipe: dict) -> None:
         if value is not None and not isinstance(value, dict):
             raise ConfigError(f"recipe section {key!r} must be a mapping, got {value!r}")
     for section, keys in (("model", MODEL_KEYS), ("data", DATA_KEYS)):
-        for key in recipe.get(section) or {}:
+        for key, value in (recipe.get(section) or {}).items():
             if key not in keys:
                 raise unknown_key_error(section, key, keys)
+            expected = KEY_TYPES.get(f"{section}.{key}")
+            if expected is not None and not coerce(value, expected)[0]:
+                raise ConfigError(f"{section}.{key} = {value!r} ({type(value).__name__}) has the wrong type: "
+                                  f"expected {_describe(expected)}")
 
 
 # ---- type checking of TRL fields against their dataclass annotations ----------------------------

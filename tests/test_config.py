@@ -46,6 +46,8 @@ def test_unknown_keys(capsys, runs_dir, args, fragments):
         (["sft.bf16=3"], ["sft.bf16 = 3", "expected bool"]),
         (["model.dtype=float8"], ["model.dtype = 'float8'", "bfloat16"]),
         (["model.preset=huge"], ["model.preset = 'huge'", "tiny"]),
+        (["data.num_train=many"], ["data.num_train = 'many' (str) has the wrong type: expected int"]),
+        (["data.kinds=add"], ["data.kinds = 'add'", "expected list[str]"]),
     ],
 )
 def test_wrong_types_and_values(capsys, runs_dir, args, fragments):

@@ -96,9 +96,10 @@ def check_model(model: dict) -> None:
     overrides = model.get("config") or {}
     if not isinstance(overrides, dict):
         raise cfg.ConfigError(f"model.config must be a mapping of DeepseekV3Config fields, got {overrides!r}")
+    known = config_fields() if overrides else set()
     for key in overrides:
-        if key not in config_fields():
-            raise cfg.unknown_key_error("model.config (DeepseekV3Config fields)", key, config_fields())
+        if key not in known:
+            raise cfg.unknown_key_error("model.config (DeepseekV3Config fields)", key, known)
     if model.get("dtype", "float32") not in DTYPES:
         raise cfg.ConfigError(f"model.dtype = {model['dtype']!r}; allowed: {sorted(DTYPES)}")
     if "name_or_path" in model:

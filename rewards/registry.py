@@ -93,5 +93,10 @@ def resolve(entries: list) -> list[Reward]:
 
 
 def _load_builtins() -> None:
-    # Importing the modules registers their rewards.
-    from rewards import answer, format  # noqa: F401
+    """Import every module of this package: importing a module registers its rewards."""
+    import pkgutil
+
+    import rewards
+
+    for module in pkgutil.iter_modules(rewards.__path__):
+        importlib.import_module(f"rewards.{module.name}")

@@ -58,7 +58,7 @@ STAGE_KEYS = {
     "sft": {"init_from": "'model', a stage name, or a checkpoint path / hub name"},
     "grpo": {
         "init_from": "'model', a stage name, or a checkpoint path / hub name",
-        "rewards": "list of {name: <registered> | function: 'pkg.module:fn', weight: <float>}",
+        "rewards": "list of {name: <registered> | function: 'pkg.module:fn', weight: <float>, args: {...}}",
     },
 }
 # Set by the run directory, never by a recipe.

@@ -5,6 +5,7 @@ list[float | None]`, where `None` means the reward does not apply to that row. A
 
     rewards:
       - {name: format, weight: 0.5}
+      - {name: soft_overlong, weight: 1.0, args: {max_length: 64}}   # keyword-only parameters
       - {function: "my_pkg.my_rewards:brevity", weight: 1.0}
 
 TRL logs each reward's mean under the function's `__name__`, so a registered reward carries its
@@ -13,7 +14,9 @@ registry name and a user function its own name.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +66,21 @@ def load_function(dotted: str) -> RewardFn:
     return fn
 
 
+def bind(fn: RewardFn, args: dict | None, where: str) -> RewardFn:
+    """Fix a reward's keyword-only parameters (`args: {max_length: 64}` in a recipe)."""
+    if not args:
+        return fn
+    if not isinstance(args, dict):
+        raise ValueError(f"{where}.args = {args!r} must be a mapping of parameter names to values")
+    allowed = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(args) - set(allowed))
+    if unknown:
+        raise ValueError(f"{where}.args: {fn.__name__} has no parameter(s) {unknown}; its parameters: {allowed}")
+    bound = functools.partial(fn, **args)
+    bound.__name__ = fn.__name__  # TRL logs rewards under __name__
+    return bound
+
+
 def resolve(entries: list) -> list[Reward]:
     """Turn a recipe's `rewards` list into Reward objects; ValueError names what is wrong."""
     _load_builtins()
@@ -72,9 +90,9 @@ def resolve(entries: list) -> list[Reward]:
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or len({"name", "function"} & entry.keys()) != 1:
             raise ValueError(f"rewards[{i}] = {entry!r} needs exactly one of 'name' or 'function'")
-        extra = set(entry) - {"name", "function", "weight"}
+        extra = set(entry) - {"name", "function", "weight", "args"}
         if extra:
-            raise ValueError(f"rewards[{i}] has unknown keys {sorted(extra)}; allowed: name, function, weight")
+            raise ValueError(f"rewards[{i}] has unknown keys {sorted(extra)}; allowed: name, function, weight, args")
         weight = entry.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise ValueError(f"rewards[{i}].weight = {weight!r} must be a number")
@@ -82,10 +100,10 @@ def resolve(entries: list) -> list[Reward]:
             if entry["name"] not in REGISTRY:
                 raise ValueError(f"rewards[{i}]: unknown reward {entry['name']!r}; registered: {sorted(REGISTRY)}")
             fn, columns = REGISTRY[entry["name"]]
-            rewards.append(Reward(entry["name"], fn, float(weight), columns))
+            rewards.append(Reward(entry["name"], bind(fn, entry.get("args"), f"rewards[{i}]"), float(weight), columns))
         else:
             fn = load_function(entry["function"])
-            rewards.append(Reward(fn.__name__, fn, float(weight)))
+            rewards.append(Reward(fn.__name__, bind(fn, entry.get("args"), f"rewards[{i}]"), float(weight)))
     names = [r.name for r in rewards]
     if len(set(names)) != len(names):
         raise ValueError(f"rewards are logged by name, and these repeat: {names}")

@@ -77,7 +77,7 @@ def test_registry_names_are_logged_names():
     ([], "non-empty list"),
     ([{"name": "format", "function": "a.b:c"}], "exactly one of 'name' or 'function'"),
     ([{"name": "format", "weight": "heavy"}], "weight = 'heavy' must be a number"),
-    ([{"name": "format", "scale": 2}], r"unknown keys \['scale'\]"),
+    ([{"name": "format", "scale": 2}], r"unknown keys \['scale'\]; allowed: name, function, weight, args"),
     ([{"name": "format"}, {"name": "format"}], "repeat"),
 ])
 def test_resolve_rejects_bad_entries(entries, message):
@@ -97,6 +97,17 @@ def test_user_reward_by_dotted_path(tmp_path, monkeypatch):
     assert fn(["p", "p"], ["", "abc"]) == [1.0, 0.25]
     (reward,) = resolve([{"function": "my_pkg.my_rewards:brevity", "weight": 0.5}])
     assert (reward.name, reward.weight) == ("brevity", 0.5)
+
+
+def test_args_bind_keyword_only_parameters(tmp_path, monkeypatch):
+    (tmp_path / "scaled_rewards.py").write_text(
+        "def scaled(prompts, completions, completion_ids=None, *, scale=1.0, **columns):\n"
+        "    return [scale * len(c) for c in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (reward,) = resolve([{"function": "scaled_rewards:scaled", "args": {"scale": 2.0}}])
+    assert reward.fn.__name__ == "scaled" and reward.fn(["p"], ["abc"]) == [6.0]
+    with pytest.raises(ValueError, match=r"has no parameter\(s\) \['size'\]; its parameters: \['scale'\]"):
+        resolve([{"function": "scaled_rewards:scaled", "args": {"size": 2}}])
 
 
 def test_user_reward_import_error_is_reported(tmp_path, monkeypatch):

@@ -95,7 +95,7 @@ def train_and_save(trainer, stage: Stage) -> dict:
     """Train (resuming from the newest complete checkpoint), then write final/ atomically."""
     checkpoint = rundir.latest_complete_checkpoint(stage.stage_dir)
     if checkpoint is not None:
-        step = int(checkpoint.name.split("-")[1])
+        step = int(rundir.CHECKPOINT.fullmatch(checkpoint.name).group(1))
         log(f"{stage.name}: resuming from {checkpoint} (step {step})")
         if trainer.is_world_process_zero():
             truncate_metrics(stage.stage_dir, step)
@@ -105,10 +105,9 @@ def train_and_save(trainer, stage: Stage) -> dict:
     if trainer.is_world_process_zero() and staging.exists():
         shutil.rmtree(staging)
     trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))
-    trainer.accelerator.wait_for_everyone()  # every rank takes part in save_model; rename after all
+    trainer.save_model(str(staging))  # the model and the tokenizer
+    trainer.accelerator.wait_for_everyone()  # sharded saves (FSDP, ZeRO-3) involve every rank
     if trainer.is_world_process_zero():
-        trainer.processing_class.save_pretrained(str(staging))
         if final.exists():
             shutil.rmtree(final)
         staging.rename(final)

@@ -1,5 +1,6 @@
 """Data for the R1 pipeline: template, tokenizer, synthetic problems, loading."""
 
+from .coding import CODING_KINDS, build_coding
 from .loading import DataError, build_datasets
 from .synthetic import SYNTHETIC_KINDS, build_synthetic
 from .template import R1_SYSTEM_PROMPT, render_completion, render_prompt
@@ -14,4 +15,6 @@ __all__ = [
     "build_datasets",
     "DataError",
     "SYNTHETIC_KINDS",
+    "build_coding",
+    "CODING_KINDS",
 ]

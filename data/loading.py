@@ -5,6 +5,7 @@ from pathlib import Path
 import datasets
 from datasets import Dataset, DatasetDict
 
+from .coding import build_coding
 from .synthetic import SYNTHETIC_KINDS, build_synthetic
 
 
@@ -12,7 +13,7 @@ class DataError(ValueError):
     """A data config that cannot be turned into datasets."""
 
 
-SOURCES = ("synthetic", "hub", "json", "jsonl", "parquet", "csv")
+SOURCES = ("synthetic", "coding", "hub", "json", "jsonl", "parquet", "csv")
 # datasets' packaged builder for each local file source.
 _FILE_BUILDERS = {"json": "json", "jsonl": "json", "parquet": "parquet", "csv": "csv"}
 REQUIRED_COLUMNS = ("prompt", "solution")
@@ -25,6 +26,8 @@ def build_datasets(data_cfg: dict) -> DatasetDict:
         raise DataError(f"unknown data source {source!r}; allowed: {', '.join(SOURCES)}")
     if source == "synthetic":
         return _synthetic(cfg)
+    if source == "coding":
+        return _coding(cfg)
 
     train, heldout = _load_external(source, cfg)
     mapping = dict(cfg.get("columns") or {})
@@ -46,6 +49,14 @@ def _synthetic(cfg: dict) -> DatasetDict:
             kinds=list(cfg.get("kinds") or SYNTHETIC_KINDS),
             max_operand=int(cfg.get("max_operand", 99)),
         )
+    except ValueError as err:
+        raise DataError(str(err)) from err
+
+
+def _coding(cfg: dict) -> DatasetDict:
+    try:
+        return build_coding(num_train=int(cfg.get("num_train", 2000)), num_heldout=int(cfg.get("num_heldout", 200)),
+                            seed=int(cfg.get("seed", 0)), kinds=cfg.get("kinds"))
     except ValueError as err:
         raise DataError(str(err)) from err
 

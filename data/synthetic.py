@@ -159,10 +159,21 @@ def build_synthetic(
             raise ValueError(f"unknown problem kind {kind!r}; allowed kinds: {', '.join(SYNTHETIC_KINDS)}")
     if max_operand < 2:
         raise ValueError(f"max_operand={max_operand} is too small; it must be >= 2")
-    if num_train < 0 or num_heldout < 0:
-        raise ValueError(f"num_train={num_train} and num_heldout={num_heldout} must be >= 0")
 
     rng = random.Random(seed)
+    return split_distinct(
+        lambda: generate_problem(rng.choice(kinds), rng, max_operand), num_train, num_heldout,
+        columns=("prompt", "solution", "reasoning", "kind"),
+        what=f"problems with kinds={kinds} and max_operand={max_operand}; lower the counts or raise max_operand",
+    )
+
+
+def split_distinct(draw, num_train: int, num_heldout: int, columns: tuple[str, ...], what: str) -> DatasetDict:
+    """Call `draw()` until each split has its count. A prompt's split is fixed by its hash, so train and
+    held-out never overlap; repeated prompts are dropped. `what` describes the problems in the error
+    raised when too few distinct ones exist."""
+    if num_train < 0 or num_heldout < 0:
+        raise ValueError(f"num_train={num_train} and num_heldout={num_heldout} must be >= 0")
     want = {"train": num_train, "heldout": num_heldout}
     rows: dict[str, list[dict]] = {"train": [], "heldout": []}
     seen: set[str] = set()
@@ -170,12 +181,10 @@ def build_synthetic(
     while any(len(rows[s]) < want[s] for s in rows):
         if fruitless >= _MAX_FRUITLESS_DRAWS:
             raise ValueError(
-                f"could only generate {len(rows['train'])} train and {len(rows['heldout'])} "
-                f"held-out distinct problems (asked for num_train={num_train}, "
-                f"num_heldout={num_heldout}) with kinds={kinds} and max_operand={max_operand}; "
-                "lower the counts or raise max_operand"
+                f"could only generate {len(rows['train'])} train and {len(rows['heldout'])} held-out distinct "
+                f"{what} (asked for num_train={num_train}, num_heldout={num_heldout})"
             )
-        problem = generate_problem(rng.choice(kinds), rng, max_operand)
+        problem = draw()
         split = "heldout" if is_heldout(problem["prompt"]) else "train"
         if problem["prompt"] in seen or len(rows[split]) >= want[split]:
             fruitless += 1
@@ -183,8 +192,4 @@ def build_synthetic(
         fruitless = 0
         seen.add(problem["prompt"])
         rows[split].append(problem)
-
-    columns = ("prompt", "solution", "reasoning", "kind")
-    return DatasetDict(
-        {s: Dataset.from_dict({c: [r[c] for r in rows[s]] for c in columns}) for s in rows}
-    )
+    return DatasetDict({s: Dataset.from_dict({c: [r[c] for r in rows[s]] for c in columns}) for s in rows})

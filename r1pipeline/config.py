@@ -30,7 +30,7 @@ MODEL_KEYS = {
     "seed": "seed of a preset's random initialisation",
 }
 DATA_KEYS = {
-    "source": "synthetic | hub | json | jsonl | parquet | csv",
+    "source": "synthetic | coding | hub | json | jsonl | parquet | csv",
     "path": "hub name or local file of the dataset",
     "name": "hub dataset configuration",
     "split": "training split",
@@ -41,7 +41,7 @@ DATA_KEYS = {
     "seed": "seed of synthetic generation and of held-out carving",
     "num_train": "number of training problems",
     "num_heldout": "number of held-out problems",
-    "kinds": "synthetic problem kinds",
+    "kinds": "synthetic problem or coding task kinds",
     "max_operand": "largest operand of synthetic problems",
     "system_prompt": "text placed before each question (default: the R1 template)",
 }
@@ -50,7 +50,7 @@ KEY_TYPES = {
     "model.dtype": str, "model.seed": int,
     "data.source": str, "data.path": str, "data.name": str | None, "data.split": str, "data.heldout_split": str,
     "data.heldout_path": str, "data.heldout_fraction": float, "data.columns": dict, "data.seed": int,
-    "data.num_train": int, "data.num_heldout": int, "data.kinds": list[str], "data.max_operand": int,
+    "data.num_train": int, "data.num_heldout": int, "data.kinds": list[str] | None, "data.max_operand": int,
     "data.system_prompt": str,
 }
 # Keys of a stage section that are ours, not TRL's.

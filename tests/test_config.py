@@ -139,3 +139,15 @@ def test_coerce_reads_yaml_style_floats():
     assert coerce(True, int) == (False, True)
     assert coerce(3, float | None) == (True, 3.0)
     assert coerce(["a"], list[str]) == (True, ["a"])
+
+
+def test_shipped_recipes_validate(tmp_path):
+    from pathlib import Path
+
+    from r1pipeline.config import RECIPES_DIR
+    from r1pipeline.pipeline import STAGE_ORDER, plan
+
+    for recipe in sorted(RECIPES_DIR.glob("*.yaml")):
+        planned = plan(load_recipe(str(recipe)), list(STAGE_ORDER), Path(tmp_path) / recipe.stem)
+        assert [stage.name for stage in planned] == list(STAGE_ORDER), recipe
+    assert not any(Path(tmp_path).iterdir())

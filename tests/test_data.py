@@ -244,7 +244,7 @@ def test_missing_column_error_names_column_and_available(tmp_path):
 
 
 def test_unknown_source_missing_file_and_unknown_kind(tmp_path):
-    with pytest.raises(DataError, match=r"'ftp'.*synthetic, hub, json, jsonl, parquet, csv"):
+    with pytest.raises(DataError, match=r"'ftp'.*synthetic, coding, hub, json, jsonl, parquet, csv"):
         build_datasets({"source": "ftp"})
     missing = str(tmp_path / "absent.jsonl")
     with pytest.raises(DataError, match=re.escape(missing)):

@@ -1,0 +1,270 @@
+"""The DeepSeek-V3 building blocks: MLA attention, the sigmoid Gate, grouped-GEMM routed Experts,
+DeepSeekMoE, the dense MLP and the decoder Block. State-dict names are transformers' DeepseekV3 names.
+
+Shapes: B batch, S new tokens, T cached + new tokens, H hidden_size, h heads, E routed experts,
+K experts per token, N = B*S tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from .config import R1MoEConfig
+from .fp8 import fp8_grouped_linear, fp8_linear, grouped_mm
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)  # fp32 statistics
+
+
+class Linear(nn.Linear):
+    """A bias-free linear layer whose three GEMMs run in block-wise FP8 when `fp8` is set (V3 §3.3);
+    the weight itself stays in the model's (master) precision."""
+
+    def __init__(self, in_features: int, out_features: int, fp8: bool = False):
+        super().__init__(in_features, out_features, bias=False)
+        self.fp8 = fp8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight) if self.fp8 else F.linear(x, self.weight)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin of the decoupled RoPE (qk_rope_head_dim wide); YaRN etc. through transformers' tables."""
+
+    def __init__(self, config: R1MoEConfig):
+        super().__init__()
+        rope = config.rope_parameters
+        dim = config.qk_rope_head_dim
+        if rope["rope_type"] == "default":
+            inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+            self.attention_factor = 1.0
+        else:
+            inv_freq, self.attention_factor = ROPE_INIT_FUNCTIONS[rope["rope_type"]](config, None)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.float()  # [B, S, rope/2]
+        return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate x [B, heads, S, rope] by cos/sin [B, S, rope/2]. DeepSeek's weights pair adjacent dims
+    (x0, x1), (x2, x3)... (`rope_interleave`); the output lists the pairs' first then second halves,
+    as transformers does — q and k get the same permutation, so q·k is unchanged."""
+    x1, x2 = (x[..., 0::2], x[..., 1::2]) if interleave else x.chunk(2, dim=-1)
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def softmax_scale(config: R1MoEConfig) -> float:
+    """(qk_nope + qk_rope)^-0.5, times YaRN's mscale² when the context is extended."""
+    scale = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5
+    rope = config.rope_parameters
+    if rope.get("rope_type", "default") != "default" and rope.get("mscale_all_dim") and rope["factor"] > 1:
+        scale *= (0.1 * rope["mscale_all_dim"] * math.log(rope["factor"]) + 1.0) ** 2
+    return scale
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention (V2 §2.1): queries through a q_lora_rank bottleneck, keys and values
+    through one kv_lora_rank latent, plus a decoupled RoPE key shared by all heads. The KV cache holds
+    only the normed latent and the rotated RoPE key, kv_lora_rank + qk_rope_head_dim values per token."""
+
+    def __init__(self, config: R1MoEConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.heads = config.num_attention_heads
+        self.nope, self.rope, self.v = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.kv_lora_rank = config.kv_lora_rank
+        self.interleave = bool(config.rope_interleave)
+        self.scale = softmax_scale(config)
+        hidden, qk, fp8 = config.hidden_size, self.nope + self.rope, config.fp8
+        if config.q_lora_rank is None:
+            self.q_proj = Linear(hidden, self.heads * qk, fp8)
+        else:
+            self.q_a_proj = Linear(hidden, config.q_lora_rank, fp8)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = Linear(config.q_lora_rank, self.heads * qk, fp8)
+        self.kv_a_proj_with_mqa = Linear(hidden, self.kv_lora_rank + self.rope, fp8)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
+        self.kv_b_proj = Linear(self.kv_lora_rank, self.heads * (self.nope + self.v), fp8)
+        self.o_proj = Linear(self.heads * self.v, hidden, fp8)
+
+    def forward(self, x, rope, mask, cache=None):
+        B, S, _ = x.shape
+        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, S, self.heads, -1).transpose(1, 2)                    # [B, h, S, nope+rope]
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        latent = self.kv_a_layernorm(latent).unsqueeze(1)                    # [B, 1, S, kv_lora_rank]
+        q_pe = apply_rope(q_pe, *rope, self.interleave)
+        k_pe = apply_rope(k_pe.unsqueeze(1), *rope, self.interleave)         # [B, 1, S, rope]
+        if cache is not None:
+            latent, k_pe = cache.update(latent, k_pe, self.layer_idx)        # [B, 1, T, ...]
+        T = latent.shape[2]
+        kv = self.kv_b_proj(latent).view(B, T, self.heads, -1).transpose(1, 2)  # [B, h, T, nope+v]
+        k_nope, v = kv.split([self.nope, self.v], dim=-1)
+        k = torch.cat([k_nope, k_pe.expand(B, self.heads, T, self.rope)], dim=-1)  # [B, h, T, nope+rope]
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and S > 1,
+                                             scale=self.scale)               # [B, h, S, v]
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))           # [B, S, H]
+
+
+class MLP(nn.Module):
+    """SwiGLU: the dense FFN of the first layers, and the shared experts (one MLP of their total width)."""
+
+    def __init__(self, hidden: int, inter: int, fp8: bool):
+        super().__init__()
+        self.gate_proj = Linear(hidden, inter, fp8)
+        self.up_proj = Linear(hidden, inter, fp8)
+        self.down_proj = Linear(inter, hidden, fp8)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """Sigmoid router with aux-loss-free balancing (V3 §2.1.2). The fp32 correction bias steers which
+    experts are selected, never the weights they get; `update_bias` moves it by γ against the load
+    counted in training forwards since the last update."""
+
+    def __init__(self, config: R1MoEConfig):
+        super().__init__()
+        self.top_k, self.n_group, self.topk_group = config.num_experts_per_tok, config.n_group or 1, config.topk_group or 1
+        self.norm_topk_prob, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts))
+        self.register_buffer("expert_load", torch.zeros(config.n_routed_experts), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) must not round the bias: γ = 1e-3 steps vanish in bf16 (V3 keeps it fp32).
+        super()._apply(fn, recurse)
+        self._buffers["e_score_correction_bias"] = self.e_score_correction_bias.float()
+        self._buffers["expert_load"] = self.expert_load.float()
+        return self
+
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None):
+        N, E = x.shape[0], self.weight.shape[0]
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()           # [N, E] affinities s
+        choice = scores.detach() + self.e_score_correction_bias
+        if self.n_group > 1:
+            # Group-limited routing: a group scores by its two best experts; keep topk_group groups.
+            grouped = choice.view(N, self.n_group, -1)                           # [N, G, E/G]
+            best = grouped.topk(2, dim=-1).values.sum(-1).topk(self.topk_group, dim=-1).indices
+            keep = torch.zeros(N, self.n_group, 1, dtype=torch.bool, device=x.device).scatter_(1, best[..., None], True)
+            choice = grouped.masked_fill(~keep, float("-inf")).view(N, E)
+        indices = choice.topk(self.top_k, dim=-1, sorted=False).indices      # [N, K]
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        if self.training:
+            with torch.no_grad():
+                chosen = indices if token_mask is None else indices[token_mask.reshape(-1)]
+                self.expert_load += torch.bincount(chosen.flatten(), minlength=E).float()
+        return weights * self.scaling, indices, scores
+
+    @torch.no_grad()
+    def update_bias(self, speed: float) -> float:
+        """b_i += γ·sign(mean load − load_i); returns the load imbalance max/mean it corrected."""
+        load = self.expert_load
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load)
+        imbalance = (load.max() / load.mean().clamp(min=1e-9)).item()
+        if load.sum() > 0 and speed:
+            self.e_score_correction_bias += speed * torch.sign(load.mean() - load)
+        load.zero_()
+        return imbalance
+
+
+class Experts(nn.Module):
+    """The fine-grained routed experts of one layer as stacked weights, computed with two grouped GEMMs
+    over the expert-sorted (token, expert) pairs — no per-expert Python loop, no host sync."""
+
+    def __init__(self, config: R1MoEConfig):
+        super().__init__()
+        E, H, inter = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * inter, H))   # [gate_proj; up_proj] per expert
+        self.down_proj = nn.Parameter(torch.empty(E, H, inter))
+        self.fp8 = config.fp8
+
+    def _gemm(self, x, weight, offs):
+        return fp8_grouped_linear(x, weight, offs) if self.fp8 else grouped_mm(x, weight.transpose(1, 2), offs=offs)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        N, K = indices.shape
+        flat = indices.flatten()
+        order = flat.argsort(stable=True)                                    # [N*K] pairs sorted by expert
+        offs = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).cumsum(0).to(torch.int32)
+        token = order // K
+        h = self._gemm(x.index_select(0, token), self.gate_up_proj, offs)    # [N*K, 2*inter]
+        gate, up = h.chunk(2, dim=-1)
+        # The routing weight scales the narrow activation, not the H-wide output (down_proj is linear).
+        a = F.silu(gate) * up * weights.flatten()[order, None].to(h.dtype)   # [N*K, inter]
+        y = self._gemm(a, self.down_proj, offs)                              # [N*K, H]
+        return torch.zeros_like(x).index_add_(0, token, y)                   # [N, H]
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE: shared experts for every token plus K routed experts of E, and the optional
+    sequence-wise balance loss α Σ_i f_i P_i (V3 Eq. 17-20)."""
+
+    def __init__(self, config: R1MoEConfig):
+        super().__init__()
+        self.gate = Gate(config)
+        self.experts = Experts(config)
+        self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, config.fp8)
+        self.seq_aux_alpha = config.seq_aux_alpha
+
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None):
+        B, S, H = x.shape
+        flat = x.view(-1, H)                                                   # [N, H]
+        weights, indices, scores = self.gate(flat, token_mask)
+        y = self.experts(flat, weights, indices).view(B, S, H) + self.shared_experts(x)
+        aux = None
+        if self.training and self.seq_aux_alpha:
+            aux = self.balance_loss(scores.view(B, S, -1), indices.view(B, S, -1), token_mask)
+        return y, aux
+
+    def balance_loss(self, scores, indices, token_mask):
+        B, S, E = scores.shape
+        K = indices.shape[-1]
+        valid = torch.ones(B, S, device=scores.device) if token_mask is None else token_mask.float()
+        tokens = valid.sum(1).clamp(min=1)                                        # [B]
+        chosen = torch.zeros_like(scores).scatter_(2, indices, 1.0) * valid[..., None]
+        f = chosen.sum(1) * E / (K * tokens[:, None])                               # [B, E]
+        P = (scores / scores.sum(-1, keepdim=True) * valid[..., None]).sum(1) / tokens[:, None]
+        return self.seq_aux_alpha * (f * P).sum(-1).mean()
+
+
+class Block(GradientCheckpointingLayer):
+    """Pre-norm decoder block: MLA then a dense MLP (first_k_dense_replace layers) or DeepSeekMoE."""
+
+    def __init__(self, config: R1MoEConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = MLA(config, layer_idx)
+        self.is_moe = layer_idx >= config.first_k_dense_replace
+        self.mlp = MoE(config) if self.is_moe else MLP(config.hidden_size, config.intermediate_size, config.fp8)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, rope=None, mask=None, past_key_values=None, token_mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, past_key_values)
+        h = self.post_attention_layernorm(x)
+        if not self.is_moe:
+            return x + self.mlp(h), None
+        h, aux = self.mlp(h, token_mask)
+        return x + h, aux

@@ -1,0 +1,195 @@
+"""R1MoEForCausalLM: the DeepSeek-V3 architecture as a transformers PreTrainedModel that trains.
+
+Embedding -> num_hidden_layers Blocks -> RMSNorm -> untied head, plus D MTP modules used only for the
+training loss. Checkpoints are read and written in the DeepSeek-V3 layout by checkpoint.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from . import checkpoint
+from .config import R1MoEConfig
+from .layers import Block, Experts, Gate, RMSNorm, RotaryEmbedding
+
+
+@dataclass
+class R1MoEModelOutput(BaseModelOutputWithPast):
+    aux_loss: torch.Tensor | None = None  # α-weighted sequence-wise balance loss, summed over MoE layers
+
+
+@dataclass
+class R1MoECausalLMOutput(CausalLMOutputWithPast):
+    aux_loss: torch.Tensor | None = None
+    mtp_loss: torch.Tensor | None = None  # (1/D) Σ_k L_MTP^k, before the weight λ
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return b if a is None else a if b is None else a + b
+
+
+def attention_mask_4d(attention_mask, q_len: int, kv_len: int) -> torch.Tensor | None:
+    """Boolean [B, 1, S, T] mask: causal over the last q_len of kv_len positions, padding keys masked.
+    None when SDPA's own causal mask is exact (no padding, no cached prefix)."""
+    if q_len == kv_len and (attention_mask is None or bool(attention_mask.all())):
+        return None
+    device = attention_mask.device if attention_mask is not None else None
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)
+    mask = torch.arange(kv_len, device=device)[None, :] <= q_pos[:, None]                  # [S, T]
+    if attention_mask is not None:
+        mask = mask[None] & attention_mask[:, None, -kv_len:].bool()                      # [B, S, T]
+        # A left-padding query sees no key at all; letting it see itself keeps SDPA free of NaN.
+        mask = mask | (q_pos[:, None] == torch.arange(kv_len, device=device)[None, :])
+    return mask.view(-1, 1, q_len, kv_len) if mask.dim() == 3 else mask[None, None]
+
+
+class R1MoEPreTrainedModel(PreTrainedModel):
+    config_class = R1MoEConfig
+    config: R1MoEConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Block"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, Gate):
+            init.normal_(module.weight, mean=0.0, std=std)
+            init.zeros_(module.e_score_correction_bias)
+        elif isinstance(module, Experts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+
+
+class R1MoEModel(R1MoEPreTrainedModel):
+    def __init__(self, config: R1MoEConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList([Block(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, **kwargs) -> R1MoEModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds       # [B, S, H]
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None and not (self.gradient_checkpointing and self.training):
+            past_key_values = DynamicCache(config=self.config)
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        S = x.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(past, past + S, device=x.device)[None]
+        mask = attention_mask_4d(attention_mask, S, past + S)
+        token_mask = attention_mask[:, -S:].bool() if attention_mask is not None else None
+        rope = self.rotary_emb(position_ids)
+        aux = None
+        for layer in self.layers:
+            x, layer_aux = layer(x, rope=rope, mask=mask, past_key_values=past_key_values, token_mask=token_mask)
+            aux = _add(aux, layer_aux)
+        return R1MoEModelOutput(last_hidden_state=self.norm(x), past_key_values=past_key_values, aux_loss=aux)
+
+
+class MTP(Block):
+    """Multi-token prediction module k (V3 §2.2, Eq. 21-23): h'_i = eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)]),
+    one more Block, then the shared head through this module's own final norm."""
+
+    def __init__(self, config: R1MoEConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)  # kept high precision
+        self.shared_head = nn.ModuleDict({"norm": RMSNorm(config.hidden_size, config.rms_norm_eps)})
+
+    def predict(self, hidden, next_embeds, rope, mask, token_mask):
+        x = self.eh_proj(torch.cat([self.enorm(next_embeds), self.hnorm(hidden)], dim=-1))  # [B, S-k, H]
+        x, aux = self(x, rope=rope, mask=mask, token_mask=token_mask)
+        return self.shared_head["norm"](x), aux
+
+
+class R1MoEForCausalLM(R1MoEPreTrainedModel, GenerationMixin):
+    def __init__(self, config: R1MoEConfig):
+        super().__init__(config)
+        self.model = R1MoEModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        L = config.num_hidden_layers
+        self.mtp = nn.ModuleList([MTP(config, L + k) for k in range(config.num_nextn_predict_layers)])
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs) -> R1MoECausalLMOutput:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+        hidden = out.last_hidden_state                                                      # [B, S, H]
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep])                                             # [B, S', V]
+        loss = mtp_loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            if self.training and len(self.mtp) and input_ids is not None:
+                mtp_loss, mtp_aux = self.mtp_losses(hidden, input_ids, labels, attention_mask, position_ids)
+                loss = loss + self.config.mtp_loss_weight * mtp_loss
+                out.aux_loss = _add(out.aux_loss, mtp_aux)
+            if out.aux_loss is not None:
+                loss = loss + out.aux_loss
+        return R1MoECausalLMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                   aux_loss=out.aux_loss, mtp_loss=mtp_loss)
+
+    def mtp_losses(self, hidden, input_ids, labels, attention_mask, position_ids):
+        """(1/D) Σ_k CE(P^k_i, t_{i+k+1}): module k sees positions i < S-k."""
+        S = input_ids.shape[1]
+        embeds = self.model.embed_tokens(input_ids)
+        if position_ids is None:
+            position_ids = torch.arange(S, device=input_ids.device)[None]
+        total, aux = 0.0, None
+        for k, module in enumerate(self.mtp, start=1):
+            n = S - k
+            token_mask = attention_mask[:, :n].bool() if attention_mask is not None else None
+            mask = attention_mask_4d(attention_mask[:, :n] if attention_mask is not None else None, n, n)
+            rope = self.model.rotary_emb(position_ids[:, :n])
+            hidden, layer_aux = module.predict(hidden[:, :n], embeds[:, k:], rope, mask, token_mask)
+            # labels[:, k:] shifted once more inside the loss: position i predicts t_{i+k+1}.
+            total = total + self.loss_function(logits=self.lm_head(hidden), labels=labels[:, k:],
+                                               vocab_size=self.config.vocab_size)
+            aux = _add(aux, layer_aux)
+        return total / len(self.mtp), aux
+
+    def update_routing_bias(self) -> float:
+        """After each optimizer step: move every layer's correction bias by γ·sign(mean load − load)
+        (no-op when freeze_routing_bias or γ = 0) and reset the load counts. Returns the largest
+        max/mean expert-load ratio seen since the previous call (1.0 is perfect balance)."""
+        frozen = self.config.freeze_routing_bias
+        speed = 0.0 if frozen else self.config.bias_update_speed
+        ratios = [m.update_bias(speed) for m in self.modules() if isinstance(m, Gate)]
+        return max(ratios, default=1.0)
+
+    def save_pretrained(self, save_directory, state_dict=None, is_main_process=True, max_shard_size="5GB", **kwargs):
+        """Write the DeepSeek-V3 checkpoint layout (checkpoint.py); extra Trainer kwargs are ignored."""
+        if is_main_process:
+            checkpoint.save(self, save_directory, state_dict=state_dict, max_shard_size=max_shard_size)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, dtype=None, **kwargs):
+        """Load a checkpoint in the DeepSeek-V3 layout, written by this class, by transformers'
+        DeepseekV3ForCausalLM, or by DeepSeek (FP8 weights are dequantised)."""
+        return checkpoint.load(cls, pretrained_model_name_or_path, config=config, dtype=dtype)
+
+    def vllm_weights(self, fp8: bool | None = None, include_mtp: bool = False):
+        """(name, tensor) in checkpoint format for vLLM's `load_weights` (see checkpoint.checkpoint_tensors)."""
+        return checkpoint.checkpoint_tensors(self, fp8=self.config.fp8 if fp8 is None else fp8, include_mtp=include_mtp)
+
+
+__all__ = ["R1MoEForCausalLM", "R1MoEModel", "R1MoEPreTrainedModel", "attention_mask_4d"]

@@ -24,7 +24,7 @@ SECTIONS = ("model", "data", "sft", "grpo", "rejection", "align", "eval")
 MODEL_KEYS = {
     "name_or_path": "hub name or local path of a causal LM to start from",
     "preset": "name of a built-in policy configuration (trained from scratch)",
-    "config": "overrides of the preset's DeepseekV3Config fields",
+    "config": "overrides of the preset's R1MoEConfig fields (DeepseekV3Config's plus fp8, bias_update_speed, ...)",
     "tokenizer": "hub name or path of the tokenizer (default: the model's; built offline for a preset)",
     "dtype": "float32 | bfloat16 | float16",
     "seed": "seed of a preset's random initialisation",

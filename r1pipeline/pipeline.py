@@ -95,11 +95,18 @@ def check_model(model: dict) -> None:
         raise cfg.ConfigError(f"model.preset = {model['preset']!r}; allowed: {sorted(PRESETS)}")
     overrides = model.get("config") or {}
     if not isinstance(overrides, dict):
-        raise cfg.ConfigError(f"model.config must be a mapping of DeepseekV3Config fields, got {overrides!r}")
+        raise cfg.ConfigError(f"model.config must be a mapping of R1MoEConfig fields, got {overrides!r}")
     known = config_fields() if overrides else set()
     for key in overrides:
         if key not in known:
-            raise cfg.unknown_key_error("model.config (DeepseekV3Config fields)", key, known)
+            raise cfg.unknown_key_error("model.config (R1MoEConfig fields)", key, known)
+    if "preset" in model:
+        from r1pipeline.model import R1MoEConfig
+
+        try:  # the config's own checks (group sizes, FP8 block multiples, ...)
+            R1MoEConfig(**{**PRESETS[model["preset"]], **overrides})
+        except (ValueError, TypeError) as exc:
+            raise cfg.ConfigError(f"model.config: {exc}") from None
     if model.get("dtype", "float32") not in DTYPES:
         raise cfg.ConfigError(f"model.dtype = {model['dtype']!r}; allowed: {sorted(DTYPES)}")
     if "name_or_path" in model:

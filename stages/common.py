@@ -11,6 +11,7 @@ from transformers import AutoTokenizer, TrainerCallback
 
 from data import R1_SYSTEM_PROMPT, build_tokenizer, render_completion, render_prompt
 from r1pipeline import policy, rundir
+from r1pipeline.model import RoutingBiasCallback
 from r1pipeline.pipeline import Stage, log
 
 
@@ -80,6 +81,11 @@ class RunDirCallback(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
+def callbacks(stage: Stage) -> list[TrainerCallback]:
+    # The routing-bias update first, so that the imbalance it logs reaches metrics.jsonl.
+    return [RoutingBiasCallback(), RunDirCallback(stage.stage_dir)]
+
+
 def read_metrics(stage_dir: Path) -> list[dict]:
     path = Path(stage_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
@@ -117,4 +123,7 @@ def train_and_save(trainer, stage: Stage) -> dict:
 
 def trainer_args(stage: Stage, **defaults) -> dict:
     """The stage's TRL fields over our defaults, with the run directory as output_dir."""
-    return {"report_to": "none", **defaults, **stage.trl_fields, "output_dir": str(stage.stage_dir)}
+    # Under DDP an MoE step can leave parameters without gradient (the MTP module outside SFT, experts
+    # that no token chose); DDP must look for them instead of waiting for their reduction forever.
+    return {"report_to": "none", "ddp_find_unused_parameters": True, **defaults, **stage.trl_fields,
+            "output_dir": str(stage.stage_dir)}

@@ -9,7 +9,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from data import render_prompt
 from r1pipeline.pipeline import Stage, log
-from stages.common import ExactResumeMixin, RunDirCallback, load_policy, read_metrics, system_prompt, train_and_save, trainer_args
+from stages.common import ExactResumeMixin, callbacks, load_policy, read_metrics, system_prompt, train_and_save, trainer_args
 
 
 class ResumableGRPOTrainer(ExactResumeMixin, GRPOTrainer):
@@ -61,7 +61,7 @@ def run(stage: Stage) -> dict:
         args=args,
         train_dataset=build_dataset(stage),
         processing_class=tokenizer,
-        callbacks=[RunDirCallback(stage.stage_dir)],
+        callbacks=callbacks(stage),
     )
     metrics = train_and_save(trainer, stage)
     metrics.update(reward_trend(stage.stage_dir))

@@ -5,7 +5,7 @@ from trl import SFTConfig, SFTTrainer
 
 from data import render_prompt
 from r1pipeline.pipeline import Stage
-from stages.common import (ExactResumeMixin, RunDirCallback, completion_of, load_policy, system_prompt,
+from stages.common import (ExactResumeMixin, callbacks, completion_of, load_policy, system_prompt,
                            train_and_save, trainer_args)
 
 
@@ -25,5 +25,5 @@ def run(stage: Stage) -> dict:
     # completion_only_loss=None means TRL's default for prompt-completion data: loss on the completion.
     args = SFTConfig(**trainer_args(stage))
     trainer = ResumableSFTTrainer(model=model, args=args, train_dataset=build_dataset(stage), processing_class=tokenizer,
-                         callbacks=[RunDirCallback(stage.stage_dir)])
+                         callbacks=callbacks(stage))
     return train_and_save(trainer, stage)

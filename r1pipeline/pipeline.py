@@ -93,9 +93,7 @@ def check_model(model: dict) -> None:
         raise cfg.ConfigError(f"model: give exactly one of 'preset' ({sorted(PRESETS)}) or 'name_or_path'; got {model!r}")
     if "preset" in model and model["preset"] not in PRESETS:
         raise cfg.ConfigError(f"model.preset = {model['preset']!r}; allowed: {sorted(PRESETS)}")
-    overrides = model.get("config") or {}
-    if not isinstance(overrides, dict):
-        raise cfg.ConfigError(f"model.config must be a mapping of R1MoEConfig fields, got {overrides!r}")
+    overrides = model.get("config") or {}  # a mapping: check_sections has checked its type
     known = config_fields() if overrides else set()
     for key in overrides:
         if key not in known:
@@ -212,7 +210,11 @@ def execute(stage: Stage) -> dict:
     digest = rundir.config_hash(resolved)
     source = stage.input_ref()
     manifest = rundir.read_manifest(stage.stage_dir)
-    if manifest and manifest["config_hash"] == digest and manifest["input"] == source:
+
+    def same_run(record: dict) -> bool:
+        return (record["config_hash"], record["input"]) == (digest, source)
+
+    if manifest and same_run(manifest):
         log(f"{stage.name}: done, skipping ({stage.stage_dir / 'manifest.json'}: same config and input)")
         return manifest
 
@@ -220,8 +222,7 @@ def execute(stage: Stage) -> dict:
         started = stage.stage_dir / "stage_config.json"
         if manifest:
             rundir.set_aside(stage.stage_dir, "its config or input changed since it was done")
-        elif started.is_file() and (rundir.read_json(started)["config_hash"], rundir.read_json(started)["input"]) \
-                != (digest, source):
+        elif started.is_file() and not same_run(rundir.read_json(started)):
             rundir.set_aside(stage.stage_dir, "its checkpoints come from another config or input")
         stage.stage_dir.mkdir(parents=True, exist_ok=True)
         rundir.atomic_write_json(started, {"config": resolved, "config_hash": digest, "input": source})

@@ -110,11 +110,11 @@ def resolve(entries: list) -> list[Reward]:
     return rewards
 
 
+# The modules that register rewards. Not the math checker's helpers: importing rewards.math_warm
+# runs sympy checks, which belongs in the checker's worker processes, not in the trainer.
+BUILTIN_MODULES = ("answer", "code", "format", "language", "length", "math", "repetition")
+
+
 def _load_builtins() -> None:
-    """Import every module of this package: importing a module registers its rewards."""
-    import pkgutil
-
-    import rewards
-
-    for module in pkgutil.iter_modules(rewards.__path__):
-        importlib.import_module(f"rewards.{module.name}")
+    for name in BUILTIN_MODULES:
+        importlib.import_module(f"rewards.{name}")

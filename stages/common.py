@@ -121,9 +121,10 @@ def train_and_save(trainer, stage: Stage) -> dict:
     return {key: value for key, value in result.metrics.items() if isinstance(value, (int, float))}
 
 
-def trainer_args(stage: Stage, **defaults) -> dict:
+def trainer_args(stage: Stage, model, **defaults) -> dict:
     """The stage's TRL fields over our defaults, with the run directory as output_dir."""
-    # Under DDP an MoE step can leave parameters without gradient (the MTP module outside SFT, experts
-    # that no token chose); DDP must look for them instead of waiting for their reduction forever.
-    return {"report_to": "none", "ddp_find_unused_parameters": True, **defaults, **stage.trl_fields,
+    # Under DDP our MoE can leave parameters without gradient in a step (the MTP module outside SFT,
+    # experts no token chose); DDP must look for them instead of waiting for their reduction forever.
+    moe = isinstance(model, policy.POLICY_CLASS)
+    return {"report_to": "none", "ddp_find_unused_parameters": moe, **defaults, **stage.trl_fields,
             "output_dir": str(stage.stage_dir)}

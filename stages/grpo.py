@@ -54,7 +54,7 @@ def reward_trend(stage_dir) -> dict:
 def run(stage: Stage) -> dict:
     model, tokenizer = load_policy(stage)
     tokenizer.padding_side = "left"
-    args = GRPOConfig(**trainer_args(stage, reward_weights=[reward.weight for reward in stage.rewards]))
+    args = GRPOConfig(**trainer_args(stage, model, reward_weights=[reward.weight for reward in stage.rewards]))
     trainer = ResumableGRPOTrainer(
         model=model,
         reward_funcs=[reward.fn for reward in stage.rewards],

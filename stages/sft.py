@@ -23,7 +23,7 @@ def build_dataset(stage: Stage):
 def run(stage: Stage) -> dict:
     model, tokenizer = load_policy(stage)
     # completion_only_loss=None means TRL's default for prompt-completion data: loss on the completion.
-    args = SFTConfig(**trainer_args(stage))
+    args = SFTConfig(**trainer_args(stage, model))
     trainer = ResumableSFTTrainer(model=model, args=args, train_dataset=build_dataset(stage), processing_class=tokenizer,
                          callbacks=callbacks(stage))
     return train_and_save(trainer, stage)

@@ -14,7 +14,7 @@ def test_loss_is_on_the_completion_only(tmp_path):
     recipe = apply_overrides(load_recipe("tiny"), [*FAST_DATA, *FAST_SFT, "sft.per_device_train_batch_size=4"])
     (stage,) = plan(recipe, ["sft"], Path(tmp_path) / "run")
     model, tokenizer = load_policy(stage)
-    trainer = sft.ResumableSFTTrainer(model=model, args=sft.SFTConfig(**sft.trainer_args(stage)),
+    trainer = sft.ResumableSFTTrainer(model=model, args=sft.SFTConfig(**sft.trainer_args(stage, model)),
                                       train_dataset=sft.build_dataset(stage), processing_class=tokenizer)
     row = stage.datasets["train"][0]
     prompt_ids = tokenizer(render_prompt(row["prompt"], system_prompt(stage))).input_ids

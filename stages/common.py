@@ -45,18 +45,38 @@ def load_policy(stage: Stage):
     return policy.load_pretrained(path, dtype), tokenizer
 
 
+MASTER_WEIGHTS = "master_weights.safetensors"
+
+
 class ExactResumeMixin:
-    """Reload checkpoint weights so that every tensor arrives.
+    """Reload checkpoint weights so that every tensor arrives, at full precision.
 
     transformers' Trainer resumes with a non-strict `load_state_dict` of the saved file. MoE models
     keep their experts fused in memory (`experts.gate_up_proj`) but save them per expert
     (`experts.0.gate_proj.weight`), so those names never match and the experts silently keep their
-    pre-resume values. `from_pretrained` converts the names; the strict load then insists."""
+    pre-resume values. `from_pretrained` converts the names; the strict load then insists.
+    With FP8 on, the DeepSeek-V3 format holds e4m3 weights, not the fp32 masters being trained, so
+    checkpoints also keep the masters, and a resume loads those."""
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if getattr(self.model.config, "fp8", False) and self.args.should_save:
+            from safetensors.torch import save_file
+
+            checkpoint = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            masters = {name: tensor.detach().contiguous() for name, tensor in self.model.state_dict().items()}
+            save_file(masters, str(checkpoint / MASTER_WEIGHTS))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         model = model if model is not None else self.model
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        masters = Path(resume_from_checkpoint) / MASTER_WEIGHTS
+        if masters.is_file():
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(str(masters)), strict=True)
+            return
         loaded = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype)
         model.load_state_dict(loaded.state_dict(), strict=True)
 

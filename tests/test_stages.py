@@ -4,6 +4,7 @@ newest complete checkpoint and ends with exactly the weights of an uninterrupted
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -178,3 +179,24 @@ def test_two_cpu_processes_under_accelerate(tmp_path):
         manifest = json.loads((runs / "ddp" / stage / "manifest.json").read_text())
         assert manifest["world_size"] == 2
         assert (runs / "ddp" / stage / "final" / "model.safetensors").exists()
+
+
+def test_fp8_resume_restores_the_fp32_masters(tmp_path):
+    """With FP8 on, checkpoints hold e4m3 weights (the DeepSeek-V3 format); a resume must still
+    continue from the fp32 master weights, or the resumed run drifts from the uninterrupted one."""
+    runs = tmp_path / "runs"
+    args = [*FAST_DATA, *FAST_SFT, "model.config.fp8=true"]
+    code, out = pipeline(runs, "straight", "sft", *args)
+    assert code == 0, out
+    straight = runs / "straight" / "sft"
+    assert (straight / "checkpoint-2" / "master_weights.safetensors").is_file()
+
+    resumed = runs / "resumed" / "sft"
+    resumed.mkdir(parents=True)
+    for name in ("stage_config.json", "metrics.jsonl"):
+        (resumed / name).write_bytes((straight / name).read_bytes())
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    code, out = pipeline(runs, "resumed", "sft", *args)
+    assert code == 0, out
+    assert "resuming from" in out and "checkpoint-2 (step 2)" in out
+    assert_same_weights(straight, resumed)

@@ -58,14 +58,17 @@ class ExactResumeMixin:
     With FP8 on, the DeepSeek-V3 format holds e4m3 weights, not the fp32 masters being trained, so
     checkpoints also keep the masters, and a resume loads those."""
 
+    def _checkpoint_dir(self, trial) -> Path:
+        """The directory the Trainer has just written for this step."""
+        return Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         if getattr(self.model.config, "fp8", False) and self.args.should_save:
             from safetensors.torch import save_file
 
-            checkpoint = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
             masters = {name: tensor.detach().contiguous() for name, tensor in self.model.state_dict().items()}
-            save_file(masters, str(checkpoint / MASTER_WEIGHTS))
+            save_file(masters, str(self._checkpoint_dir(trial) / MASTER_WEIGHTS))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         model = model if model is not None else self.model

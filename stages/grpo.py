@@ -25,8 +25,8 @@ class ResumableGRPOTrainer(ExactResumeMixin, GRPOTrainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        checkpoint = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-        torch.save({"step": self._step, "buffered_inputs": self._buffered_inputs}, self._state_file(checkpoint))
+        torch.save({"step": self._step, "buffered_inputs": self._buffered_inputs},
+                   self._state_file(self._checkpoint_dir(trial)))
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         if resume_from_checkpoint and self._state_file(resume_from_checkpoint).is_file():

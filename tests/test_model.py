@@ -155,6 +155,27 @@ def test_greedy_generate_with_latent_cache_equals_without():
     assert torch.equal(with_cache, without)
 
 
+def test_absorbed_decode_step_equals_expanded_attention():
+    """A cached decoding step under no_grad attends in the latent space; with grad enabled the same
+    step expands keys and values. Both must give the same logits, left padding included."""
+    from transformers import DynamicCache
+
+    model = build().eval()
+    prompts = tokens(batch=2, length=10)
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[0, :3] = 0
+    step = tokens(batch=2, length=1)
+    logits = []
+    for grad in (False, True):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(prompts, attention_mask=mask[:, :10], past_key_values=cache, use_cache=True)
+        with torch.set_grad_enabled(grad):
+            out = model(step, attention_mask=mask, past_key_values=cache, use_cache=True)
+        logits.append(out.logits.detach())
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+
+
 def skewed_batches(model, steps, seed=0):
     """Hidden states that most tokens route to the same few experts: all lie near one direction."""
     g = torch.Generator().manual_seed(seed)

@@ -114,6 +114,8 @@ class MLA(nn.Module):
         k_pe = apply_rope(k_pe.unsqueeze(1), *rope, self.interleave)         # [B, 1, S, rope]
         if cache is not None:
             latent, k_pe = cache.update(latent, k_pe, self.layer_idx)        # [B, 1, T, ...]
+            if S == 1 and not torch.is_grad_enabled() and not self.kv_b_proj.fp8:
+                return self.o_proj(self.absorbed_decode(q_nope, q_pe, latent, k_pe, mask).reshape(B, 1, -1))
         T = latent.shape[2]
         kv = self.kv_b_proj(latent).view(B, T, self.heads, -1).transpose(1, 2)  # [B, h, T, nope+v]
         k_nope, v = kv.split([self.nope, self.v], dim=-1)
@@ -122,6 +124,20 @@ class MLA(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and S > 1,
                                              scale=self.scale)               # [B, h, S, v]
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))           # [B, S, H]
+
+    def absorbed_decode(self, q_nope, q_pe, latent, k_pe, mask):
+        """One decoding step attending in the latent space (V2 §2.1.2, "absorbed" MLA): kv_b_proj's
+        key half is folded into the query and its value half applied after attention, so the cached
+        latent is never expanded to per-head keys and values, which every step would otherwise redo
+        for the whole prefix. Same result as the expanded path; inference only."""
+        w = self.kv_b_proj.weight.view(self.heads, self.nope + self.v, self.kv_lora_rank)
+        w_k, w_v = w.split([self.nope, self.v], dim=1)                      # [h, nope|v, r]
+        q_latent = torch.einsum("bhsn,hnr->bhsr", q_nope, w_k)              # [B, h, 1, r]
+        scores = (q_latent @ latent.transpose(-1, -2) + q_pe @ k_pe.transpose(-1, -2)) * self.scale  # [B, h, 1, T]
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        out_latent = scores.softmax(dim=-1, dtype=torch.float32).to(latent.dtype) @ latent  # [B, h, 1, r]
+        return torch.einsum("bhsr,hvr->bshv", out_latent, w_v)              # [B, 1, h, v]
 
 
 class MLP(nn.Module):

@@ -1,5 +1,6 @@
 # r1pipeline: one target per stage. Outputs go to runs/$(RUN)/<stage>/.
-#   make all                      the embedded default, every stage, skipping stages already done
+#   make all                      the embedded default: the four stages (skipping those already
+#                                 done), then eval and report
 #   make sft RUN=x ARGS="sft.learning_rate=1e-4 grpo.max_steps=50"
 #   make grpo ACCELERATE_CONFIG=recipes/accelerate/ddp.yaml
 #   make test                     installs what it needs, then runs the tests
@@ -14,7 +15,7 @@ export ACCELERATE_CONFIG
 
 PIPELINE := $(PYTHON) -m r1pipeline --recipe $(RECIPE) --run $(RUN)
 
-.PHONY: install all sft grpo test test-fast bench clean-runs
+.PHONY: install all sft grpo rejection align eval report test test-fast bench clean-runs
 
 install: $(VENV)/.installed
 
@@ -30,7 +31,7 @@ $(VENV)/.installed: pyproject.toml
 all: install
 	$(PIPELINE) all $(ARGS)
 
-sft grpo: install
+sft grpo rejection align eval report: install
 	$(PIPELINE) $@ $(ARGS)
 
 test: install

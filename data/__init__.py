@@ -1,5 +1,6 @@
 """Data for the R1 pipeline: template, tokenizer, synthetic problems, loading."""
 
+from .chat import CHAT_KINDS, REFUSAL, build_chat, build_preferences
 from .coding import CODING_KINDS, build_coding
 from .loading import DataError, build_datasets
 from .synthetic import SYNTHETIC_KINDS, build_synthetic
@@ -17,4 +18,8 @@ __all__ = [
     "SYNTHETIC_KINDS",
     "build_coding",
     "CODING_KINDS",
+    "build_chat",
+    "build_preferences",
+    "CHAT_KINDS",
+    "REFUSAL",
 ]

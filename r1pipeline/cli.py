@@ -1,8 +1,10 @@
 """`python -m r1pipeline [--recipe R] [--run NAME] STAGE [section.field=value ...]`
 
-STAGE is one of the stages (sft, grpo) or `all`. With ACCELERATE_CONFIG=<file> (or
---accelerate-config) the stages run under `accelerate launch` with that config; the recipe is
-validated once here first, so a bad recipe fails before any process starts.
+STAGE is one of the stages (sft, grpo, rejection, align), `eval` (every finished stage on the
+held-out problems), `report` (runs/<run>/report.md and plots), or `all` (the four stages, then eval
+and report). With ACCELERATE_CONFIG=<file> (or --accelerate-config) the stages run under
+`accelerate launch` with that config; the recipe is validated once here first, so a bad recipe fails
+before any process starts. Evaluation and the report run in this process.
 """
 
 from __future__ import annotations
@@ -17,37 +19,45 @@ from pathlib import Path
 import torch
 
 from r1pipeline.config import ConfigError, apply_overrides, load_recipe
-from r1pipeline.pipeline import STAGE_ORDER, execute, log, plan, world_size_of
+from r1pipeline.pipeline import STAGE_ORDER, execute, log, plan, plan_eval, world_size_of
 
 LAUNCHED = "R1PIPELINE_UNDER_ACCELERATE"
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="r1pipeline", description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=[*STAGE_ORDER, "all"])
+    parser.add_argument("stage", choices=[*STAGE_ORDER, "eval", "report", "all"])
     parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. grpo.learning_rate=1e-5")
     parser.add_argument("--recipe", default="tiny", help="name in recipes/ or path to a YAML file")
     parser.add_argument("--run", default="default", help="run name: outputs go to <runs-dir>/<run>/")
     parser.add_argument("--runs-dir", default="runs")
     parser.add_argument("--accelerate-config", default=os.environ.get("ACCELERATE_CONFIG") or None)
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    stages = list(STAGE_ORDER) if args.stage == "all" else [args.stage]
+    stages = list(STAGE_ORDER) if args.stage == "all" else [s for s in [args.stage] if s in STAGE_ORDER]
+    evaluates = args.stage in ("eval", "all")
+    reports = args.stage in ("report", "all")
+    run_dir = Path(args.runs_dir) / args.run
     try:
         if not re.fullmatch(r"[\w.-]+", args.run):
             raise ConfigError(f"run name {args.run!r} may hold only letters, digits, '_', '.' and '-'")
         if args.accelerate_config and not Path(args.accelerate_config).is_file():
             raise ConfigError(f"ACCELERATE_CONFIG = {args.accelerate_config!r}: no such file")
         recipe = apply_overrides(load_recipe(args.recipe), args.overrides)
-        planned = plan(recipe, stages, Path(args.runs_dir) / args.run, world_size_of(args.accelerate_config))
+        planned = plan(recipe, stages, run_dir, world_size_of(args.accelerate_config))
+        heldout = plan_eval(recipe, planned) if evaluates else None
     except ConfigError as exc:
         print(f"r1pipeline: error: {exc}", file=sys.stderr)
         return 2
 
-    if args.accelerate_config and not os.environ.get(LAUNCHED):
+    if os.environ.get(LAUNCHED):  # one of accelerate's processes: the stages only
+        for stage in planned:
+            execute(stage)
+        return 0
+    if planned and args.accelerate_config:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", args.accelerate_config,
                    "-m", "r1pipeline", *(sys.argv[1:] if argv is None else argv)]
         env = {**os.environ, LAUNCHED: "1"}
@@ -56,10 +66,20 @@ def main(argv=None) -> int:
             # alone. This makes them one gloo process group on the CPU (accelerate's MULTI_CPU).
             env["ACCELERATE_USE_CPU"] = "true"
         log(f"launching under accelerate: {' '.join(command[1:])}")
-        return subprocess.call(command, env=env)
+        code = subprocess.call(command, env=env)
+        if code:
+            return code
+    else:
+        for stage in planned:
+            execute(stage)
+    if evaluates:
+        from r1pipeline.evaluate import run_eval
 
-    for stage in planned:
-        execute(stage)
+        run_eval(run_dir, recipe, heldout)
+    if reports:
+        from r1pipeline.report import write_report
+
+        log(f"report: {write_report(run_dir)}")
     return 0
 
 

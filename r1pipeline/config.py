@@ -54,13 +54,32 @@ KEY_TYPES = {
     "data.system_prompt": str,
 }
 # Keys of a stage section that are ours, not TRL's.
+_INIT_FROM = "'model', a stage name, or a checkpoint path / hub name"
+_REWARDS = "list of {name: <registered> | function: 'pkg.module:fn', weight: <float>, args: {...}}"
 STAGE_KEYS = {
-    "sft": {"init_from": "'model', a stage name, or a checkpoint path / hub name"},
-    "grpo": {
-        "init_from": "'model', a stage name, or a checkpoint path / hub name",
-        "rewards": "list of {name: <registered> | function: 'pkg.module:fn', weight: <float>, args: {...}}",
+    "sft": {"init_from": _INIT_FROM},
+    "grpo": {"init_from": _INIT_FROM, "rewards": _REWARDS,
+             "shuffle_rewards": "control runs: permute each group's rewards among its completions "
+                                "(same compute, no learning signal; default false)"},
+    "rejection": {
+        "init_from": _INIT_FROM + " to fine-tune (default 'model': R1 retrains the base)",
+        "sample_from": "the stage name or checkpoint path to sample from (default 'grpo')",
+        "rewards": _REWARDS + "; a sample is correct when every reward that applies reaches accept_threshold",
+        "accept_threshold": "reward a sample needs from each applicable reward to count as correct (default 1.0)",
+        "sampling": "mapping: num_samples, max_new_tokens, temperature, top_p, batch_size, num_prompts, seed",
+        "filters": "mapping of readability filters (data/filters.py) to settings, or false to switch one off",
+        "chat_ratio": "share of non-reasoning chat rows in the SFT set (default 0.1)",
+    },
+    "align": {
+        "init_from": _INIT_FROM,
+        "rewards": _REWARDS + "; helpfulness/harmlessness without args.path use the stage's reward model",
+        "general_ratio": "share of general (chat) prompts in the RL mixture (default 0.3)",
+        "reward_model": "mapping: path (a sequence-classification checkpoint) or training settings "
+                        "(num_pairs, max_steps, learning_rate, hidden_size, num_layers, seed)",
     },
 }
+# What a stage's TRL fields are checked against.
+TRL_CONFIG = {"sft": "SFTConfig", "grpo": "GRPOConfig", "rejection": "SFTConfig", "align": "GRPOConfig"}
 # Set by the run directory, never by a recipe.
 MANAGED_KEYS = {"output_dir", "resume_from_checkpoint", "logging_dir", "overwrite_output_dir"}
 
@@ -70,9 +89,9 @@ class ConfigError(ValueError):
 
 
 def trl_config_class(stage: str):
-    from trl import GRPOConfig, SFTConfig
+    import trl
 
-    return {"sft": SFTConfig, "grpo": GRPOConfig}[stage]
+    return getattr(trl, TRL_CONFIG[stage])
 
 
 def load_recipe(recipe: str) -> dict:
@@ -89,7 +108,19 @@ def load_recipe(recipe: str) -> dict:
         raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"recipe {path} must be a mapping of sections, got {type(loaded).__name__}")
+    base = loaded.pop("extends", None)
+    if base is not None:  # a variant: another recipe with some fields changed
+        if not isinstance(base, str) or Path(base).stem == path.stem:
+            raise ConfigError(f"recipe {path}: extends = {base!r} must name another recipe")
+        loaded = merged(load_recipe(base), loaded)
     return loaded
+
+
+def merged(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def parse_value(text: str) -> Any:
@@ -233,11 +264,11 @@ def field_default(stage: str, key: str):
     raise KeyError(key)
 
 
-def check_grpo_batch(fields: dict, world_size: int) -> None:
+def check_grpo_batch(fields: dict, world_size: int, stage: str = "grpo") -> None:
     """TRL's rule, checked before any work: a generation batch holds whole groups."""
     num_generations = fields.get("num_generations", field_default("grpo", "num_generations"))
     if not isinstance(num_generations, int) or num_generations < 2:
-        raise ConfigError(f"grpo.num_generations = {num_generations!r}: GRPO needs at least 2 completions per prompt")
+        raise ConfigError(f"{stage}.num_generations = {num_generations!r}: GRPO needs at least 2 completions per prompt")
     if fields.get("generation_batch_size") is not None:
         batch = fields["generation_batch_size"]
         how = f"generation_batch_size ({batch})"
@@ -249,5 +280,5 @@ def check_grpo_batch(fields: dict, world_size: int) -> None:
                f"steps_per_generation ({steps}) = {batch}")
     if batch % num_generations:
         divisors = [d for d in range(2, batch + 1) if batch % d == 0]
-        raise ConfigError(f"grpo: the generation batch {how} is not divisible by num_generations "
+        raise ConfigError(f"{stage}: the generation batch {how} is not divisible by num_generations "
                           f"({num_generations}); use num_generations in {divisors} or change the batch")

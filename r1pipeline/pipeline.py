@@ -20,8 +20,11 @@ import yaml
 from r1pipeline import config as cfg
 from r1pipeline import rundir
 
-STAGE_ORDER = ("sft", "grpo")
-DEFAULT_INIT = {"sft": "model", "grpo": "sft"}
+STAGE_ORDER = ("sft", "grpo", "rejection", "align")
+# Stage 3 fine-tunes the model stage 1 started from, as R1 retrains the base, on samples of stage 2.
+DEFAULT_INIT = {"sft": "model", "grpo": "sft", "rejection": "model", "align": "rejection"}
+DEFAULT_SAMPLE_FROM = "grpo"
+RL_STAGES = ("grpo", "align")
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
@@ -42,6 +45,7 @@ class Stage:
     rewards: list = field(default_factory=list)
     datasets: object = None  # datasets.DatasetDict with "train" and "heldout"
     world_size: int = 1
+    sample_from: str | None = None  # stage 3: where its samples come from
 
     @property
     def stage_dir(self) -> Path:
@@ -56,22 +60,38 @@ class Stage:
         return {"model": self.recipe.get("model") or {}, "data": self.recipe.get("data") or {},
                 self.name: self.section}
 
+    def resolve(self, ref: str) -> str | None:
+        """A checkpoint reference ('model', a stage name, a path or hub name) as a path or hub name;
+        None for a fresh preset."""
+        if ref == "model":
+            return (self.recipe.get("model") or {}).get("name_or_path")
+        if ref in STAGE_ORDER:
+            return str(self.run_dir / ref / "final")
+        return ref
+
     def input_path(self) -> str | None:
         """The checkpoint this stage starts from, or None for a fresh preset."""
-        if self.init_from == "model":
-            return (self.recipe.get("model") or {}).get("name_or_path")
-        if self.init_from in STAGE_ORDER:
-            return str(self.run_dir / self.init_from / "final")
-        return self.init_from
+        return self.resolve(self.init_from)
 
-    def input_ref(self) -> dict:
-        path = self.input_path()
+    def sample_path(self) -> str:
+        """The checkpoint stage 3 samples from."""
+        return self.resolve(self.sample_from)
+
+    def _ref(self, path: str | None) -> dict:
         if path is None:
             return {"kind": "preset", "preset": self.recipe["model"]["preset"],
                     "hash": rundir.config_hash(self.recipe["model"])}
         if Path(path).exists():
             return {"kind": "checkpoint", "path": str(path), "hash": rundir.content_hash(Path(path))}
         return {"kind": "hub", "name": path, "hash": None}
+
+    def input_ref(self) -> dict:
+        """What the manifest names as input; stage 3 names both the model it trains and where its
+        samples came from, so the chain sft -> grpo -> rejection -> align stays unbroken."""
+        ref = self._ref(self.input_path())
+        if self.sample_from is not None:
+            ref["sampled_from"] = self._ref(self.sample_path())
+        return ref
 
 
 # ---- validation --------------------------------------------------------------------------------
@@ -125,7 +145,54 @@ def check_checkpoint_ref(where: str, ref) -> None:
 def required_columns(name: str, rewards: list) -> set[str]:
     if name == "sft":
         return {"prompt", "solution"}
-    return {"prompt"} | {column for reward in rewards for column in reward.columns}
+    columns = {"prompt"} | {column for reward in rewards for column in reward.columns}
+    if name == "align":
+        columns -= {"domain"}  # the stage labels its mixture: reasoning rows and general (chat) rows
+    return columns
+
+
+def check_stage_ref(planned: list, run_dir: Path, where: str, ref) -> None:
+    """A stage's input: an earlier stage of this run (done, or scheduled before it), 'model', or a
+    checkpoint."""
+    if ref in STAGE_ORDER:
+        scheduled = [s.name for s in planned]
+        if ref not in scheduled and rundir.read_manifest(run_dir / ref) is None:
+            stage = where.split(".")[0]
+            raise cfg.ConfigError(
+                f"{where} = {ref!r}: its output {run_dir / ref / 'final'} is missing or unfinished (no "
+                f"manifest.json); run `make {ref} RUN={run_dir.name}` first, or set {where} to a checkpoint path"
+                + (f" (stage {stage} runs after {ref})" if ref != stage else ""))
+    elif ref != "model":
+        check_checkpoint_ref(where, ref)
+
+
+def check_stage_options(name: str, own: dict) -> None:
+    """Stage 3's and 4's own settings, by name and type."""
+    mappings = {"rejection": ("sampling", "filters"), "align": ("reward_model",)}.get(name, ())
+    for key in mappings:
+        if key in own and not isinstance(own[key], dict):
+            raise cfg.ConfigError(f"{name}.{key} = {own[key]!r} must be a mapping")
+    if not isinstance(own.get("shuffle_rewards", False), bool):
+        raise cfg.ConfigError(f"{name}.shuffle_rewards = {own['shuffle_rewards']!r} must be true or false")
+    for key in ("chat_ratio", "general_ratio"):
+        if key in own:
+            value = own[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise cfg.ConfigError(f"{name}.{key} = {value!r} must be a number in [0, 1)")
+    if name == "rejection":
+        from stages.rejection import check_options
+
+        try:
+            check_options(own)
+        except ValueError as exc:
+            raise cfg.ConfigError(f"rejection.{exc}") from None
+    if name == "align":
+        from stages.align import check_reward_model
+
+        try:
+            check_reward_model(own.get("reward_model") or {})
+        except ValueError as exc:
+            raise cfg.ConfigError(f"align.reward_model: {exc}") from None
 
 
 def plan(recipe: dict, stages: list[str], run_dir: Path, world_size: int = 1) -> list[Stage]:
@@ -146,28 +213,31 @@ def plan(recipe: dict, stages: list[str], run_dir: Path, world_size: int = 1) ->
         own = {key: section.pop(key) for key in list(section) if key in cfg.STAGE_KEYS[name]}
         trl_fields = cfg.check_trl_fields(name, section)
         init_from = own.get("init_from", DEFAULT_INIT[name])
-        if init_from in STAGE_ORDER:
-            scheduled = [s.name for s in planned]
-            if init_from not in scheduled and rundir.read_manifest(run_dir / init_from) is None:
-                raise cfg.ConfigError(
-                    f"{name}.init_from = {init_from!r}: its output {run_dir / init_from / 'final'} is missing or "
-                    f"unfinished (no manifest.json); run `make {init_from} RUN={run_dir.name}` first, "
-                    f"or set {name}.init_from to a checkpoint path")
-        elif init_from != "model":
-            check_checkpoint_ref(f"{name}.init_from", init_from)
+        check_stage_ref(planned, run_dir, f"{name}.init_from", init_from)
+        sample_from = None
+        if name == "rejection":
+            sample_from = own.get("sample_from", DEFAULT_SAMPLE_FROM)
+            check_stage_ref(planned, run_dir, "rejection.sample_from", sample_from)
+        check_stage_options(name, own)
 
         rewards = []
-        if name == "grpo":
+        if "rewards" in cfg.STAGE_KEYS[name]:
+            entries = own.get("rewards")
+            if name == "align":
+                from stages.align import with_reward_model_paths
+
+                entries = with_reward_model_paths(entries, own.get("reward_model") or {}, run_dir / name)
             try:
-                rewards = resolve(own.get("rewards"))
+                rewards = resolve(entries)
             except ValueError as exc:
-                raise cfg.ConfigError(f"grpo.{exc}") from None
-            cfg.check_grpo_batch(trl_fields, world_size)
+                raise cfg.ConfigError(f"{name}.{exc}") from None
+        if name in RL_STAGES:
+            cfg.check_grpo_batch(trl_fields, world_size, name)
             if "reward_weights" in trl_fields:
-                raise cfg.ConfigError("grpo.reward_weights is set from the weights in grpo.rewards; give them there")
+                raise cfg.ConfigError(f"{name}.reward_weights is set from the weights in {name}.rewards; give them there")
             if trl_fields.get("use_vllm") and importlib.util.find_spec("vllm") is None:
-                raise cfg.ConfigError("grpo.use_vllm = true but vLLM is not installed: `pip install -e .[gpu]` on a "
-                                      "GPU machine, or set grpo.use_vllm=false to generate with transformers")
+                raise cfg.ConfigError(f"{name}.use_vllm = true but vLLM is not installed: `pip install -e .[gpu]` on "
+                                      f"a GPU machine, or set {name}.use_vllm=false to generate with transformers")
 
         missing = required_columns(name, rewards) - set(datasets["train"].column_names)
         if name == "sft" and not {"reasoning", "completion"} & set(datasets["train"].column_names):
@@ -177,13 +247,28 @@ def plan(recipe: dict, stages: list[str], run_dir: Path, world_size: int = 1) ->
                 f"{name}: the training data lacks column(s) {sorted(missing)}; it has "
                 f"{datasets['train'].column_names}. Map them with data.columns, e.g. "
                 f"data.columns={{prompt: question, solution: answer}}")
-        stage = Stage(name, run_dir, recipe, trl_fields, init_from, rewards, datasets, world_size)
+        stage = Stage(name, run_dir, recipe, trl_fields, init_from, rewards, datasets, world_size, sample_from)
         try:  # TRL's own checks (e.g. on batch sizes and strategies), still before any work
             cfg.trl_config_class(name)(output_dir=str(stage.stage_dir), **trl_fields)
         except (ValueError, TypeError) as exc:
             raise cfg.ConfigError(f"{name}: {exc}") from None
         planned.append(stage)
     return planned
+
+
+def plan_eval(recipe: dict, planned: list[Stage]):
+    """Validate the recipe's `eval` section; returns the held-out problems to evaluate on."""
+    from data import DataError, build_datasets
+    from r1pipeline.evaluate import check_eval_section
+
+    cfg.check_sections(recipe)
+    check_eval_section(recipe.get("eval") or {})  # its ConfigError names eval.<key>
+    if planned:
+        return planned[0].datasets["heldout"]
+    try:
+        return build_datasets(recipe.get("data") or {})["heldout"]
+    except DataError as exc:
+        raise cfg.ConfigError(f"data: {exc}") from None
 
 
 # ---- running -----------------------------------------------------------------------------------

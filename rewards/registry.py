@@ -112,7 +112,7 @@ def resolve(entries: list) -> list[Reward]:
 
 # The modules that register rewards. Not the math checker's helpers: importing rewards.math_warm
 # runs sympy checks, which belongs in the checker's worker processes, not in the trainer.
-BUILTIN_MODULES = ("answer", "code", "format", "language", "length", "math", "repetition")
+BUILTIN_MODULES = ("answer", "code", "format", "language", "length", "math", "repetition", "reward_model")
 
 
 def _load_builtins() -> None:

@@ -25,16 +25,18 @@ def completion_of(row: dict) -> str:
     return render_completion(row["reasoning"], row["solution"])
 
 
-def load_policy(stage: Stage):
-    """(model, tokenizer) this stage starts from: a fresh preset or a checkpoint / hub model."""
+def load_policy(stage: Stage, tokenizer=None):
+    """(model, tokenizer) this stage starts from: a fresh preset or a checkpoint / hub model. A fresh
+    preset takes `tokenizer` when given (stage 3 retrains the base on text of stage 2's tokenizer)."""
     model_cfg = stage.recipe.get("model") or {}
     dtype = model_cfg.get("dtype", "float32")
     path = stage.input_path()
     if path is None:
-        # The embedded default trains its tokenizer offline on the training texts, then the model.
-        system = system_prompt(stage)
-        corpus = (render_prompt(row["prompt"], system) + completion_of(row) for row in stage.datasets["train"])
-        tokenizer = build_tokenizer(corpus)
+        if tokenizer is None:
+            # The embedded default trains its tokenizer offline on the training texts, then the model.
+            system = system_prompt(stage)
+            corpus = (render_prompt(row["prompt"], system) + completion_of(row) for row in stage.datasets["train"])
+            tokenizer = build_tokenizer(corpus)
         model = policy.build_from_preset(model_cfg["preset"], model_cfg.get("config"), tokenizer,
                                          seed=model_cfg.get("seed", 0), dtype=dtype)
         return model, tokenizer

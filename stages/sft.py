@@ -20,10 +20,15 @@ def build_dataset(stage: Stage):
                      remove_columns=train.column_names)
 
 
-def run(stage: Stage) -> dict:
-    model, tokenizer = load_policy(stage)
+def train(stage: Stage, dataset, model, tokenizer) -> dict:
+    """SFT on prompt-completion rows (stage 1's data, or stage 3's selected samples)."""
     # completion_only_loss=None means TRL's default for prompt-completion data: loss on the completion.
     args = SFTConfig(**trainer_args(stage, model))
-    trainer = ResumableSFTTrainer(model=model, args=args, train_dataset=build_dataset(stage), processing_class=tokenizer,
-                         callbacks=callbacks(stage))
+    trainer = ResumableSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                                  callbacks=callbacks(stage))
     return train_and_save(trainer, stage)
+
+
+def run(stage: Stage) -> dict:
+    model, tokenizer = load_policy(stage)
+    return train(stage, build_dataset(stage), model, tokenizer)

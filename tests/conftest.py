@@ -13,6 +13,13 @@ FAST_SFT = ["sft.max_steps=6", "sft.save_steps=2", "sft.per_device_train_batch_s
             "sft.warmup_steps=0"]
 FAST_GRPO = ["grpo.max_steps=6", "grpo.save_steps=2", "grpo.per_device_train_batch_size=8",
              "grpo.num_generations=4", "grpo.max_completion_length=12"]
+FAST_REJECTION = ["rejection.max_steps=4", "rejection.save_steps=2", "rejection.per_device_train_batch_size=8",
+                  "rejection.logging_steps=1", "rejection.warmup_steps=0", "rejection.sampling.num_prompts=12",
+                  "rejection.sampling.max_new_tokens=24", "rejection.accept_threshold=0.0"]
+FAST_ALIGN = ["align.max_steps=4", "align.save_steps=2", "align.per_device_train_batch_size=8",
+              "align.num_generations=4", "align.max_completion_length=12", "align.reward_model.num_pairs=64",
+              "align.reward_model.max_steps=4"]
+FAST_EVAL = ["eval.k=2", "eval.num_problems=4", "eval.max_new_tokens=12"]
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAST_DATA, FAST_GRPO, FAST_SFT, ROOT, pipeline_env
+from conftest import FAST_ALIGN, FAST_DATA, FAST_EVAL, FAST_GRPO, FAST_REJECTION, FAST_SFT, ROOT, pipeline_env
 
 pytestmark = pytest.mark.slow
 
@@ -141,25 +141,105 @@ def test_grpo_killed_then_resumed_equals_uninterrupted(tmp_path, sft_checkpoint)
 
 def test_all_chains_stages_and_skips_done_ones(tmp_path):
     runs = tmp_path / "runs"
-    args = [*FAST_DATA, *FAST_SFT, *FAST_GRPO, "grpo.max_steps=2", "sft.max_steps=2"]
+    args = [*FAST_DATA, *FAST_SFT, *FAST_GRPO, *FAST_REJECTION, *FAST_ALIGN, *FAST_EVAL, "grpo.max_steps=2",
+            "sft.max_steps=2", "rejection.max_steps=2", "align.max_steps=2"]
     code, out = pipeline(runs, "chain", "all", *args)
     assert code == 0, out
-    sft = json.loads((runs / "chain" / "sft" / "manifest.json").read_text())
-    grpo = json.loads((runs / "chain" / "grpo" / "manifest.json").read_text())
-    assert sft["input"]["kind"] == "preset"
-    assert grpo["input"]["path"] == str(runs / "chain" / "sft" / "final")
-    assert grpo["input"]["hash"] == sft_output_hash(runs / "chain" / "sft" / "final")
+    run = runs / "chain"
+    manifests = {name: json.loads((run / name / "manifest.json").read_text())
+                 for name in ("sft", "grpo", "rejection", "align")}
+    assert manifests["sft"]["input"]["kind"] == "preset"
+    # The chain: each stage names the output it started from, with that output's content hash.
+    for stage, source in (("grpo", "sft"), ("align", "rejection")):
+        assert manifests[stage]["input"]["path"] == str(run / source / "final")
+        assert manifests[stage]["input"]["hash"] == sft_output_hash(run / source / "final")
+    sampled = manifests["rejection"]["input"]["sampled_from"]
+    assert sampled["path"] == str(run / "grpo" / "final") and sampled["hash"] == sft_output_hash(run / "grpo" / "final")
+    assert manifests["rejection"]["input"]["kind"] == "preset", "stage 3 retrains the base by default"
+    grpo = manifests["grpo"]
     assert {"torch", "transformers", "trl"} <= grpo["versions"].keys() and grpo["wall_time_s"] > 0
+    assert {path.stem for path in (run / "eval").glob("*.json")} == {"sft", "grpo", "rejection", "align"}
+    assert (run / "report.md").is_file() and list((run / "plots").glob("*.png"))
 
     code, out = pipeline(runs, "chain", "all", *args)
+    assert code == 0, out
+    assert all(f"{name}: done, skipping" in out for name in ("sft", "grpo", "rejection", "align"))
+
+    # A changed stage-3 setting re-runs stage 3 and, its output being new, stage 4; old outputs are
+    # kept aside.
+    code, out = pipeline(runs, "chain", "all", *args, "rejection.learning_rate=1e-3")
     assert code == 0, out
     assert "sft: done, skipping" in out and "grpo: done, skipping" in out
+    assert not any(f"{name}: done, skipping" in out for name in ("rejection", "align"))
+    assert list(run.glob("rejection.old-*/manifest.json")) and list(run.glob("align.old-*/manifest.json"))
 
-    # A changed GRPO setting re-runs GRPO only; its old outputs are kept aside, not deleted.
-    code, out = pipeline(runs, "chain", "all", *args, "grpo.learning_rate=2e-5")
+
+def test_rejection_killed_while_sampling_does_not_resample(tmp_path, sft_checkpoint):
+    runs = tmp_path / "runs"
+    samples = runs / "killed" / "rejection" / "samples.jsonl"
+    args = [*FAST_DATA, *FAST_REJECTION, f"rejection.sample_from={sft_checkpoint}", "rejection.sampling.batch_size=4",
+            "rejection.sampling.num_samples=2", "rejection.sampling.num_prompts=16"]
+
+    def sampled() -> list[str]:
+        return samples.read_text().splitlines() if samples.exists() else []
+
+    code, _ = pipeline(runs, "killed", "rejection", *args, kill_when=lambda: len(sampled()) >= 4)
+    assert code == -signal.SIGKILL
+    before = [line for line in sampled() if line.endswith("}")]
+    assert 4 <= len(before) < 16, "killed midway"
+
+    code, out = pipeline(runs, "killed", "rejection", *args)
     assert code == 0, out
-    assert "sft: done, skipping" in out and "grpo: done, skipping" not in out
-    assert list((runs / "chain").glob("grpo.old-*/manifest.json"))
+    after = sampled()
+    assert after[:len(before)] == before, "samples of finished prompts are kept as they were, not re-sampled"
+    ids = [json.loads(line)["id"] for line in after]
+    assert len(ids) == len(set(ids)) == 16
+    selection = json.loads((samples.parent / "selection.json").read_text())
+    assert selection["samples"] == 32 and selection["kept"] <= 32
+    kept = [json.loads(line) for line in (samples.parent / "kept.jsonl").read_text().splitlines()]
+    assert kept and all(row["source"]["checkpoint"] == str(sft_checkpoint) for row in kept)
+    assert max(sum(row["id"] == i for row in kept) for i in ids) <= 2, "at most max_per_prompt per prompt"
+
+
+def test_rejection_sft_killed_then_resumed_equals_uninterrupted(tmp_path, sft_checkpoint):
+    runs = tmp_path / "runs"
+    args = [*FAST_DATA, *FAST_REJECTION, f"rejection.sample_from={sft_checkpoint}", "rejection.max_steps=8"]
+    code, out = pipeline(runs, "straight", "rejection", *args)
+    assert code == 0, out
+
+    stage = runs / "killed" / "rejection"
+    code, _ = pipeline(runs, "killed", "rejection", *args,
+                       kill_when=lambda: (stage / "checkpoint-2" / "COMPLETE").exists())
+    assert code == -signal.SIGKILL and not (stage / "manifest.json").exists()
+    code, out = pipeline(runs, "killed", "rejection", *args)
+    assert code == 0, out
+    assert f"rejection: resuming from {stage / 'checkpoint-2'} (step 2)" in out
+    assert (stage / "sft_data.jsonl").read_text() == (runs / "straight" / "rejection" / "sft_data.jsonl").read_text()
+    assert_same_weights(runs / "straight" / "rejection", stage)
+
+
+def test_align_killed_then_resumed_equals_uninterrupted(tmp_path, sft_checkpoint):
+    """Stage 4 logs a mean for every reward, rule-based and reward-model ones, each over the rows it
+    applies to, and resumes exactly like stage 2."""
+    runs = tmp_path / "runs"
+    args = [*FAST_DATA, *FAST_ALIGN, f"align.init_from={sft_checkpoint}", "align.max_steps=6",
+            "align.general_ratio=0.5"]
+    code, out = pipeline(runs, "straight", "align", *args)
+    assert code == 0, out
+
+    stage = runs / "killed" / "align"
+    code, _ = pipeline(runs, "killed", "align", *args, kill_when=lambda: (stage / "checkpoint-2" / "COMPLETE").exists())
+    assert code == -signal.SIGKILL and not (stage / "manifest.json").exists()
+    code, out = pipeline(runs, "killed", "align", *args)
+    assert code == 0, out
+    assert f"align: resuming from {stage / 'checkpoint-2'} (step 2)" in out
+    assert_same_weights(runs / "straight" / "align", stage)
+
+    logged = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+    for name in ("accuracy", "format", "helpfulness", "harmlessness"):
+        assert any(f"rewards/{name}/mean" in row for row in logged), name
+    manifest = json.loads((stage / "manifest.json").read_text())
+    assert "reward_model/accuracy" in manifest["metrics"] or any(k.startswith("reward_model/") for k in manifest["metrics"])
 
 
 def sft_output_hash(path):

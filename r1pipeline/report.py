@@ -1,0 +1,133 @@
+"""runs/<run>/report.md and runs/<run>/plots/*.png, from what the run directory holds: the eval
+figures and cost of each stage, the RL training curves, pass@k curves, and sample completions
+before and after RL. A piece that is missing (a stage not run, no eval yet) is noted, not fatal."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: runs on machines without a display
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+
+from data.template import USER_PREFIX  # noqa: E402
+from r1pipeline import rundir  # noqa: E402
+
+STAGES = ("sft", "grpo", "rejection", "align")  # the pipeline's order (DESIGN.md)
+RL_STAGES = ("grpo", "align")
+BEFORE_RL, AFTER_RL = ("sft",), ("grpo", "align")
+# metrics.jsonl keys (TRL's GRPOTrainer names) drawn as curves, in this order, when logged.
+CURVES = ("reward", r"rewards/.+/mean", "accuracy", "completions/mean_length", "kl", "entropy",
+          "clip_ratio/region_mean", "frac_reward_zero_std")
+SAMPLES_PER_STAGE = 2
+SAMPLE_CHARS = 1500
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a line cut short by a killed run
+            continue
+    return rows
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "–"
+
+
+def _save(fig, plots: Path, name: str) -> str:
+    fig.savefig(plots / name, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return f"![{name}](plots/{name})"
+
+
+def table(run_dir: Path, evals: dict) -> list[str]:
+    lines = ["## Stages", "", "| stage | steps | wall time (s) | k | pass@1 | cons@k | pass@k |",
+             "|---|---|---|---|---|---|---|"]
+    notes = []
+    for stage in STAGES:
+        manifest = rundir.read_manifest(run_dir / stage)
+        if manifest is None and stage not in evals:
+            notes.append(f"- {stage}: not run")
+            continue
+        steps = [row["step"] for row in read_metrics(run_dir / stage / "metrics.jsonl") if "step" in row]
+        wall = _fmt(manifest.get("wall_time_s"), 0) if manifest else "–"
+        result = evals.get(stage)
+        if result is None:
+            notes.append(f"- {stage}: not evaluated yet (`make eval`)")
+            result = {}
+        k = result.get("k")
+        lines.append(f"| {stage} | {steps[-1] if steps else '–'} | {wall} | {k or '–'} | "
+                     f"{_fmt(result.get('pass@1'))} | {_fmt(result.get('cons@k'))} | "
+                     f"{_fmt(result.get('pass@k', {}).get(str(k)))} |")
+    return lines + [""] + notes + ([""] if notes else [])
+
+
+def training_curves(run_dir: Path, plots: Path) -> list[str]:
+    series = {stage: rows for stage in RL_STAGES if (rows := read_metrics(run_dir / stage / "metrics.jsonl"))}
+    if not series:
+        return ["## RL training curves", "", f"- no metrics.jsonl in {' or '.join(RL_STAGES)} yet", ""]
+    logged = sorted({key for rows in series.values() for row in rows for key in row})
+    keys = [key for pattern in CURVES for key in logged if re.fullmatch(pattern, key)]
+    lines = ["## RL training curves", ""]
+    for key in keys:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for stage, rows in series.items():
+            points = [(row["step"], row[key]) for row in rows if isinstance(row.get(key), (int, float))]
+            if points:
+                ax.plot(*zip(*points), label=stage)
+        ax.set(xlabel="step", title=key)
+        ax.legend()
+        lines.append(_save(fig, plots, re.sub(r"\W+", "_", key) + ".png"))
+    return lines + [""]
+
+
+def pass_at_k_curves(evals: dict, plots: Path) -> list[str]:
+    if not evals:
+        return []
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for stage, result in evals.items():
+        ks = sorted(int(k) for k in result["pass@k"])
+        ax.plot(ks, [result["pass@k"][str(k)] for k in ks], marker="o", label=stage)
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="k", ylabel="pass@k", title="pass@k")
+    ax.legend()
+    return ["## pass@k", "", _save(fig, plots, "pass_at_k.png"), ""]
+
+
+def samples(evals: dict) -> list[str]:
+    lines = ["## Sample completions", ""]
+    for when, stages in (("before RL", BEFORE_RL), ("after RL", AFTER_RL)):
+        shown = [stage for stage in stages if evals.get(stage, {}).get("samples")]
+        if not shown:
+            lines += [f"- {when}: no evaluated {' or '.join(stages)} checkpoint", ""]
+        for stage in shown:
+            lines += [f"### {stage} ({when})", ""]
+            for sample in evals[stage]["samples"][:SAMPLES_PER_STAGE]:
+                verdict = "correct" if sample["correct"] else "wrong"
+                prompt = sample["prompt"]  # shown from the question on: the system prompt is in every one
+                text = prompt[max(prompt.find(USER_PREFIX), 0):] + sample["completion"][:SAMPLE_CHARS]
+                # Indented, not fenced: code completions hold ``` fences of their own.
+                lines += [f"Problem {sample['id']} ({verdict}):", ""]
+                lines += ["    " + line for line in text.splitlines()] + [""]
+    return lines
+
+
+def write_report(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    plots = run_dir / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    evals = {stage: rundir.read_json(path) for stage in STAGES
+             if (path := run_dir / "eval" / f"{stage}.json").is_file()}
+    lines = [f"# Run `{run_dir.name}`", ""]
+    lines += table(run_dir, evals) + training_curves(run_dir, plots) + pass_at_k_curves(evals, plots) + samples(evals)
+    report = run_dir / "report.md"
+    rundir.atomic_write_text(report, "\n".join(lines))
+    return report

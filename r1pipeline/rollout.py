@@ -1,0 +1,217 @@
+"""Grouped rollouts outside the GRPO trainer: `num_samples` completions for every prompt, as rejection
+sampling (DeepSeek-R1 §2.3.3) and evaluation need them.
+
+Two engines: transformers `generate` (CPU, or any GPU box) and vLLM (GPU, installed with
+`pip install -e .[gpu]`). With `out_path`, every finished prompt is appended to a JSONL file that a
+re-run resumes from, so a rollout of hours survives being killed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+BACKENDS = ("transformers", "vllm")
+
+
+def rollout(rows: list[dict], *, model, tokenizer=None, num_samples: int, max_new_tokens: int,
+            temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
+            out_path: str | Path | None = None, backend: str = "transformers", desc: str = "rollout") -> list[dict]:
+    """`{**row, "completions": [str] * num_samples, "completion_lengths": [int] * num_samples}` for
+    every row, in the order of `rows`.
+
+    rows: dicts with a unique string "id" and a rendered "prompt" (ending with "Assistant:"); other
+    columns are carried over. Completions are decoded without special tokens; a length counts the
+    completion's tokens up to and including EOS. `batch_size` counts sequences, so a batch holds
+    max(1, batch_size // num_samples) prompts. temperature 0 is greedy decoding.
+
+    model: a loaded causal LM (with its `tokenizer`) or a checkpoint path for either backend, or a
+    `vllm.LLM`. With `out_path`, each batch's records are appended and synced as it finishes, and a
+    re-run generates only the prompts missing there. Samples are reproducible for a fixed seed and
+    batch_size: transformers seeds a batch from (seed, its first id), vLLM each prompt from (seed, id).
+    """
+    _check_arguments(rows, num_samples, max_new_tokens, temperature, top_p, batch_size, backend)
+    done = _resume(Path(out_path), rows, num_samples) if out_path is not None else {}
+    options = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    generate = (_transformers_engine(model, tokenizer, **options) if backend == "transformers"
+                else _vllm_engine(model, **options))
+
+    if out_path is not None:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    with (
+        open(out_path, "a", encoding="utf-8") if out_path is not None else nullcontext() as out,
+        tqdm(total=len(rows), initial=len(done), desc=desc, unit="prompt") as progress,
+    ):
+        for batch in _batches(rows, max(1, batch_size // num_samples)):
+            todo = [row for row in batch if row["id"] not in done]
+            if not todo:
+                continue
+            samples = generate([row["prompt"] for row in todo], [_seed(seed, row["id"]) for row in todo])
+            records = [{**row, "completions": texts, "completion_lengths": lengths}
+                       for row, (texts, lengths) in zip(todo, samples, strict=True)]
+            if out is not None:
+                out.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+                out.flush()
+                os.fsync(out.fileno())
+            done.update((record["id"], record) for record in records)
+            progress.update(len(todo))
+    return [{**row, "completions": done[row["id"]]["completions"],
+             "completion_lengths": done[row["id"]]["completion_lengths"]} for row in rows]
+
+
+def read_samples(path) -> list[dict]:
+    """The valid records of a samples JSONL; a torn last line (killed mid-write) is ignored."""
+    return _read(Path(path))[0]
+
+
+def _read(path: Path) -> tuple[list[dict], int]:
+    """(records, bytes they span). Every record is written with its newline, so a last line without
+    one was cut short by a kill and is not a record."""
+    records, end = [], 0
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break
+            records.append(json.loads(line))
+            end += len(line)
+    return records, end
+
+
+def _resume(path: Path, rows: list[dict], num_samples: int) -> dict[str, dict]:
+    """The records already in `path` by id, after truncating a torn last line away so that appends
+    start on a fresh line. Records that cannot belong to this rollout are an error, not skipped."""
+    if not path.is_file():
+        return {}
+    records, end = _read(path)
+    if end < path.stat().st_size:
+        os.truncate(path, end)
+    prompts = {row["id"]: row["prompt"] for row in rows}
+    for record in records:
+        if record.get("id") not in prompts:
+            raise ValueError(f"{path} holds id {record.get('id')!r}, which is not in rows: "
+                             "it belongs to another rollout; use another out_path")
+        if record.get("prompt") != prompts[record["id"]]:
+            raise ValueError(f"{path}: the prompt of id {record['id']!r} differs from rows'; use another out_path")
+        if len(record.get("completions", ())) != num_samples:
+            raise ValueError(f"{path}: id {record['id']!r} has {len(record.get('completions', ()))} completions, "
+                             f"this rollout asks for num_samples={num_samples}; use another out_path")
+    return {record["id"]: record for record in records}
+
+
+def _check_arguments(rows, num_samples, max_new_tokens, temperature, top_p, batch_size, backend) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}; valid: {', '.join(BACKENDS)}")
+    for name, value in (("num_samples", num_samples), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}; it must be an integer >= 1")
+    if not temperature >= 0:
+        raise ValueError(f"temperature={temperature!r}; it must be >= 0 (0: greedy)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r}; it must be in (0, 1]")
+    seen = set()
+    for index, row in enumerate(rows):
+        missing = [key for key in ("id", "prompt") if key not in row]
+        if missing:
+            raise ValueError(f"rows[{index}] has no {' and no '.join(map(repr, missing))}; "
+                             "each row needs a string 'id' and 'prompt'")
+        if not isinstance(row["id"], str) or not isinstance(row["prompt"], str):
+            raise ValueError(f"rows[{index}]: id={row['id']!r}, prompt of type {type(row['prompt']).__name__}; "
+                             "both must be strings")
+        if row["id"] in seen:
+            raise ValueError(f"rows[{index}]: duplicate id {row['id']!r}; ids must be unique")
+        seen.add(row["id"])
+
+
+def _batches(rows: list[dict], prompts_per_batch: int) -> list[list[dict]]:
+    """Prompts of similar length share a batch to cut padding; the longest come first so that a batch
+    too large for memory fails at once, not hours in. Batches are cut from all rows, done or not, so
+    that a resumed rollout meets the same batches (and seeds) as an uninterrupted one."""
+    ordered = sorted(rows, key=lambda row: len(row["prompt"]), reverse=True)
+    return [ordered[i:i + prompts_per_batch] for i in range(0, len(ordered), prompts_per_batch)]
+
+
+def _seed(seed: int, row_id: str) -> int:
+    """A seed per (rollout seed, prompt id), stable across processes (unlike hash())."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{row_id}".encode()).digest()[:4], "little") >> 1
+
+
+def _transformers_engine(model, tokenizer, *, num_samples, max_new_tokens, temperature, top_p):
+    """generate(prompts, seeds) -> [(texts, lengths)] with transformers' batched `generate`."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from r1pipeline.policy import load_pretrained
+
+    if isinstance(model, (str, Path)):
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(str(model))
+        if tokenizer.pad_token is None:  # as stages.common.load_policy does
+            tokenizer.pad_token = tokenizer.eos_token
+        model = load_pretrained(str(model), "float32").to("cuda" if torch.cuda.is_available() else "cpu")
+    if tokenizer is None:
+        raise ValueError("backend='transformers' with a loaded model needs its tokenizer (tokenizer=None given)")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad_token, which left padding needs; "
+                         "set tokenizer.pad_token = tokenizer.eos_token")
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    sampling = temperature > 0
+    # Every sampling knob is explicit: generate fills unset ones from the checkpoint's
+    # generation_config or its own defaults (top_k=50), and vLLM applies none of those.
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sampling, repetition_penalty=1.0,
+                              eos_token_id=eos, pad_token_id=pad,
+                              **(dict(temperature=temperature, top_p=top_p, top_k=0) if sampling else {}))
+
+    def generate(prompts: list[str], seeds: list[int]) -> list[tuple[list[str], list[int]]]:
+        inputs = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
+        input_ids = inputs["input_ids"].repeat_interleave(num_samples, dim=0)            # [P*G, S]
+        attention_mask = inputs["attention_mask"].repeat_interleave(num_samples, dim=0)
+        training = model.training
+        model.eval()
+        # One RNG stream samples the whole batch, seeded by its first prompt; forking it leaves the
+        # caller's RNG (a trainer's, say) where it was.
+        devices = [model.device] if model.device.type == "cuda" else []
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seeds[0])
+                output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        finally:
+            model.train(training)
+        completions = output[:, input_ids.shape[1]:].tolist()                              # [P*G, <= T]
+        lengths = [_length(ids, eos) for ids in completions]
+        texts = tokenizer.batch_decode([ids[:n] for ids, n in zip(completions, lengths)], skip_special_tokens=True)
+        return [(texts[i:i + num_samples], lengths[i:i + num_samples])
+                for i in range(0, len(texts), num_samples)]
+
+    return generate
+
+
+def _length(ids: list[int], eos: int | None) -> int:
+    """Tokens up to and including the first EOS; every token when the sequence never stopped (what
+    follows EOS is padding)."""
+    return ids.index(eos) + 1 if eos in ids else len(ids)
+
+
+def _vllm_engine(model, *, num_samples, max_new_tokens, temperature, top_p):
+    """generate(prompts, seeds) -> [(texts, lengths)] with vLLM's offline `LLM.generate`."""
+    try:
+        import vllm
+    except ImportError as error:
+        raise ImportError("backend='vllm' needs vLLM, a GPU-only extra: pip install -e .[gpu] "
+                          "(or use backend='transformers')") from error
+    llm = vllm.LLM(model=str(model)) if isinstance(model, (str, Path)) else model
+
+    def generate(prompts: list[str], seeds: list[int]) -> list[tuple[list[str], list[int]]]:
+        # A seed per prompt: vLLM seeds each request's own generator, so one seed shared by the batch
+        # would give every prompt the same random draws.
+        params = [vllm.SamplingParams(n=num_samples, temperature=temperature, top_p=top_p,
+                                      max_tokens=max_new_tokens, seed=seed) for seed in seeds]
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        return [([sample.text for sample in request.outputs], [len(sample.token_ids) for sample in request.outputs])
+                for request in outputs]
+
+    return generate

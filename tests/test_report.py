@@ -1,0 +1,65 @@
+"""write_report on fabricated run directories: a complete one (manifests, metrics.jsonl, eval files)
+and ones with pieces missing, which must still give a report."""
+
+import json
+
+from r1pipeline import rundir
+from r1pipeline.report import write_report
+
+GRPO_KEYS = ("reward", "rewards/accuracy/mean", "rewards/format/mean", "completions/mean_length", "kl", "entropy",
+             "clip_ratio/region_mean", "frac_reward_zero_std")
+
+
+def write_stage(run_dir, stage, steps, keys=(), wall_time_s=12.5):
+    (run_dir / stage).mkdir(parents=True)
+    rundir.atomic_write_json(run_dir / stage / "manifest.json", {"stage": stage, "wall_time_s": wall_time_s})
+    rows = [{"step": step, "loss": 1.0 / step, **{key: step / 10 for key in keys}} for step in range(1, steps + 1)]
+    (run_dir / stage / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows) + '{"step": 9, "rew')
+
+
+def write_eval(run_dir, stage, pass1, cons=None):
+    record = {"k": 4, "pass@1": pass1, "pass@k": {"1": pass1, "2": pass1 + 0.1, "4": pass1 + 0.2},
+              "samples": [{"id": "0", "prompt": "System.\nUser: 5 + 7?\nAssistant:", "correct": pass1 > 0.5,
+                           "completion": f"<think>{stage} thinks</think><answer>12</answer>"}]}
+    if cons is not None:
+        record["cons@k"] = cons
+    (run_dir / "eval").mkdir(exist_ok=True)
+    rundir.atomic_write_json(run_dir / "eval" / f"{stage}.json", record)
+
+
+def test_full_run(tmp_path):
+    run_dir = tmp_path / "run"
+    write_stage(run_dir, "sft", 6, wall_time_s=30.0)
+    write_stage(run_dir, "grpo", 5, GRPO_KEYS)
+    write_eval(run_dir, "sft", 0.25, cons=0.3)
+    write_eval(run_dir, "grpo", 0.625, cons=0.7)
+    report = write_report(run_dir)
+    text = report.read_text()
+    assert report == run_dir / "report.md"
+    assert "| sft | 6 | 30 | 4 | 0.250 | 0.300 | 0.450 |" in text
+    assert "| grpo | 5 | 12 | 4 | 0.625 | 0.700 | 0.825 |" in text
+    assert "- rejection: not run" in text and "- align: not run" in text
+    pngs = {path.name for path in (run_dir / "plots").glob("*.png")}
+    expected = {"reward.png", "rewards_accuracy_mean.png", "rewards_format_mean.png", "completions_mean_length.png",
+                "kl.png", "entropy.png", "clip_ratio_region_mean.png", "frac_reward_zero_std.png", "pass_at_k.png"}
+    assert pngs == expected, "one figure per logged quantity, no figure for the loss"
+    assert all((run_dir / "plots" / name).read_bytes().startswith(b"\x89PNG") for name in pngs)
+    assert all(f"](plots/{name})" in text for name in pngs)
+    assert "### sft (before RL)" in text and "### grpo (after RL)" in text
+    assert "    User: 5 + 7?\n    Assistant:<think>grpo thinks</think>" in text
+
+
+def test_missing_pieces(tmp_path):
+    run_dir = tmp_path / "run"
+    write_stage(run_dir, "sft", 3)
+    text = write_report(run_dir).read_text()
+    assert "| sft | 3 | 12 | – | – | – | – |" in text and "- sft: not evaluated yet" in text
+    assert "no metrics.jsonl in grpo or align" in text and "after RL: no evaluated grpo or align" in text
+    assert list((run_dir / "plots").glob("*.png")) == []
+
+    write_eval(run_dir, "grpo", 0.5)  # a code eval (no cons@k), its stage directory since set aside
+    text = write_report(run_dir).read_text()
+    assert "| grpo | – | – | 4 | 0.500 | – | 0.700 |" in text
+    assert (run_dir / "plots" / "pass_at_k.png").is_file()
+
+    assert "not run" in write_report(tmp_path / "empty").read_text()

@@ -96,8 +96,10 @@ def _score_general(name: str, aspect: str, path, prompts, completions, columns) 
                          f"{{name: {name}, weight: 1.0, args: {{path: runs/<run>/align/reward_model}}}}")
     if "domain" not in columns:
         raise ValueError(f"{name}: the dataset has no 'domain' column; it scores rows whose domain is 'general'")
-    _, tokenizer = load_reward_model(str(path))
     rows = [i for i, domain in enumerate(columns["domain"]) if domain == "general"]
+    if not rows:  # a batch of reasoning prompts only: nothing to score, no model to load
+        return [None] * len(completions)
+    _, tokenizer = load_reward_model(str(path))
     texts = []
     for i in rows:
         prompt = prompts[i]

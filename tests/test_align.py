@@ -1,0 +1,28 @@
+"""Stage 4's mixture: reasoning rows for the rule rewards, general rows for the reward models, and a
+reward that does not apply to a row gives None there."""
+
+from r1pipeline.config import apply_overrides, load_recipe
+from r1pipeline.pipeline import plan
+from rewards.math import accuracy_reward
+from rewards.reward_model import helpfulness
+from stages.align import build_dataset
+
+
+def test_mixture_holds_both_domains_and_rule_rewards_skip_general_rows(tmp_path):
+    recipe = apply_overrides(load_recipe("tiny"), ["data.num_train=60", "data.num_heldout=8", "align.init_from=model",
+                                                   "align.general_ratio=0.5"])
+    [stage] = plan(recipe, ["align"], tmp_path / "run")
+    mixture = build_dataset(stage)
+    domains = mixture["domain"]
+    assert domains.count("general") == 60 and domains.count("math") == 60
+    assert all(prompt.endswith("Assistant:") for prompt in mixture["prompt"])
+
+    rows = mixture.select(range(20))
+    completions = ["<think>\nx\n</think>\n<answer>\n42\n</answer>"] * len(rows)
+    scores = accuracy_reward(rows["prompt"], completions, solution=rows["solution"])
+    for domain, value in zip(rows["domain"], scores):
+        assert (value is None) == (domain == "general"), (domain, value)
+    # A reward model's reward never even loads its model for a batch without general rows.
+    math_rows = mixture.filter(lambda row: row["domain"] == "math").select(range(4))
+    assert helpfulness(math_rows["prompt"], completions[:4], path="no/such/model",
+                       domain=math_rows["domain"]) == [None] * 4

@@ -4,7 +4,7 @@
     sandbox.grade({"format": "function_call", "solution": "def add(a, b):\\n    return a + b\\n",
                    "entry_point": "add", "tests": [{"input": [1, 2], "output": 3}]}).passed   # True
 
-`grade` and `run` use one shared Sandbox (a fork server with one slot per CPU core), started on
+`grade` and `run` use one shared Sandbox (a fork server with two slots per CPU core), started on
 first use. It refuses to start when the host cannot give full isolation unless the user accepts a
 weaker level (R1_SANDBOX_ISOLATION=namespaces|none, or Sandbox(accept=...)). Standard library only."""
 

@@ -71,6 +71,7 @@ class SlotCgroup:
             os.makedirs(d, exist_ok=True)
         self.dirs = dirs
         self.memory_bytes = 1 << 62  # a new group starts unlimited
+        self.oom_kills_seen = self.oom_kills()
         _write(f"{self.pids}/pids.max", pids_max)
 
     @property
@@ -101,6 +102,12 @@ class SlotCgroup:
             if key == "oom_kill":
                 return int(value)
         return 0
+
+    def new_oom_kills(self) -> int:
+        """OOM kills since the last call (the slot's runs are sequential, so: during the last run)."""
+        count = self.oom_kills()
+        new, self.oom_kills_seen = count - self.oom_kills_seen, count
+        return new
 
     def procs(self) -> list[int]:
         return sorted({int(p) for d in self.dirs for p in _read(f"{d}/cgroup.procs").split()})

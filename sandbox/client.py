@@ -48,7 +48,7 @@ class RunResult:
 @dataclass
 class Limits:
     """Per-run limits; `slots` runs at once. Two per CPU core by default: part of each run's time is
-    spent waiting on the kernel (namespace and mount teardown), not on the CPU. Memory is bounded by
+    spent waiting (pipes, process exit and namespace teardown), not on the CPU. Memory is bounded by
     slots x the per-run memory limit."""
     slots: int = field(default_factory=lambda: 2 * (os.cpu_count() or 1))
     workdir_mb: int = 64
@@ -77,7 +77,12 @@ class Sandbox:
         config = {"slots": self.limits.slots, "workdir_mb": self.limits.workdir_mb,
                   "processes": self.limits.processes, "output_cap": self.limits.output_cap,
                   "result_cap": self.limits.result_cap, "prefixes": prefixes, "hide": hide}
-        boot = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from sandbox.server import main; main()"
+        # The server loads the package's modules without its __init__ (which imports this module and,
+        # through it, threading, subprocess and concurrent.futures): every module whose at-fork hooks
+        # run in each jail costs page faults there.
+        boot = (f"import sys, types; package = types.ModuleType('sandbox'); "
+                f"package.__path__ = [{str(ROOT / 'sandbox')!r}]; sys.modules['sandbox'] = package; "
+                "from sandbox.server import main; main()")
         self._process = subprocess.Popen([executable, "-I", "-S", "-B", "-c", boot, json.dumps(config)],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={}, cwd="/",
                                          start_new_session=True)

@@ -1,14 +1,16 @@
-"""One isolated run, as two processes forked from the fork server.
+"""One isolated run: a single process, the jail, forked from the fork server.
 
-    server ─fork─► monitor (host pid namespace; enforces the wall clock, reports the exit status)
-                     └─fork─► jail (pid 1 of fresh user/pid/net/mount/ipc/uts/cgroup namespaces)
-                                 runs the harness in-process, or execs a program
+    server ─fork─► jail (pid 1 of a fresh pid namespace; fresh mount/ipc/uts/cgroup namespaces;
+                         the slot's own empty network namespace; later a user namespace owning nothing)
+                     runs the harness in-process, or execs a program
 
-The jail sees a read-only root holding only /usr, the interpreter's prefix, four device files, its
-own /proc and a size-capped tmpfs at /work (also /tmp). It runs as an unprivileged per-slot uid
-(when the server is root) inside a user namespace that owns nothing, with no capabilities, rlimits,
-no_new_privs, Landlock and seccomp. When pid 1 dies the kernel kills the whole namespace, so no
-process outlives the run."""
+The server is the jail's parent: it enforces the wall clock (SIGKILL of pid 1 ends every process of
+the namespace) and collects the exit status. The jail sees a read-only root holding only /usr, the
+interpreter's prefix, four device files, its own /proc and a size-capped tmpfs at /work (also /tmp);
+the read-only part is built once by the server (`build_root`), each jail takes a private copy of it.
+It runs as an unprivileged per-slot uid (when the server is root) inside a user namespace that owns
+nothing, with no capabilities, rlimits, no_new_privs, Landlock and seccomp. When pid 1 dies the
+kernel kills the whole namespace, so no process outlives the run."""
 
 import fcntl
 import json
@@ -21,24 +23,40 @@ import signal
 from sandbox import linux
 
 LEVELS = ("full", "namespaces", "none")  # strongest first
-STATUS_FD, RESULT_FD = 4, 3
+RESULT_FD, STATUS_FD, SERVER_PIDFD, NET_NS_FD, ROOT_NS_FD = 3, 4, 5, 6, 7
 DEVICES = ("null", "zero", "random", "urandom")
 
 
 def spawn(spec: dict, stdin_fd: int, out_fd: int, err_fd: int, result_fd: int, status_fd: int, target) -> int:
-    """Fork the monitor; returns its pid. `target()` runs in the jail once it is sealed."""
-    pid = os.fork()
+    """Fork the jail; returns its pid. `target()` runs in the jail once it is sealed.
+
+    Unless the level is "none", the server's children go into a fresh pid namespace for this one
+    fork, so that the jail is its pid 1, and the server goes back to its own (`spec["own_pid_ns"]`)
+    right after. (A monitor process between the two, as earlier versions had, doubled the cost of a
+    run: a second fork of the server's image, and its page faults.)"""
+    isolated = spec["level"] != "none"
+    if isolated:
+        linux.unshare(linux.CLONE_NEWPID)
+    pid = -1
+    try:
+        pid = os.fork()
+    finally:
+        if isolated and pid:  # in the server (the jail sees 0)
+            linux.setns(spec["own_pid_ns"], linux.CLONE_NEWPID)
     if pid:
         return pid
     try:
         # Lift the job's pipes above the low numbers first, then put them in place.
-        fds = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (stdin_fd, out_fd, err_fd, result_fd, status_fd)]
+        keep = [stdin_fd, out_fd, err_fd, result_fd, status_fd, spec["server_pidfd"]]
+        keep += [spec["net_ns"], spec["root_ns"]] if isolated else []
+        fds = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in keep]
         for i, fd in enumerate(fds):
             os.dup2(fd, i)
-        os.closerange(5, 2 ** 16)
-        _monitor(spec, target)
-    except BaseException as exc:  # the monitor must never return into the server's loop
-        _report({"setup_error": f"monitor: {exc!r}"})
+        os.closerange(len(fds), 2 ** 16)
+        _jail(spec, target)
+    except BaseException as exc:  # the jail must never return into the server's loop
+        _report({"setup_error": f"jail: {exc!r}"})
+        os._exit(125)
     os._exit(0)
 
 
@@ -49,49 +67,16 @@ def _report(status: dict) -> None:
         pass
 
 
-def _monitor(spec: dict, target) -> None:
+def _jail(spec: dict, target) -> None:
     os.setsid()
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != spec["server_pid"]:
-        return
-    if spec["level"] != "none":
-        flags = linux.CLONE_NEWNS | linux.CLONE_NEWPID | linux.CLONE_NEWNET | linux.CLONE_NEWIPC | \
-            linux.CLONE_NEWUTS | linux.CLONE_NEWCGROUP
-        if os.geteuid() != 0:  # unprivileged: a user namespace first, where we are root
-            uid, gid = os.geteuid(), os.getegid()
-            linux.unshare(linux.CLONE_NEWUSER | flags)
-            for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
-                with open(f"/proc/self/{name}", "w") as f:
-                    f.write(text)
-        else:
-            linux.unshare(flags)
-    child = os.fork()
-    if child == 0:
-        try:
-            _jail(spec, target)
-        except BaseException as exc:
-            _report({"setup_error": f"jail: {exc!r}"})
-            os._exit(125)
-    for fd in (0, 1, 2, 3):
-        os.close(fd)
-    pidfd = os.pidfd_open(child)
-    ready, _, _ = select.select([pidfd], [], [], spec["timeout_s"])
-    timed_out = not ready
-    if timed_out:  # pid 1 dies, and with it every process of its namespace
-        os.kill(child, signal.SIGKILL)
-    _, status = os.waitpid(child, 0)
-    if os.WIFSIGNALED(status):
-        _report({"signal": os.WTERMSIG(status), "timeout": timed_out})
-    else:
-        _report({"exit": os.WEXITSTATUS(status), "timeout": timed_out})
-
-
-def _jail(spec: dict, target) -> None:
+    if select.select([SERVER_PIDFD], [], [], 0)[0]:  # the server died before the line above
+        os._exit(125)
+    os.close(SERVER_PIDFD)
     for path in spec["cgroup_procs"]:
-        with open(path, "w") as f:
-            f.write("0")
-    with open("/proc/self/oom_score_adj", "w") as f:
-        f.write("1000")  # under memory pressure the sandbox dies first, never the trainer
+        fd = os.open(path, os.O_WRONLY)
+        os.write(fd, b"0")
+        os.close(fd)
     uid, gid = (spec["uid"], spec["uid"]) if spec["root"] else (os.geteuid(), os.getegid())
     if spec["level"] == "none":
         workdir = spec["host_workdir"]
@@ -99,7 +84,18 @@ def _jail(spec: dict, target) -> None:
         _copy_in(spec.get("copy_from"), workdir, uid, gid)
     else:
         workdir = "/work"
-        _build_root(spec, uid, gid)
+        source = os.open(spec["copy_from"], os.O_RDONLY | os.O_DIRECTORY) if spec.get("copy_from") else None
+        # The slot's empty network namespace and the prepared root (Server.prepare_root); joined the
+        # slot's cgroup first, so that it is the root of the new cgroup namespace.
+        linux.setns(NET_NS_FD, linux.CLONE_NEWNET)
+        linux.setns(ROOT_NS_FD, linux.CLONE_NEWNS)  # also moves our root to the prepared one
+        os.close(NET_NS_FD)
+        os.close(ROOT_NS_FD)
+        linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS | linux.CLONE_NEWCGROUP)
+        _finish_root(spec, uid, gid, source)
+    fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+    os.write(fd, b"1000")  # under memory pressure the sandbox dies first, never the trainer
+    os.close(fd)
     os.chdir(workdir)
     if spec["root"]:
         os.setgroups([])
@@ -114,16 +110,19 @@ def _jail(spec: dict, target) -> None:
         read_only = ["/"]
         devices = [f"/dev/{d}" for d in DEVICES] if spec["level"] != "none" else []
         linux.landlock_restrict(read_only, [workdir], devices, spec["landlock_abi"])
-    if spec["seccomp"]:
-        linux.install_seccomp(linux.seccomp_program())
+    if spec["seccomp_program"]:
+        linux.install_seccomp(spec["seccomp_program"])
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)  # cleared by the uid change above; set again
     os.close(STATUS_FD)
     target()
     os._exit(0)
 
 
-def _build_root(spec: dict, uid: int, gid: int) -> None:
-    new = spec["mountpoint"]
+def build_root(new: str, prefixes: list[str], hide: list[str], host_proc: bool) -> None:
+    """The read-only part of every jail's root, built once by the server in a mount namespace of its
+    own, then pivoted into: /usr, the interpreter's prefixes (site-packages hidden), the /bin, /lib...
+    links, four device files and empty mount points. `host_proc` keeps a proc mount at /proc, which
+    an unprivileged server needs so that its jails may mount their own over it."""
     linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
     linux.mount("tmpfs", new, "tmpfs", linux.MS_NOSUID, "size=1m,mode=755")
     for d in ("usr", "proc", "dev", "work", "tmp", ".old"):
@@ -135,25 +134,34 @@ def _build_root(spec: dict, uid: int, gid: int) -> None:
             os.mkdir(f"{new}/{name}")
             linux.bind_readonly(f"/{name}", f"{new}/{name}")
     linux.bind_readonly("/usr", f"{new}/usr")
-    for prefix in spec["prefixes"]:
+    for prefix in prefixes:
         os.makedirs(new + prefix, exist_ok=True)
         linux.bind_readonly(prefix, new + prefix)
-    for hidden in spec["hide"]:  # site-packages: the jail gets the standard library only
+    for hidden in hide:  # site-packages: the jail gets the standard library only
         linux.mount("tmpfs", new + hidden, "tmpfs", linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV, "size=4k")
     for dev in DEVICES:
         open(f"{new}/dev/{dev}", "w").close()
         linux.mount(f"/dev/{dev}", f"{new}/dev/{dev}", None, linux.MS_BIND)
     os.symlink("/proc/self/fd", f"{new}/dev/fd")
-    linux.mount("tmpfs", f"{new}/work", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
-                f"size={spec['workdir_bytes']},mode=700,uid={uid},gid={gid}")
-    _copy_in(spec.get("copy_from"), f"{new}/work", uid, gid)
-    linux.mount(f"{new}/work", f"{new}/tmp", None, linux.MS_BIND)
-    linux.mount("proc", f"{new}/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+    if host_proc:
+        linux.mount("proc", f"{new}/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
     linux.pivot_root(new, f"{new}/.old")
     os.chdir("/")
     linux.umount("/.old")
     os.rmdir("/.old")
     linux.mount("none", "/", None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY | linux.MS_NOSUID)
+
+
+def _finish_root(spec: dict, uid: int, gid: int, source: int | None) -> None:
+    """Per run, in a copy of the prepared root: this run's /proc, and a fresh size-capped /work
+    (also /tmp)."""
+    linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+    linux.mount("tmpfs", "/work", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
+                f"size={spec['workdir_bytes']},mode=700,uid={uid},gid={gid}")
+    if source is not None:  # opened on the host's side; reached here through our own /proc
+        _copy_in(f"/proc/self/fd/{source}", "/work", uid, gid)
+        os.close(source)
+    linux.mount("/work", "/tmp", None, linux.MS_BIND)
     linux.sethostname("sandbox")
 
 

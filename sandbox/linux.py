@@ -57,6 +57,20 @@ def unshare(flags: int) -> None:
     _check(libc.unshare(flags), f"unshare({flags:#x})")
 
 
+def setns(fd: int, nstype: int) -> None:
+    _check(libc.setns(fd, nstype), f"setns({nstype:#x})")
+
+
+def enter_user_namespace() -> None:
+    """Become root of a new user namespace (mapped to our own uid), for a server that is not root:
+    it then may create the other namespaces of its jails."""
+    uid, gid = os.geteuid(), os.getegid()
+    unshare(CLONE_NEWUSER)
+    for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+
+
 def mount(source: str, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
     enc = lambda s: s.encode() if s is not None else None  # noqa: E731
     _check(libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),

@@ -65,8 +65,9 @@ def test_grpo_steps_with_the_code_reward(tmp_path):
     args = ["data.source=coding", "data.kinds=null", "data.num_train=90", "data.num_heldout=8",
             *FAST_SFT, *FAST_GRPO, "sft.max_steps=2", "grpo.max_steps=2", "grpo.logging_steps=1",
             "grpo.rewards=[{name: code, weight: 1.0}, {name: format, weight: 0.2}]"]
-    code, out = pipeline(runs, "code", "all", *args)
-    assert code == 0, out
+    for stage in ("sft", "grpo"):
+        code, out = pipeline(runs, "code", stage, *args)
+        assert code == 0, out
     logged = [json.loads(line) for line in (runs / "code" / "grpo" / "metrics.jsonl").read_text().splitlines()]
     code_means = [row["rewards/code/mean"] for row in logged if "rewards/code/mean" in row]
     assert code_means and all(0.0 <= m <= 1.0 for m in code_means)

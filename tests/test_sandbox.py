@@ -3,6 +3,7 @@ the jail, the CLI of DESIGN.md contract 3, and the refusal to run untrusted code
 unavailable (made real by a seccomp filter that denies namespaces to the supervisor)."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -135,3 +136,36 @@ def test_refuses_without_isolation_unless_accepted(tmp_path):
                    env={"R1_SANDBOX_ISOLATION": "none", "PATH": "/usr/bin:/bin"})
     assert accepted.returncode == 0 and accepted.stdout.startswith("ran "), accepted.stderr
     assert accepted.stdout.split()[1] != "0", "even the weak level drops root"
+
+
+UNPRIVILEGED = textwrap.dedent("""
+    import json, os, sys
+    sys.path.insert(0, {root!r})
+    from sandbox import Sandbox
+    with Sandbox(accept="namespaces") as box:
+        probe = box.run(["python3", "-c", "import os; print(os.getpid(), os.readlink('/proc/self/ns/net'))"])
+        slow = box.run(["sleep", "5"], timeout_s=0.5)
+        graded = box.grade({{"format": "function_call", "solution": "def f(a):\\n    return a + 1\\n",
+                             "entry_point": "f", "tests": [{{"input": [1], "output": 2}}]}})
+    print(json.dumps({{"level": box.level, "probe": probe.stdout.split(), "slow": slow.status,
+                      "passed": graded.passed, "net": os.readlink("/proc/self/ns/net")}}))
+""")
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists(SYSTEM_PYTHON), reason="needs root to drop to nobody")
+def test_unprivileged_supervisor_still_isolates():
+    """A supervisor that is not root (the usual GPU box) gets the namespaces level: the server makes
+    itself a user + pid namespace, its jails are pid 1 of their own in an empty network namespace.
+    Run with the system interpreter as uid 65534, which can read this checkout but not the venv."""
+    version = subprocess.run([SYSTEM_PYTHON, "-c", "import sys; print(sys.version_info >= (3, 10))"],
+                             capture_output=True, text=True).stdout.strip()
+    if version != "True" or os.stat(ROOT).st_mode & 0o005 != 0o005:
+        pytest.skip("needs a system python >= 3.10 and a checkout readable by others")
+    done = subprocess.run([SYSTEM_PYTHON, "-I", "-c", UNPRIVILEGED.format(root=str(ROOT))], capture_output=True,
+                          text=True, cwd="/", env={"PATH": "/usr/bin:/bin"}, user=65534, group=65534,
+                          extra_groups=[], timeout=60)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["level"] == "namespaces" and report["probe"][0] == "1" and report["probe"][1] != report["net"]
+    assert report["slow"] == "timeout" and report["passed"]

@@ -117,6 +117,64 @@ def test_daemons_do_not_outlive_the_run(box):
     assert host_processes_with(marker) == []
 
 
+def test_runs_of_a_slot_share_nothing_through_its_network_namespace():
+    """A slot's jails enter one network namespace, kept by the server (DESIGN: cheaper than one per
+    run). A run that leaves a listening socket behind, held by a daemon, must not hand it to the next."""
+    name = f"r1-leak-{uuid.uuid4().hex}"
+    with Sandbox(limits=Limits(slots=1)) as one_slot:
+        first = py(one_slot, f"""
+            import os, socket, time
+            s = socket.socket(socket.AF_UNIX)
+            s.bind('\\0{name}')
+            s.listen()
+            if os.fork() == 0:
+                os.setsid()
+                time.sleep(30)
+            print(open('/proc/net/unix').read().count('{name}'), os.readlink('/proc/self/ns/net'))
+        """)
+        second = py(one_slot, f"""
+            import socket
+            print(open('/proc/net/unix').read().count('{name}'))
+            try:
+                socket.socket(socket.AF_UNIX).connect('\\0{name}')
+                print('CONNECTED')
+            except OSError as exc:
+                print('no', exc.errno)
+        """)
+    count, namespace = first.stdout.split()
+    assert first.ok and count == "1" and namespace != os.readlink("/proc/self/ns/net"), first.stderr
+    assert second.ok and second.stdout.split()[0] == "0" and "CONNECTED" not in second.stdout
+
+
+def test_jails_die_with_their_server():
+    """The server is the jails' parent (no monitor in between): killing it must end them."""
+    marker = uuid.uuid4().hex
+    sandbox = Sandbox(limits=Limits(slots=1))
+    groups = [Path(f"/sys/fs/cgroup/{h}/r1sandbox/{sandbox._process.pid}-0") for h in ("memory", "pids")]
+    groups = [g for g in groups if g.is_dir()]  # as root: the slot's cgroups, which hold every jail process
+
+    def alive() -> bool:
+        return bool(host_processes_with(marker) or any((g / "cgroup.procs").read_text().split() for g in groups))
+
+    try:
+        sandbox.submit({"kind": "exec", "argv": ["python3", "-c", f"import time; time.sleep(30)  # {marker}"],
+                        "timeout_s": 30.0, "memory_mb": 256})
+        deadline = time.monotonic() + 10
+        while not host_processes_with(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert host_processes_with(marker)
+        sandbox._process.kill()
+        sandbox._process.wait()
+        deadline = time.monotonic() + 5
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive()
+    finally:
+        sandbox.close()
+    for group in groups:  # the killed server could not remove them
+        group.rmdir()
+
+
 def test_host_filesystem_is_out_of_reach(box, tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("original")

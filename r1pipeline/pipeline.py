@@ -238,6 +238,11 @@ def plan(recipe: dict, stages: list[str], run_dir: Path, world_size: int = 1) ->
             if trl_fields.get("use_vllm") and importlib.util.find_spec("vllm") is None:
                 raise cfg.ConfigError(f"{name}.use_vllm = true but vLLM is not installed: `pip install -e .[gpu]` on "
                                       f"a GPU machine, or set {name}.use_vllm=false to generate with transformers")
+            if trl_fields.get("use_vllm") and trl_fields.get("vllm_importance_sampling_correction") is False:
+                raise cfg.ConfigError(
+                    f"{name}.vllm_importance_sampling_correction = false with use_vllm: vLLM samples from slightly "
+                    f"other probabilities than the trained policy (kernels, MoE routing, FP8), which TRL's "
+                    f"correction accounts for; leave it true (the default) or set {name}.use_vllm=false")
 
         missing = required_columns(name, rewards) - set(datasets["train"].column_names)
         if name == "sft" and not {"reasoning", "completion"} & set(datasets["train"].column_names):

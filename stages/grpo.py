@@ -8,20 +8,63 @@ from pathlib import Path
 
 import torch
 from trl import GRPOConfig, GRPOTrainer
+from trl.generation.vllm_generation import VLLMGeneration, empty_cache
 
 from data import render_prompt
+from r1pipeline import policy
 from r1pipeline.pipeline import Stage, log
 from rewards.text import completion_text
 from stages.common import ExactResumeMixin, callbacks, load_policy, read_metrics, system_prompt, train_and_save, trainer_args
 
 
+class CheckpointFormatVLLM(VLLMGeneration):
+    """TRL's vLLM backend, fed our MoE policy's weights as its checkpoint holds them.
+
+    TRL streams `named_parameters()`. vLLM's DeepseekV3 `load_weights` reads checkpoint names: fused
+    experts (`experts.gate_up_proj`) are a KeyError there, and the routing bias, a buffer, would never
+    arrive. `vllm_weights()` yields per-expert tensors, the bias, and with FP8 on, e4m3 `weight` plus
+    `weight_scale_inv` blocks, which is what the engine loaded from the FP8 checkpoint."""
+
+    def _iter_named_params(self):
+        # Replaces trl/generation/vllm_generation.py L435-479. Every rank iterates: gathering ZeRO-3
+        # shards is a collective (TRL's own rule).
+        with self._dist.gather_params(list(self.model.parameters())):
+            yield from self.model.vllm_weights()
+
+    def sync_weights(self):
+        # Server mode is TRL's path (L481-517) as is: vLLM's NCCL weight-transfer engine reloads layer by
+        # layer and re-runs the post-load processing (MLA's W_UK/W_UV from kv_b_proj, FP8 layouts).
+        # Colocated, TRL calls the model's plain `load_weights`, which leaves that processing stale;
+        # the model runner's checkpoint-format `reload_weights` is the colocated equivalent.
+        if self.mode == "server":
+            return super().sync_weights()
+        if self.enable_sleep_mode:
+            empty_cache()
+            self.llm.wake_up(tags=["weights"])
+            self._llm_weights_sleeping = False
+        runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
+        runner.reload_weights(weights_iterator=self._iter_named_params(), is_checkpoint_format=True)
+        self.llm.reset_prefix_cache()
+
+
 class ResumableGRPOTrainer(ExactResumeMixin, GRPOTrainer):
-    """GRPOTrainer whose checkpoints also hold the rollout buffer.
+    """GRPOTrainer whose checkpoints also hold the rollout buffer, and whose vLLM receives our MoE
+    policy's weights in checkpoint format (`CheckpointFormatVLLM`).
 
     TRL generates a batch every `steps_per_generation * num_iterations` micro-steps and, after a
     resume, starts a fresh generation. A checkpoint that falls inside a generation batch would then
     train on different completions than the uninterrupted run; saving the buffer and TRL's step
     counter makes resume exact."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.use_vllm and isinstance(self.vllm_generation.model, policy.POLICY_CLASS):
+            if self.vllm_generation._dist.is_fsdp:
+                raise ValueError("use_vllm with our MoE policy under FSDP: the checkpoint-format weight sync "
+                                 "gathers DeepSpeed ZeRO-3 shards but not FSDP's; train with DDP or ZeRO")
+            # GRPOTrainer.__init__ builds its VLLMGeneration (grpo_trainer.py L1107) with no hook for the
+            # class; the subclass only overrides methods, so switching the instance's class is safe.
+            self.vllm_generation.__class__ = CheckpointFormatVLLM
 
     def _state_file(self, checkpoint: str) -> Path:
         return Path(checkpoint) / f"grpo_state_rank{self.accelerator.process_index}.pt"

@@ -183,6 +183,8 @@ def load(cls, name_or_path, config: R1MoEConfig | None = None, dtype=None):
         # FP8 compute is ours to switch on: a DeepSeek FP8 checkpoint loads as dequantised master weights.
         fields = {k: v for k, v in raw.items() if k not in ("model_type", "architectures", "quantization_config")}
         config = R1MoEConfig.from_dict(fields)
+    # As transformers' from_pretrained does: TRL starts a colocated vLLM from model.name_or_path.
+    config._name_or_path = str(name_or_path)
     model = cls(config)
     state = model_state_dict(_read_tensors(directory), config)
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -160,13 +160,12 @@ def acceptance(samples: list[dict], kept: list[dict]) -> dict:
     return tables
 
 
-def select(stage: Stage, sampling: dict, filters: dict) -> dict:
+def select(stage: Stage, sampling: dict, filters: dict, tokenizer) -> dict:
     """Sample, score, filter, mix in chat rows; write kept.jsonl, sft_data.jsonl, selection.json."""
     from data.chat import build_chat
     from data.filters import apply_filters
 
     records = sample(stage, sampling)
-    tokenizer = AutoTokenizer.from_pretrained(stage.sample_path())
     samples = score(stage, records, tokenizer)
     kept, removed = apply_filters(samples, filters)
     if not kept:
@@ -199,8 +198,9 @@ def run(stage: Stage) -> dict:
     state = PartialState()
     sampling, filters = settings(stage)
     done = stage.stage_dir / "selection.json"
+    tokenizer = AutoTokenizer.from_pretrained(stage.sample_path())  # stage 2's: samples are its text
     if state.is_main_process and not done.is_file():
-        selection = select(stage, sampling, filters)
+        selection = select(stage, sampling, filters, tokenizer)
         log(f"rejection: kept {selection['kept']} of {selection['samples']} samples "
             f"({selection['correct']} correct; removed {selection['removed']}); "
             f"{selection['chat_rows']} chat rows mixed in")
@@ -209,7 +209,6 @@ def run(stage: Stage) -> dict:
     rows = [json.loads(line) for line in (stage.stage_dir / "sft_data.jsonl").read_text().splitlines()]
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
 
-    tokenizer = AutoTokenizer.from_pretrained(stage.sample_path())
     model, tokenizer = load_policy(stage, tokenizer)
     metrics = sft.train(stage, dataset, model, tokenizer)
     metrics.update({"samples": selection["samples"], "correct": selection["correct"], "kept": selection["kept"],

@@ -207,3 +207,16 @@ def test_vllm_backend_follows_the_llm_generate_contract(monkeypatch):
     assert len(vllm.LLM.instances) == 1  # an existing LLM is used as is
     assert [p.seed for _, batch in llm.calls[3:] for p in batch] == [p.seed for p in params]
     assert again == out
+
+
+def test_generates_with_kv_cache_from_a_trainer_checkpoint(monkeypatch, tmp_path, model, tokenizer):
+    """A Trainer saves config.use_cache=False; without an explicit use_cache=True, generate would feed
+    the whole sequence at every step instead of one new token."""
+    monkeypatch.setattr(model.config, "use_cache", False)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = policy.load_pretrained(str(tmp_path), "float32")
+    widths, real = [], loaded.forward
+    monkeypatch.setattr(loaded, "forward", lambda *a, **kw: widths.append(kw["input_ids"].shape[1]) or real(*a, **kw))
+    run(loaded, tokenizer, rows(2), max_new_tokens=5, batch_size=6)
+    assert len(widths) >= 2 and set(widths[1:]) == {1}, widths

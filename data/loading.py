@@ -48,6 +48,7 @@ def _synthetic(cfg: dict) -> DatasetDict:
             seed=int(cfg.get("seed", 0)),
             kinds=list(cfg.get("kinds") or SYNTHETIC_KINDS),
             max_operand=int(cfg.get("max_operand", 99)),
+            shortcut_fraction=float(cfg.get("shortcut_fraction", 0.0)),
         )
     except ValueError as err:
         raise DataError(str(err)) from err

@@ -10,7 +10,7 @@ import random
 from fractions import Fraction
 from math import gcd
 
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, concatenate_datasets
 
 SYNTHETIC_KINDS = ("add", "sub", "mul", "linear", "fraction", "collect")
 
@@ -150,7 +150,13 @@ def build_synthetic(
     seed: int,
     kinds: list[str],
     max_operand: int = 99,
+    shortcut_fraction: float = 0.0,
 ) -> DatasetDict:
+    """`num_train` and `num_heldout` distinct problems. With `shortcut_fraction` f, that share of the
+    training problems appears a second time with only the workings' last line as its reasoning
+    ("65 - 62 = 3"): the answer stated without working out, as cold-start data often states it. A
+    model that imitates both styles must choose between them for every question; which one pays is
+    what RL can find out (the learning demo, README). The train split then has num_train * (1 + f) rows."""
     kinds = list(kinds)
     if not kinds:
         raise ValueError(f"kinds is empty; allowed kinds: {', '.join(SYNTHETIC_KINDS)}")
@@ -159,13 +165,21 @@ def build_synthetic(
             raise ValueError(f"unknown problem kind {kind!r}; allowed kinds: {', '.join(SYNTHETIC_KINDS)}")
     if max_operand < 2:
         raise ValueError(f"max_operand={max_operand} is too small; it must be >= 2")
+    if not 0.0 <= shortcut_fraction <= 1.0:
+        raise ValueError(f"shortcut_fraction={shortcut_fraction} must be between 0 and 1")
 
     rng = random.Random(seed)
-    return split_distinct(
+    splits = split_distinct(
         lambda: generate_problem(rng.choice(kinds), rng, max_operand), num_train, num_heldout,
         columns=("prompt", "solution", "reasoning", "kind"),
         what=f"problems with kinds={kinds} and max_operand={max_operand}; lower the counts or raise max_operand",
     )
+    if shortcut_fraction:
+        train = splits["train"]
+        chosen = sorted(random.Random(f"shortcut:{seed}").sample(range(num_train), round(shortcut_fraction * num_train)))
+        shortcuts = train.select(chosen).map(lambda row: {"reasoning": row["reasoning"].splitlines()[-1]})
+        splits["train"] = concatenate_datasets([train, shortcuts])
+    return splits
 
 
 def split_distinct(draw, num_train: int, num_heldout: int, columns: tuple[str, ...], what: str) -> DatasetDict:

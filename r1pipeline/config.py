@@ -43,6 +43,7 @@ DATA_KEYS = {
     "num_heldout": "number of held-out problems",
     "kinds": "synthetic problem or coding task kinds",
     "max_operand": "largest operand of synthetic problems",
+    "shortcut_fraction": "share of synthetic training problems repeated with only the answer line as reasoning (no working)",
     "system_prompt": "text placed before each question (default: the R1 template)",
 }
 KEY_TYPES = {
@@ -51,7 +52,7 @@ KEY_TYPES = {
     "data.source": str, "data.path": str, "data.name": str | None, "data.split": str, "data.heldout_split": str,
     "data.heldout_path": str, "data.heldout_fraction": float, "data.columns": dict, "data.seed": int,
     "data.num_train": int, "data.num_heldout": int, "data.kinds": list[str] | None, "data.max_operand": int,
-    "data.system_prompt": str,
+    "data.shortcut_fraction": float, "data.system_prompt": str,
 }
 # Keys of a stage section that are ours, not TRL's.
 _INIT_FROM = "'model', a stage name, or a checkpoint path / hub name"

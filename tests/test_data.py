@@ -180,6 +180,21 @@ def test_unknown_kind_and_exhausted_space():
         build_synthetic(num_train=100, num_heldout=10, seed=0, kinds=["add"], max_operand=2)
 
 
+def test_shortcut_fraction_repeats_that_share_of_train_problems_without_working(problems):
+    cut = build_datasets({"num_train": 600, "num_heldout": 60, "seed": 7, "kinds": ALL_KINDS, "shortcut_fraction": 0.25})
+    assert cut["heldout"].to_dict() == problems["heldout"].to_dict()
+    assert cut["train"][:600] == problems["train"][:600]
+    full = {row["prompt"]: row for row in problems["train"]}
+    repeats = cut["train"].select(range(600, len(cut["train"])))
+    assert len(repeats) == 150 and len(set(repeats["prompt"])) == 150
+    for row in repeats:
+        assert row["solution"] == full[row["prompt"]]["solution"]
+        assert row["reasoning"] == full[row["prompt"]]["reasoning"].splitlines()[-1]
+        assert "\n" not in row["reasoning"] and row["reasoning"].endswith(f"= {row['solution']}")
+    with pytest.raises(DataError, match="shortcut_fraction=1.5"):
+        build_datasets({"num_train": 10, "num_heldout": 2, "shortcut_fraction": 1.5})
+
+
 # ---------------------------------------------------------------- loading
 
 ROWS = [{"question": f"What is {i} + 1?", "answer": i + 1, "cot": f"{i} + 1 = {i + 1}", "extra": i} for i in range(40)]

@@ -118,15 +118,19 @@ def reward_trend(stage_dir) -> dict:
     return {"reward_first_quarter": first, "reward_last_quarter": last}
 
 
-def train(stage: Stage, dataset) -> dict:
-    """GRPO from the stage's starting model over `dataset` (rendered prompts plus reward columns)."""
-    model, tokenizer = load_policy(stage)
-    tokenizer.padding_side = "left"
+def grpo_config(stage: Stage, model) -> GRPOConfig:
     fields = trainer_args(stage, model, reward_weights=[reward.weight for reward in stage.rewards])
     # transformers' Trainer sets config.use_cache=False (right for training forwards), and TRL's
     # generate would then run without a KV cache, recomputing the whole sequence at every step.
     fields["generation_kwargs"] = {"use_cache": True, **(fields.get("generation_kwargs") or {})}
-    args = GRPOConfig(**fields)
+    return GRPOConfig(**fields)
+
+
+def train(stage: Stage, dataset) -> dict:
+    """GRPO from the stage's starting model over `dataset` (rendered prompts plus reward columns)."""
+    model, tokenizer = load_policy(stage)
+    tokenizer.padding_side = "left"
+    args = grpo_config(stage, model)
     reward_funcs = [reward.fn for reward in stage.rewards]
     if stage.section.get("shuffle_rewards"):
         log(f"{stage.name}: control run, rewards shuffled within each group of {args.num_generations}")

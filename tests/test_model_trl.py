@@ -61,3 +61,18 @@ def test_grpo_trainer_steps_with_our_policy(tmp_path):
     result = trainer.train()
     assert result.global_step == 2
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_our_grpo_config_generates_with_the_kv_cache(tmp_path):
+    """transformers' Trainer sets config.use_cache=False; our GRPO config turns the cache back on for
+    generation (without it every decode step re-runs the whole sequence) and keeps the recipe's own
+    generation_kwargs."""
+    from r1pipeline.pipeline import Stage
+    from stages.grpo import grpo_config
+
+    stage = Stage(name="grpo", run_dir=tmp_path, recipe={}, init_from="sft",
+                  trl_fields={"use_cpu": True, "bf16": False, "generation_kwargs": {"min_p": 0.1}})
+    args = grpo_config(stage, model=None)
+    assert args.generation_kwargs == {"use_cache": True, "min_p": 0.1}
+    stage.trl_fields["generation_kwargs"] = {"use_cache": False}
+    assert grpo_config(stage, model=None).generation_kwargs == {"use_cache": False}, "an explicit choice wins"

@@ -86,6 +86,8 @@ def training_curves(run_dir: Path, plots: Path) -> list[str]:
         ax.set(xlabel="step", title=key)
         ax.legend()
         lines.append(_save(fig, plots, re.sub(r"\W+", "_", key) + ".png"))
+    if "kl" not in logged:
+        lines += ["", "- kl: not logged, so not drawn (TRL computes it only with beta > 0)"]
     return lines + [""]
 
 

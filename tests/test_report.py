@@ -45,6 +45,7 @@ def test_full_run(tmp_path):
     assert pngs == expected, "one figure per logged quantity, no figure for the loss"
     assert all((run_dir / "plots" / name).read_bytes().startswith(b"\x89PNG") for name in pngs)
     assert all(f"](plots/{name})" in text for name in pngs)
+    assert "kl: not logged" not in text
     assert "### sft (before RL)" in text and "### grpo (after RL)" in text
     assert "    User: 5 + 7?\n    Assistant:<think>grpo thinks</think>" in text
 
@@ -61,5 +62,9 @@ def test_missing_pieces(tmp_path):
     text = write_report(run_dir).read_text()
     assert "| grpo | – | – | 4 | 0.500 | – | 0.700 |" in text
     assert (run_dir / "plots" / "pass_at_k.png").is_file()
+
+    write_stage(run_dir, "align", 2, [key for key in GRPO_KEYS if key != "kl"])  # beta = 0: TRL logs no kl
+    text = write_report(run_dir).read_text()
+    assert "- kl: not logged, so not drawn (TRL computes it only with beta > 0)" in text
 
     assert "not run" in write_report(tmp_path / "empty").read_text()

@@ -9,8 +9,8 @@ from stages.align import build_dataset
 
 
 def test_mixture_holds_both_domains_and_rule_rewards_skip_general_rows(tmp_path):
-    recipe = apply_overrides(load_recipe("tiny"), ["data.num_train=60", "data.num_heldout=8", "align.init_from=model",
-                                                   "align.general_ratio=0.5"])
+    recipe = apply_overrides(load_recipe("tiny"), ["data.num_train=60", "data.num_heldout=8", "data.shortcut_fraction=0",
+                                                   "align.init_from=model", "align.general_ratio=0.5"])
     [stage] = plan(recipe, ["align"], tmp_path / "run")
     mixture = build_dataset(stage)
     domains = mixture["domain"]

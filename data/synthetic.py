@@ -176,7 +176,8 @@ def build_synthetic(
     )
     if shortcut_fraction:
         train = splits["train"]
-        chosen = sorted(random.Random(f"shortcut:{seed}").sample(range(num_train), round(shortcut_fraction * num_train)))
+        count = round(shortcut_fraction * num_train)
+        chosen = sorted(random.Random(f"shortcut:{seed}").sample(range(num_train), count))
         shortcuts = train.select(chosen).map(lambda row: {"reasoning": row["reasoning"].splitlines()[-1]})
         splits["train"] = concatenate_datasets([train, shortcuts])
     return splits

@@ -181,7 +181,8 @@ def test_unknown_kind_and_exhausted_space():
 
 
 def test_shortcut_fraction_repeats_that_share_of_train_problems_without_working(problems):
-    cut = build_datasets({"num_train": 600, "num_heldout": 60, "seed": 7, "kinds": ALL_KINDS, "shortcut_fraction": 0.25})
+    cut = build_datasets({"num_train": 600, "num_heldout": 60, "seed": 7, "kinds": ALL_KINDS,
+                          "shortcut_fraction": 0.25})
     assert cut["heldout"].to_dict() == problems["heldout"].to_dict()
     assert cut["train"][:600] == problems["train"][:600]
     full = {row["prompt"]: row for row in problems["train"]}

@@ -150,12 +150,11 @@ def test_all_chains_stages_and_skips_done_ones(tmp_path):
                  for name in ("sft", "grpo", "rejection", "align")}
     assert manifests["sft"]["input"]["kind"] == "preset"
     # The chain: each stage names the output it started from, with that output's content hash.
-    for stage, source in (("grpo", "sft"), ("align", "rejection")):
+    for stage, source in (("grpo", "sft"), ("rejection", "sft"), ("align", "rejection")):  # tiny.yaml: stage 3 from sft
         assert manifests[stage]["input"]["path"] == str(run / source / "final")
         assert manifests[stage]["input"]["hash"] == sft_output_hash(run / source / "final")
     sampled = manifests["rejection"]["input"]["sampled_from"]
     assert sampled["path"] == str(run / "grpo" / "final") and sampled["hash"] == sft_output_hash(run / "grpo" / "final")
-    assert manifests["rejection"]["input"]["kind"] == "preset", "stage 3 retrains the base by default"
     grpo = manifests["grpo"]
     assert {"torch", "transformers", "trl"} <= grpo["versions"].keys() and grpo["wall_time_s"] > 0
     assert {path.stem for path in (run / "eval").glob("*.json")} == {"sft", "grpo", "rejection", "align"}
@@ -177,8 +176,8 @@ def test_all_chains_stages_and_skips_done_ones(tmp_path):
 def test_rejection_killed_while_sampling_does_not_resample(tmp_path, sft_checkpoint):
     runs = tmp_path / "runs"
     samples = runs / "killed" / "rejection" / "samples.jsonl"
-    args = [*FAST_DATA, *FAST_REJECTION, f"rejection.sample_from={sft_checkpoint}", "rejection.sampling.batch_size=4",
-            "rejection.sampling.num_samples=2", "rejection.sampling.num_prompts=16"]
+    args = [*FAST_DATA, *FAST_REJECTION, f"rejection.sample_from={sft_checkpoint}", "rejection.init_from=model",
+            "rejection.sampling.batch_size=4", "rejection.sampling.num_samples=2", "rejection.sampling.num_prompts=16"]
 
     def sampled() -> list[str]:
         return samples.read_text().splitlines() if samples.exists() else []
@@ -203,7 +202,9 @@ def test_rejection_killed_while_sampling_does_not_resample(tmp_path, sft_checkpo
 
 def test_rejection_sft_killed_then_resumed_equals_uninterrupted(tmp_path, sft_checkpoint):
     runs = tmp_path / "runs"
-    args = [*FAST_DATA, *FAST_REJECTION, f"rejection.sample_from={sft_checkpoint}", "rejection.max_steps=8"]
+    # R1's way, the stage's default: retrain the base (a fresh preset here).
+    args = [*FAST_DATA, *FAST_REJECTION, f"rejection.sample_from={sft_checkpoint}", "rejection.init_from=model",
+            "rejection.max_steps=8"]
     code, out = pipeline(runs, "straight", "rejection", *args)
     assert code == 0, out
 

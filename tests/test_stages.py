@@ -205,18 +205,8 @@ def test_rejection_sft_killed_then_resumed_equals_uninterrupted(tmp_path, sft_ch
     # R1's way, the stage's default: retrain the base (a fresh preset here).
     args = [*FAST_DATA, *FAST_REJECTION, f"rejection.sample_from={sft_checkpoint}", "rejection.init_from=model",
             "rejection.max_steps=8"]
-    code, out = pipeline(runs, "straight", "rejection", *args)
-    assert code == 0, out
-
-    stage = runs / "killed" / "rejection"
-    code, _ = pipeline(runs, "killed", "rejection", *args,
-                       kill_when=lambda: (stage / "checkpoint-2" / "COMPLETE").exists())
-    assert code == -signal.SIGKILL and not (stage / "manifest.json").exists()
-    code, out = pipeline(runs, "killed", "rejection", *args)
-    assert code == 0, out
-    assert f"rejection: resuming from {stage / 'checkpoint-2'} (step 2)" in out
+    stage = killed_after_checkpoint_2_resumes_exactly(runs, "rejection", args)
     assert (stage / "sft_data.jsonl").read_text() == (runs / "straight" / "rejection" / "sft_data.jsonl").read_text()
-    assert_same_weights(runs / "straight" / "rejection", stage)
 
 
 def test_align_killed_then_resumed_equals_uninterrupted(tmp_path, sft_checkpoint):
@@ -225,22 +215,29 @@ def test_align_killed_then_resumed_equals_uninterrupted(tmp_path, sft_checkpoint
     runs = tmp_path / "runs"
     args = [*FAST_DATA, *FAST_ALIGN, f"align.init_from={sft_checkpoint}", "align.max_steps=6",
             "align.general_ratio=0.5"]
-    code, out = pipeline(runs, "straight", "align", *args)
-    assert code == 0, out
-
-    stage = runs / "killed" / "align"
-    code, _ = pipeline(runs, "killed", "align", *args, kill_when=lambda: (stage / "checkpoint-2" / "COMPLETE").exists())
-    assert code == -signal.SIGKILL and not (stage / "manifest.json").exists()
-    code, out = pipeline(runs, "killed", "align", *args)
-    assert code == 0, out
-    assert f"align: resuming from {stage / 'checkpoint-2'} (step 2)" in out
-    assert_same_weights(runs / "straight" / "align", stage)
+    stage = killed_after_checkpoint_2_resumes_exactly(runs, "align", args)
 
     logged = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
     for name in ("accuracy", "format", "helpfulness", "harmlessness"):
         assert any(f"rewards/{name}/mean" in row for row in logged), name
     manifest = json.loads((stage / "manifest.json").read_text())
     assert "reward_model/accuracy" in manifest["metrics"] or any(k.startswith("reward_model/") for k in manifest["metrics"])
+
+
+def killed_after_checkpoint_2_resumes_exactly(runs, name: str, args: list[str]):
+    """Run stage `name` straight (run "straight"), then again (run "killed") SIGKILLed once
+    checkpoint-2 is complete, then re-run it: it must resume from checkpoint-2 and end with the
+    straight run's weights. Returns the resumed stage directory."""
+    code, out = pipeline(runs, "straight", name, *args)
+    assert code == 0, out
+    stage = runs / "killed" / name
+    code, _ = pipeline(runs, "killed", name, *args, kill_when=lambda: (stage / "checkpoint-2" / "COMPLETE").exists())
+    assert code == -signal.SIGKILL and not (stage / "manifest.json").exists()
+    code, out = pipeline(runs, "killed", name, *args)
+    assert code == 0, out
+    assert f"{name}: resuming from {stage / 'checkpoint-2'} (step 2)" in out
+    assert_same_weights(runs / "straight" / name, stage)
+    return stage
 
 
 def sft_output_hash(path):

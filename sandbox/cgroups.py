@@ -52,6 +52,21 @@ def detect() -> tuple[str | None, str]:
     return None, "; ".join(reasons) or "no cgroup hierarchy with memory and pids"
 
 
+def remove_stale() -> None:
+    """Slot groups of servers that have exited (`<server pid>-<slot>`): a SIGKILLed server cannot
+    remove its own."""
+    for parent in [f"{V1_ROOT}/memory/{GROUP}", f"{V1_ROOT}/pids/{GROUP}", *(f"{r}/{GROUP}" for r in V2_ROOTS)]:
+        if not os.path.isdir(parent) or os.path.islink(parent):
+            continue
+        for name in os.listdir(parent):
+            pid = name.split("-")[0]
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}") and os.path.isdir(f"{parent}/{name}"):
+                try:
+                    os.rmdir(f"{parent}/{name}")
+                except OSError:  # still has processes: leave it
+                    pass
+
+
 def _v2_root() -> str:
     return next(r for r in V2_ROOTS if os.path.isdir(f"{r}/{GROUP}") and os.path.isfile(f"{r}/cgroup.controllers"))
 

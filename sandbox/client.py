@@ -1,19 +1,26 @@
 """The supervisor side: start the fork server, check its isolation level against what the caller
 accepts, send it jobs and hand back results. Safe to use from a multi-threaded trainer: the only
-fork happens in the server, a fresh single-threaded process. The server dies with the thread that
-started it (parent-death signal) or when its request pipe closes, so start it from a long-lived
-thread (the trainer's main thread does)."""
+fork happens in the server, a fresh single-threaded process.
+
+Nothing here can hang or take the caller down with the server: requests go out on a writer thread
+(no lock is held across a pipe write), replies come in on a reader thread, every wait has a
+deadline, a server that dies fails its pending futures and is started again on the next job, and the
+server's parent-death signal follows the writer thread, which lives as long as the Sandbox (not the
+thread that happened to call first)."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
+import queue
 import subprocess
 import sys
 import sysconfig
 import threading
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,10 +28,14 @@ from sandbox.jail import LEVELS
 
 ROOT = Path(__file__).resolve().parent.parent
 ISOLATION_ENV = "R1_SANDBOX_ISOLATION"  # the weakest level a user accepts: full | namespaces | none
+MAX_SLOTS = 256
+MAX_TIMEOUT_S, MAX_MEMORY_MB = 24 * 3600.0, 1 << 20
+START_TIMEOUT_S = 120.0   # the server's start-up and probe
+REPLY_MARGIN_S = 10.0     # beyond a job's own time limit, before its answer counts as lost
 
 
 class SandboxUnavailable(RuntimeError):
-    """The host cannot isolate untrusted code at the level the caller requires."""
+    """The host cannot isolate untrusted code at the level the caller requires, or the server died."""
 
 
 @dataclass
@@ -44,17 +55,38 @@ class RunResult:
     def ok(self) -> bool:
         return self.status == "exited" and self.exit_code == 0
 
+    @classmethod
+    def failed(cls, error: str, level: str = "") -> "RunResult":
+        return cls("sandbox_error", None, None, "", "", 0.0, level, error=error)
+
 
 @dataclass
 class Limits:
-    """Per-run limits; `slots` runs at once. Two per CPU core by default: part of each run's time is
-    spent waiting (pipes, process exit and namespace teardown), not on the CPU. Memory is bounded by
-    slots x the per-run memory limit."""
-    slots: int = field(default_factory=lambda: 2 * (os.cpu_count() or 1))
+    """Per-run limits; `slots` runs at once. Two per CPU core by default (at most 64): part of each
+    run's time is spent waiting (pipes, process exit and namespace teardown), not on the CPU. Memory
+    is bounded by slots x the per-run memory limit."""
+    slots: int = field(default_factory=lambda: min(64, 2 * (os.cpu_count() or 1)))
     workdir_mb: int = 64
     processes: int = 64
     output_cap: int = 1 << 20
-    result_cap: int = 16 << 20
+    result_cap: int = 4 << 20
+
+    def __post_init__(self):
+        for name, low, high in (("slots", 1, MAX_SLOTS), ("workdir_mb", 1, 1 << 16), ("processes", 1, 1 << 16),
+                                ("output_cap", 1 << 10, 1 << 30), ("result_cap", 1 << 10, 1 << 30)):
+            value = getattr(self, name)
+            if type(value) is not int or not low <= value <= high:
+                raise ValueError(f"Limits.{name}={value!r}: must be an integer in [{low}, {high}]")
+
+
+def check_limits(timeout_s, memory_mb) -> tuple[float, int]:
+    """A run's time and memory limits, or ValueError naming the bad one."""
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not math.isfinite(timeout_s) \
+            or not 0 < timeout_s <= MAX_TIMEOUT_S:
+        raise ValueError(f"timeout_s={timeout_s!r}: must be a number of seconds in (0, {MAX_TIMEOUT_S:g}]")
+    if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or not 16 <= memory_mb <= MAX_MEMORY_MB:
+        raise ValueError(f"memory_mb={memory_mb!r}: must be an integer number of MiB in [16, {MAX_MEMORY_MB}]")
+    return float(timeout_s), int(memory_mb)
 
 
 def _interpreter() -> tuple[str, list[str], list[str]]:
@@ -67,80 +99,178 @@ def _interpreter() -> tuple[str, list[str], list[str]]:
     return executable, prefixes, sorted(s for s in sites if os.path.isdir(s))
 
 
+class _Connection:
+    """One server process, the thread that writes to it (and started it) and the one that reads."""
+
+    def __init__(self, argv: list[str]):
+        self.argv = argv
+        self.futures: dict[str, Future] = {}
+        self.lock = threading.Lock()
+        self.outgoing: queue.SimpleQueue = queue.SimpleQueue()
+        self.dead: str | None = None
+        self.process: subprocess.Popen | None = None
+        self.hello, self.start_error = None, None
+        started = threading.Event()
+        self.writer = threading.Thread(target=self._write, args=(started,), daemon=True, name="sandbox-requests")
+        self.writer.start()
+        if not started.wait(START_TIMEOUT_S) or self.hello is None:
+            self.close()
+            raise SandboxUnavailable(f"the sandbox server did not start: {self.start_error or 'no answer'}")
+
+    def _write(self, started: threading.Event) -> None:
+        try:
+            self.process = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={},
+                                            cwd="/", start_new_session=True)
+            line = self.process.stdout.readline()
+            if line:
+                self.hello = json.loads(line)
+            else:
+                self.start_error = f"exit status {self.process.wait()}"
+        except (OSError, ValueError) as exc:
+            self.start_error = repr(exc)
+        started.set()
+        if self.hello is not None:
+            threading.Thread(target=self._read, daemon=True, name="sandbox-replies").start()
+            while (data := self.outgoing.get()) is not None:
+                try:
+                    self.process.stdin.write(data)
+                    self.process.stdin.flush()
+                except (OSError, ValueError):
+                    self._fail("the sandbox server exited")
+                    break
+        if self.process is not None:  # this thread stays until the server is gone (its parent-death signal)
+            try:
+                self.process.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def _read(self) -> None:
+        reason = "the sandbox server exited"
+        try:
+            for line in self.process.stdout:
+                reply = json.loads(line)
+                with self.lock:
+                    future = self.futures.pop(reply.pop("id"), None)
+                if future is not None:
+                    future.set_result(RunResult(**reply))
+        except Exception as exc:  # a truncated or malformed reply: nothing after it can be trusted
+            reason = f"unreadable reply from the sandbox server: {exc!r}"
+        self._fail(reason)
+
+    def _fail(self, reason: str) -> None:
+        with self.lock:
+            self.dead = self.dead or reason
+            futures, self.futures = list(self.futures.values()), {}
+        for future in futures:
+            future.set_exception(SandboxUnavailable(reason))
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+
+    def submit(self, job_id: str, data: bytes) -> Future:
+        future = Future()
+        with self.lock:
+            if self.dead:
+                raise SandboxUnavailable(self.dead)
+            self.futures[job_id] = future
+        self.outgoing.put(data)
+        return future
+
+    def close(self) -> None:
+        self.outgoing.put(None)
+        self.writer.join(timeout=30)
+        self._fail("the sandbox was closed")
+        if self.process is not None:
+            self.process.stdout.close()
+
+
 class Sandbox:
     def __init__(self, accept: str | None = None, limits: Limits | None = None):
-        accept = accept or os.environ.get(ISOLATION_ENV, "full")
-        if accept not in LEVELS:
-            raise ValueError(f"accept={accept!r}: must be one of {LEVELS} (strongest first)")
+        self.accept = accept or os.environ.get(ISOLATION_ENV, "full")
+        if self.accept not in LEVELS:
+            raise ValueError(f"accept={self.accept!r}: must be one of {LEVELS} (strongest first)")
         self.limits = limits or Limits()
         executable, prefixes, hide = _interpreter()
         config = {"slots": self.limits.slots, "workdir_mb": self.limits.workdir_mb,
                   "processes": self.limits.processes, "output_cap": self.limits.output_cap,
-                  "result_cap": self.limits.result_cap, "prefixes": prefixes, "hide": hide}
+                  "result_cap": self.limits.result_cap, "prefixes": prefixes, "hide": hide,
+                  "owner_pid": os.getpid()}
         # The server loads the package's modules without its __init__ (which imports this module and,
         # through it, threading, subprocess and concurrent.futures): every module whose at-fork hooks
         # run in each jail costs page faults there.
         boot = (f"import sys, types; package = types.ModuleType('sandbox'); "
                 f"package.__path__ = [{str(ROOT / 'sandbox')!r}]; sys.modules['sandbox'] = package; "
                 "from sandbox.server import main; main()")
-        self._process = subprocess.Popen([executable, "-I", "-S", "-B", "-c", boot, json.dumps(config)],
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={}, cwd="/",
-                                         start_new_session=True)
-        line = self._process.stdout.readline()
-        if not line:
-            raise SandboxUnavailable(f"the sandbox server did not start (exit {self._process.wait()})")
-        hello = json.loads(line)
+        self._argv = [executable, "-I", "-S", "-B", "-c", boot, json.dumps(config)]
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self.restarts = 0
+        self._connection = self._connect()
+
+    def _connect(self) -> _Connection:
+        connection = _Connection(self._argv)
+        hello = connection.hello
         self.level, self.mechanisms, self.failures = hello["level"], hello["mechanisms"], hello["failures"]
-        if LEVELS.index(self.level) > LEVELS.index(accept):
-            self.close()
+        if LEVELS.index(self.level) > LEVELS.index(self.accept):
+            connection.close()
             raise SandboxUnavailable(
                 f"refusing to run untrusted code: this host only supports isolation level {self.level!r} "
-                f"but {accept!r} is required. Why the stronger levels failed: {self.failures}. "
+                f"but {self.accept!r} is required. Why the stronger levels failed: {self.failures}. "
                 f"Mechanisms found: {self.mechanisms}. To accept the weaker level explicitly, set "
                 f"{ISOLATION_ENV}={self.level} (or Sandbox(accept={self.level!r})).")
-        self._ids = itertools.count()
-        self._futures: dict[str, Future] = {}
-        self._lock = threading.Lock()
-        self._reader = threading.Thread(target=self._read_replies, daemon=True, name="sandbox-replies")
-        self._reader.start()
+        return connection
 
-    def _read_replies(self) -> None:
-        for line in self._process.stdout:
-            reply = json.loads(line)
-            with self._lock:
-                future = self._futures.pop(reply.pop("id"))
-            future.set_result(RunResult(**reply))
-        with self._lock:
-            for future in self._futures.values():
-                future.set_exception(SandboxUnavailable("the sandbox server exited"))
-            self._futures.clear()
+    @property
+    def _process(self) -> subprocess.Popen:
+        return self._connection.process
 
     def submit(self, job: dict) -> Future:
-        future = Future()
+        """Queue a job; a server that has died is replaced first (its pending jobs have failed)."""
         job_id = str(next(self._ids))
         data = (json.dumps({**job, "id": job_id}) + "\n").encode()
         with self._lock:
-            if self._process.poll() is not None:
-                raise SandboxUnavailable("the sandbox server has exited")
-            self._futures[job_id] = future
-            self._process.stdin.write(data)
-            self._process.stdin.flush()
-        return future
+            if self._connection.dead:
+                self._connection.close()
+                self._connection = self._connect()
+                self.restarts += 1
+            connection = self._connection
+        return connection.submit(job_id, data)
+
+    def restart(self, reason: str) -> None:
+        """Give up on the running server (e.g. an answer is overdue): its pending jobs fail now and
+        the next job starts a new one."""
+        self._connection._fail(reason)
+
+    def wait(self, future: Future, deadline_s: float) -> RunResult:
+        """The run's result, or a failed one if the server does not answer within `deadline_s` or dies."""
+        try:
+            return future.result(timeout=max(0.0, deadline_s))
+        except FutureTimeout:
+            reason = f"no answer from the sandbox server within {deadline_s:.0f} s; restarting it"
+            self.restart(reason)
+            return RunResult.failed(reason, self.level)
+        except SandboxUnavailable as exc:
+            return RunResult.failed(str(exc), self.level)
 
     def run(self, argv: list[str], timeout_s: float = 10.0, memory_mb: int = 512, workdir: str | None = None,
             stdin: str = "") -> RunResult:
         """Run a program isolated (looked up on the jail's PATH: the interpreter's bin, /usr/bin, /bin)."""
-        if not argv:
-            raise ValueError("argv is empty: give the program to run")
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise ValueError(f"argv={argv!r}: give the program to run and its arguments, as strings")
+        timeout_s, memory_mb = check_limits(timeout_s, memory_mb)
         if workdir is not None and not os.path.isdir(workdir):
             raise ValueError(f"workdir {workdir!r} is not a directory")
-        job = {"kind": "exec", "argv": list(argv), "timeout_s": float(timeout_s), "memory_mb": int(memory_mb),
+        job = {"kind": "exec", "argv": list(argv), "timeout_s": timeout_s, "memory_mb": memory_mb,
                "workdir": os.path.abspath(workdir) if workdir else None, "stdin": stdin}
-        return self.submit(job).result()
+        return self.wait(self.submit(job), timeout_s + REPLY_MARGIN_S + START_TIMEOUT_S)
 
     def run_harness(self, request: dict, timeout_s: float, memory_mb: int) -> Future:
-        return self.submit({"kind": "harness", "request": request, "timeout_s": float(timeout_s),
-                            "memory_mb": int(memory_mb)})
+        timeout_s, memory_mb = check_limits(timeout_s, memory_mb)
+        return self.submit({"kind": "harness", "request": request, "timeout_s": timeout_s, "memory_mb": memory_mb})
 
     def grade(self, problem: dict):
         from sandbox.grading import grade_with
@@ -153,14 +283,7 @@ class Sandbox:
         return grade_with(self, problems)
 
     def close(self) -> None:
-        if self._process.poll() is None:
-            self._process.stdin.close()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-        self._process.stdout.close()
+        self._connection.close()
 
     def __enter__(self):
         return self

@@ -2,9 +2,17 @@
 write what it produced to the result pipe, one JSON line per test. Expected outputs never get here;
 the supervisor compares (sandbox/grading.py).
 
-Values cross as type-tagged JSON built only from exact builtin types (`type(x) is int`, ...), so an
-object whose `__eq__` always succeeds cannot even be reported, let alone compared."""
+- function_call: the solution runs in this process and reports its return values (sandbox/values.py:
+  exact builtin types only, so an always-equal object cannot be reported).
+- stdio: each test in its own child process, stdin from a file, stdout to a file.
+- assert: two processes. The candidate (a child, in a nested Landlock domain that cannot signal or
+  trace its parent) loads the solution and answers calls over a pipe with encoded values. The checker
+  (this process: fresh globals, pristine builtins, not dumpable, so its memory and fds are out of the
+  candidate's reach) runs the test code with a proxy for the candidate that hands back decoded
+  builtins, and reports the asserts' hole values (sandbox/asserts.py). The candidate never holds the
+  result pipe or the test code."""
 
+import builtins
 import json
 import os
 import select
@@ -12,32 +20,11 @@ import signal
 import sys
 import traceback
 
-from sandbox.jail import RESULT_FD
+from sandbox import linux, values
+from sandbox.jail import CHECK_FD, DEVICES, RESULT_FD
 
 OUTPUT_CAP = 1 << 20  # bytes of stdout kept per stdio test
-
-
-def encode(value, depth: int = 0):
-    if depth > 100:
-        raise ValueError("value nested deeper than 100 levels")
-    kind = type(value)
-    if value is None or kind in (bool, int, str):
-        return value
-    if kind is float:
-        return value if value == value and abs(value) != float("inf") else {"float": repr(value)}
-    if kind is list:
-        return [encode(v, depth + 1) for v in value]
-    if kind is tuple:
-        return {"tuple": [encode(v, depth + 1) for v in value]}
-    if kind in (set, frozenset):
-        return {"set": [encode(v, depth + 1) for v in value]}
-    if kind is dict:
-        return {"dict": [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in value.items()]}
-    if kind is bytes:
-        return {"bytes": value.hex()}
-    if kind is complex:
-        return {"complex": [repr(value.real), repr(value.imag)]}
-    raise TypeError(f"cannot report a value of type {kind.__name__}; return builtin types only")
+REPLY_CAP = 16 << 20  # bytes of one encoded return value from the candidate
 
 
 def emit(record: dict) -> None:
@@ -48,7 +35,7 @@ def emit(record: dict) -> None:
 
 def emit_value(index: int, thunk) -> None:
     try:
-        emit({"i": index, "value": encode(thunk())})
+        emit({"i": index, "value": values.encode(thunk())})
     except BaseException as exc:  # a failing test is data, whatever the solution raised
         emit({"i": index, "error": _describe(exc)})
 
@@ -57,7 +44,11 @@ def _describe(exc: BaseException) -> str:
     return "".join(traceback.format_exception_only(type(exc), exc)).strip()[-2000:]
 
 
-def main(request: dict) -> None:
+def main(request: dict, landlock_abi: int = 0) -> None:
+    if request["format"] == "assert":
+        _assert(request, landlock_abi)
+        return
+    os.close(CHECK_FD)
     try:
         code = compile(request["source"], "<solution>", "exec")
     except BaseException as exc:
@@ -73,19 +64,115 @@ def main(request: dict) -> None:
         emit({"load_error": _describe(exc)})
         return
     candidate = namespace.get(request["entry_point"])
-    if request["format"] == "function_call":
-        for i, args in enumerate(request["inputs"]):
-            emit_value(i, lambda: candidate(*args))
+    for i, args in enumerate(request["inputs"]):
+        emit_value(i, lambda: candidate(*args))
+
+
+# --- assert format: checker and candidate -----------------------------------------------------------
+
+def _assert(request: dict, landlock_abi: int) -> None:
+    # Not dumpable before the fork: /proc/<checker>/{mem,fd,...} and ptrace then need a capability
+    # nobody in the jail has, even before the check code is read.
+    linux.prctl(linux.PR_SET_DUMPABLE, 0)
+    calls_r, calls_w = os.pipe()
+    replies_r, replies_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for fd in (RESULT_FD, CHECK_FD, calls_w, replies_r):
+                os.close(fd)
+            if landlock_abi >= 6:  # a nested domain: no signals to, nor tracing of, the checker
+                linux.landlock_restrict(["/"], [os.getcwd()], [f"/dev/{d}" for d in DEVICES], landlock_abi)
+            _serve_candidate(request, calls_r, replies_w)
+        finally:
+            os._exit(0)
+    os.close(calls_r)
+    os.close(replies_w)
+    check = json.loads(_read_all(CHECK_FD))
+    os.close(CHECK_FD)
+    proxy = _Candidate(calls_w, replies_r)
+    ready = proxy.receive()
+    if "load_error" in ready or "ready" not in ready:
+        emit({"load_error": str(ready.get("load_error", "the candidate did not start"))[:2000]})
         return
+    namespace = {"__name__": "__check__"}
+    if check.get("prompt"):  # its helpers (HumanEval's poly, encode_cyclic...), not the candidate's
+        try:
+            exec(compile(check["prompt"], "<prompt>", "exec"), namespace)
+        except BaseException:
+            pass
+    namespace[request["entry_point"]] = proxy
     namespace["__r1_emit"] = emit_value
     try:
-        exec(compile(request["check_code"], "<tests>", "exec"), namespace)
-        namespace["check"](candidate)
+        exec(compile(check["check_code"], "<tests>", "exec"), namespace)
+        namespace["check"](proxy)
     except BaseException as exc:
         emit({"check": "failed", "error": _describe(exc)})
         return
     emit({"check": "completed"})
 
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class _Candidate:
+    """The checker's handle on the candidate: each call crosses the pipe as encoded values."""
+
+    def __init__(self, calls_fd: int, replies_fd: int):
+        self.calls_fd, self.replies = calls_fd, os.fdopen(replies_fd, "rb")
+
+    def receive(self) -> dict:
+        line = self.replies.readline(REPLY_CAP + 1)
+        if not line.endswith(b"\n"):
+            raise RuntimeError("the candidate exited" if not line else "reply over the size limit")
+        reply = values.loads(line)
+        if type(reply) is not dict:
+            raise ValueError("malformed reply from the candidate")
+        return reply
+
+    def __call__(self, *args, **kwargs):
+        data = (json.dumps({"args": values.encode(list(args)), "kwargs": values.encode(kwargs)}) + "\n").encode()
+        while data:
+            data = data[os.write(self.calls_fd, data):]
+        reply = self.receive()
+        if "value" in reply:
+            return values.decode(reply["value"])
+        kind = getattr(builtins, str(reply.get("type")), None)
+        if isinstance(kind, type) and issubclass(kind, Exception):
+            raise kind(str(reply.get("error", ""))[:2000])
+        raise RuntimeError(str(reply.get("error", "malformed reply"))[:2000])
+
+
+def _serve_candidate(request: dict, calls_fd: int, replies_fd: int) -> None:
+    def send(record: dict) -> None:
+        data = (json.dumps(record) + "\n").encode()
+        while data:
+            data = data[os.write(replies_fd, data):]
+
+    namespace = {"__name__": "__solution__"}
+    try:
+        exec(compile(request["source"], "<solution>", "exec"), namespace)
+        candidate = namespace[request["entry_point"]]
+    except BaseException as exc:
+        send({"load_error": _describe(exc)})
+        return
+    send({"ready": True})
+    calls = os.fdopen(calls_fd, "rb")
+    for line in calls:
+        try:
+            call = json.loads(line)
+            value = values.encode(candidate(*values.decode(call["args"]), **values.decode(call["kwargs"])))
+        except BaseException as exc:
+            send({"error": _describe(exc), "type": type(exc).__name__})
+            continue
+        send({"value": value})
+
+
+# --- stdio format -------------------------------------------------------------------------------------
 
 def _stdio(code, request: dict) -> None:
     """Each test in its own process: stdin from a file, stdout to a file (RLIMIT_FSIZE caps it)."""
@@ -115,9 +202,10 @@ def _stdio(code, request: dict) -> None:
                 except ChildProcessError:
                     break
         with open(f"stdout-{i}", "rb") as f:
-            out = f.read(OUTPUT_CAP)
+            out = f.read(OUTPUT_CAP + 1)
         exit_code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
-        emit({"i": i, "stdout": out.decode("utf-8", "replace"), "exit": exit_code, "timeout": timed_out})
+        emit({"i": i, "stdout": out[:OUTPUT_CAP].decode("utf-8", "replace"), "exit": exit_code,
+              "timeout": timed_out, "truncated": len(out) > OUTPUT_CAP})
 
 
 def _run_stdio_child(code, i: int) -> None:

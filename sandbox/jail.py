@@ -1,11 +1,11 @@
-"""One isolated run: a single process, the jail, forked from the fork server.
+"""One isolated run: a single process, the jail, forked from the zygote (zygote.py).
 
-    server ─fork─► jail (pid 1 of a fresh pid namespace; fresh mount/ipc/uts/cgroup namespaces;
+    zygote ─fork─► jail (pid 1 of a fresh pid namespace; fresh mount/ipc/uts/cgroup namespaces;
                          the slot's own empty network namespace; later a user namespace owning nothing)
                      runs the harness in-process, or execs a program
 
-The server is the jail's parent: it enforces the wall clock (SIGKILL of pid 1 ends every process of
-the namespace) and collects the exit status. The jail sees a read-only root holding only /usr, the
+The zygote is the jail's parent and collects its exit status; the server enforces the wall clock
+through it (SIGKILL of pid 1 ends every process of the namespace). The jail sees a read-only root holding only /usr, the
 interpreter's prefix, four device files, its own /proc and a size-capped tmpfs at /work (also /tmp);
 the read-only part is built once by the server (`build_root`), each jail takes a private copy of it.
 It runs as an unprivileged per-slot uid (when the server is root) inside a user namespace that owns
@@ -23,17 +23,22 @@ import signal
 from sandbox import linux
 
 LEVELS = ("full", "namespaces", "none")  # strongest first
-RESULT_FD, STATUS_FD, SERVER_PIDFD, NET_NS_FD, ROOT_NS_FD = 3, 4, 5, 6, 7
+# The jail's file descriptors. REQUEST_FD holds its job (the program, or the solution and the test
+# inputs); CHECK_FD an assert-format grading's test code, read only by the checker process.
+RESULT_FD, STATUS_FD, REQUEST_FD, CHECK_FD, PARENT_PIDFD, NET_NS_FD, ROOT_NS_FD = 3, 4, 5, 6, 7, 8, 9
+STREAMS = ("stdin", "stdout", "stderr", "result", "status", "request", "check")
 DEVICES = ("null", "zero", "random", "urandom")
 
 
-def spawn(spec: dict, stdin_fd: int, out_fd: int, err_fd: int, result_fd: int, status_fd: int, target) -> int:
-    """Fork the jail; returns its pid. `target()` runs in the jail once it is sealed.
+def spawn(spec: dict, fds: dict[str, int], target) -> int:
+    """Fork the jail from the zygote; returns its pid. `fds` holds the job's descriptors by name
+    (STREAMS). `target(request, spec)` runs in the jail once it is sealed, with the job read from its
+    request descriptor.
 
-    Unless the level is "none", the server's children go into a fresh pid namespace for this one
-    fork, so that the jail is its pid 1, and the server goes back to its own (`spec["own_pid_ns"]`)
+    Unless the level is "none", the zygote's children go into a fresh pid namespace for this one
+    fork, so that the jail is its pid 1, and the zygote goes back to its own (`spec["own_pid_ns"]`)
     right after. (A monitor process between the two, as earlier versions had, doubled the cost of a
-    run: a second fork of the server's image, and its page faults.)"""
+    run: a second fork of the image, and its page faults.)"""
     isolated = spec["level"] != "none"
     if isolated:
         linux.unshare(linux.CLONE_NEWPID)
@@ -47,12 +52,12 @@ def spawn(spec: dict, stdin_fd: int, out_fd: int, err_fd: int, result_fd: int, s
         return pid
     try:
         # Lift the job's pipes above the low numbers first, then put them in place.
-        keep = [stdin_fd, out_fd, err_fd, result_fd, status_fd, spec["server_pidfd"]]
+        keep = [fds[name] for name in STREAMS] + [spec["parent_pidfd"]]
         keep += [spec["net_ns"], spec["root_ns"]] if isolated else []
-        fds = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in keep]
-        for i, fd in enumerate(fds):
+        lifted = [fcntl.fcntl(fd, fcntl.F_DUPFD, 16) for fd in keep]
+        for i, fd in enumerate(lifted):
             os.dup2(fd, i)
-        os.closerange(len(fds), 2 ** 16)
+        os.closerange(len(lifted), 2 ** 16)
         _jail(spec, target)
     except BaseException as exc:  # the jail must never return into the server's loop
         _report({"setup_error": f"jail: {exc!r}"})
@@ -70,9 +75,9 @@ def _report(status: dict) -> None:
 def _jail(spec: dict, target) -> None:
     os.setsid()
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-    if select.select([SERVER_PIDFD], [], [], 0)[0]:  # the server died before the line above
+    if select.select([PARENT_PIDFD], [], [], 0)[0]:  # the zygote died before the line above
         os._exit(125)
-    os.close(SERVER_PIDFD)
+    os.close(PARENT_PIDFD)
     for path in spec["cgroup_procs"]:
         fd = os.open(path, os.O_WRONLY)
         os.write(fd, b"0")
@@ -114,8 +119,17 @@ def _jail(spec: dict, target) -> None:
         linux.install_seccomp(spec["seccomp_program"])
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)  # cleared by the uid change above; set again
     os.close(STATUS_FD)
-    target()
+    request = _read_request()
+    target(request, spec)
     os._exit(0)
+
+
+def _read_request() -> dict:
+    chunks = []
+    while chunk := os.read(REQUEST_FD, 1 << 20):
+        chunks.append(chunk)
+    os.close(REQUEST_FD)
+    return json.loads(b"".join(chunks))
 
 
 def build_root(new: str, prefixes: list[str], hide: list[str], host_proc: bool) -> None:
@@ -184,9 +198,11 @@ def _set_rlimits(spec: dict) -> None:
         resource.RLIMIT_NOFILE: (spec["open_files"],) * 2,
         resource.RLIMIT_CORE: (0, 0),
     }
-    if spec["root"]:
-        # Per-slot uid: the count is this run's own. (Under the caller's uid it would count the
-        # caller's processes too; the pids cgroup is the limit that holds there.)
+    if spec["root"] or spec["level"] != "none":
+        # Counted per user namespace and uid (kernel >= 5.14), and the jail has just made its own
+        # user namespace: the count is this run's own, also for a server that is not root (whose
+        # jails run as the caller's uid). At level "none" without root it would count every process
+        # of the caller's uid; no process limit holds there (the level says so).
         limits[resource.RLIMIT_NPROC] = (spec["processes"],) * 2
     for which, value in limits.items():
         resource.setrlimit(which, value)

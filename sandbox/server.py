@@ -1,30 +1,44 @@
 """The fork server: a single-threaded process started once per Sandbox with the base interpreter
-(`-I -S`, empty environment), so that forking it is cheap and safe and its memory holds no secrets
-of the caller. It probes which isolation mechanisms work, then serves jobs from stdin (JSON lines)
-on `slots` concurrent runs and answers on stdout (JSON lines). Each run gets fresh namespaces; the
-prepared part is the warm interpreter with the standard library and the harness already imported.
-The server is the jail's parent: it enforces the wall clock (SIGKILL of the jail's pid 1 ends the
-whole pid namespace) and reads the exit status itself.
+(`-I -S`, empty environment), so that its memory holds no secrets of the caller. It probes which
+isolation mechanisms work, then serves jobs from stdin (JSON lines) on `slots` concurrent runs and
+answers on stdout (JSON lines), never blocking on either: a client that stops reading only delays
+its replies.
+
+It never runs a job itself and never forks one: jails come from the zygote (zygote.py), forked
+before the first job was read, so that no jail's memory ever held another job. Each run gets fresh
+namespaces; the prepared part is the warm interpreter with the standard library and the harness
+already imported. The server enforces the wall clock (through the zygote: SIGKILL of the jail's pid
+1 ends its whole pid namespace).
 
 It never sees expected outputs: a job is a program or a solution with test inputs."""
 
 import collections
+import glob
 import json
+import math
 import os
 import selectors
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
 
-from sandbox import cgroups, harness, jail, linux
+from sandbox import cgroups, jail, linux, zygote
 
 # Imported once here so that jobs do not pay for them; the solution finds them in sys.modules.
 PRELOAD = ("ast", "bisect", "cmath", "collections", "copy", "dataclasses", "datetime", "decimal", "enum",
            "fractions", "functools", "hashlib", "heapq", "itertools", "math", "operator", "random", "re",
            "statistics", "string", "textwrap", "typing", "unicodedata")
 UID_BASE = 1_900_000
+MAX_SLOTS = 256  # each server gets its own block of MAX_SLOTS uids
+MAX_TIMEOUT_S, MAX_MEMORY_MB = 24 * 3600.0, 1 << 20
+ROOT_PREFIX = "r1sandbox-root-"
+
+
+class BadRequest(ValueError):
+    pass
 
 
 class Job:
@@ -33,34 +47,82 @@ class Job:
         self.buffers = {"stdout": bytearray(), "stderr": bytearray(), "result": bytearray(), "status": bytearray()}
         self.pipes, self.open_streams, self.killed_for = {}, set(), None
         self.pid = 0
-        self.pidfd = -1
         self.wait_status = None
         self.host_workdir = None
+
+
+def validate(request) -> dict:
+    """A request as the client sends it, or BadRequest naming what is wrong."""
+    if type(request) is not dict or type(request.get("id")) is not str:
+        raise BadRequest("a request is an object with a string 'id'")
+    timeout, memory = request.get("timeout_s"), request.get("memory_mb")
+    if type(timeout) not in (int, float) or not math.isfinite(timeout) or not 0 < timeout <= MAX_TIMEOUT_S:
+        raise BadRequest(f"timeout_s={timeout!r}: must be a number of seconds in (0, {MAX_TIMEOUT_S:g}]")
+    if type(memory) is not int or not 16 <= memory <= MAX_MEMORY_MB:
+        raise BadRequest(f"memory_mb={memory!r}: must be an integer in [16, {MAX_MEMORY_MB}]")
+    kind = request.get("kind")
+    if kind == "harness":
+        job = request.get("request")
+        if type(job) is not dict or job.get("format") not in ("function_call", "stdio", "assert"):
+            raise BadRequest("a harness request needs 'request' with a known format")
+    elif kind == "exec":
+        argv = request.get("argv")
+        if type(argv) is not list or not argv or not all(type(a) is str for a in argv):
+            raise BadRequest("an exec request needs 'argv', a non-empty list of strings")
+    else:
+        raise BadRequest(f"kind={kind!r}: must be 'harness' or 'exec'")
+    if type(request.get("stdin", "")) is not str or type(request.get("workdir") or "") is not str:
+        raise BadRequest("'stdin' and 'workdir' must be text")
+    return request
 
 
 class Server:
     def __init__(self, config: dict, root: bool):
         self.config, self.root = config, root
-        self.own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-        self.pidfd = os.pidfd_open(os.getpid())  # the jail polls it: is the server still there?
         self.selector = selectors.DefaultSelector()
         self.pending = collections.deque()
-        self.jobs: dict[int, Job] = {}
+        self.jobs: dict[str, Job] = {}
         self.free_slots = list(range(config["slots"]))
-        self.mountpoint = tempfile.mkdtemp(prefix="r1sandbox-root-")
+        _remove_stale(config.get("owner_pid"))
+        self.mountpoint = tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{config.get('owner_pid', 0)}-")
         self.cgroup_version, self.cgroup_note = cgroups.detect() if root else (None, "not root")
         self.slot_cgroups = {}
         self.slot_net_ns: dict[int, int] = {}
         self.root_ns = -1
         self.level = "none"
-        self.inbuf = bytearray()
+        self.inbuf, self.outbuf = bytearray(), bytearray()
         self.landlock_abi, self.seccomp = linux.landlock_abi(), linux.seccomp_supported()
-        self.seccomp_program = linux.seccomp_program() if self.seccomp else b""
+        self.zygote_pid, self.zygote = 0, None
+        self.reading = True
 
     # --- start-up -----------------------------------------------------------------------------
 
+    def prepare(self) -> None:
+        """Everything the jails share, then the zygote, forked before any job is read."""
+        if self.cgroup_version:
+            cgroups.remove_stale()
+            for slot in range(self.config["slots"]):
+                self.slot_cgroups[slot] = cgroups.SlotCgroup(self.cgroup_version, f"{os.getpid()}-{slot}",
+                                                             self.config["processes"])
+        self.namespace_error = self.make_network_namespaces() or self.prepare_root()
+        prefixes = self.config["prefixes"]
+        setup = {
+            "root": self.root, "own_pid_ns": os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC),
+            "root_ns": self.root_ns, "net_ns": self.slot_net_ns,
+            "uid_base": UID_BASE + (os.getpid() % 4096) * MAX_SLOTS,
+            "cgroup_procs": {slot: group.procs_files for slot, group in self.slot_cgroups.items()},
+            "workdir_mb": self.config["workdir_mb"], "processes": self.config["processes"],
+            "landlock_abi": self.landlock_abi,
+            "seccomp_program": linux.seccomp_program() if self.seccomp else b"",
+            "env": {"PATH": ":".join([f"{p}/bin" for p in prefixes] + ["/usr/local/bin", "/usr/bin", "/bin"]),
+                    "HOME": "/work", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"},
+        }
+        self.zygote_pid, self.zygote = zygote.start(setup)
+        self.selector.register(self.zygote, selectors.EVENT_READ, "zygote")
+
     def probe(self) -> dict:
-        """Which mechanisms this host offers, and the strongest level whose no-op job succeeds."""
+        """Which mechanisms this host offers, and the strongest level whose no-op job succeeds.
+        "full" needs all of them: cgroup memory+pids, seccomp and Landlock."""
         mechanisms = {
             "root": self.root,
             "bubblewrap": shutil.which("bwrap"),
@@ -70,18 +132,15 @@ class Server:
             "seccomp": self.seccomp,
             "landlock_abi": self.landlock_abi,
         }
-        if self.cgroup_version:
-            for slot in range(self.config["slots"]):
-                group = cgroups.SlotCgroup(self.cgroup_version, f"{os.getpid()}-{slot}", self.config["processes"])
-                self.slot_cgroups[slot] = group
-        namespace_error = self.make_network_namespaces() or self.prepare_root()
         failures = {}
         for level in jail.LEVELS:
-            if level == "full" and not (self.cgroup_version and mechanisms["seccomp"]):
-                failures[level] = "needs cgroup memory+pids and seccomp"
+            missing = [name for name, ok in (("cgroup memory+pids", self.cgroup_version), ("seccomp", self.seccomp),
+                                             ("Landlock", self.landlock_abi)) if not ok]
+            if level == "full" and missing:
+                failures[level] = "needs " + ", ".join(missing)
                 continue
-            if level != "none" and namespace_error:
-                failures[level] = f"cannot prepare the namespaces: {namespace_error}"
+            if level != "none" and self.namespace_error:
+                failures[level] = f"cannot prepare the namespaces: {self.namespace_error}"
                 continue
             self.level = level
             reply = self.run_now({"id": "probe", "kind": "harness", "timeout_s": 5.0, "memory_mb": 256,
@@ -144,38 +203,52 @@ class Server:
     # --- the loop -----------------------------------------------------------------------------
 
     def serve(self) -> None:
-        stdin = sys.stdin.fileno()
+        stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
         os.set_blocking(stdin, False)
-        self.selector.register(stdin, selectors.EVENT_READ, None)
-        out = sys.stdout.buffer
+        os.set_blocking(stdout, False)
+        self.selector.register(stdin, selectors.EVENT_READ, "requests")
 
         def reply(message: dict) -> None:
-            out.write((json.dumps(message) + "\n").encode())
+            self.outbuf += (json.dumps(message) + "\n").encode()
 
-        self.reading = True
-        while self.reading or self.jobs or self.pending:
+        while self.reading or self.jobs or self.pending or self.outbuf:
             self.step(reply)
-            out.flush()  # the replies of one step in one write
+            self.flush(stdout)
+
+    def flush(self, fd: int) -> None:
+        """Write what the client will take now; wait for it to be writable only while replies queue."""
+        if self.outbuf:
+            try:
+                del self.outbuf[:os.write(fd, self.outbuf)]
+            except BlockingIOError:
+                pass
+            except BrokenPipeError:  # the client is gone
+                self.outbuf.clear()
+                self.stop_reading()
+        want = selectors.EVENT_WRITE if self.outbuf else 0
+        registered = self.selector.get_map().get(fd)
+        if want and registered is None:
+            self.selector.register(fd, want, "replies")
+        elif not want and registered is not None:
+            self.selector.unregister(fd)
 
     def step(self, reply) -> None:
-        refused = False
         while self.pending and self.free_slots:
             request, slot = self.pending.popleft(), self.free_slots.pop()
             try:
                 self.start(request, slot)
-            except OSError as exc:  # e.g. namespaces refused while probing a level
+            except OSError as exc:
                 self.free_slots.append(slot)
-                refused = True
-                reply({"id": request["id"], "status": "sandbox_error", "error": f"start: {exc!r}", "stdout": "",
-                       "stderr": "", "result": "", "wall_s": 0.0, "exit_code": None, "signal": None,
-                       "level": self.level})
+                reply(self.failure(request, f"start: {exc!r}"))
         deadlines = [j.started + j.request["timeout_s"] for j in self.jobs.values() if j.killed_for is None]
-        timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else 0.0 if refused else None
+        timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
         for key, _ in self.selector.select(timeout):
-            if key.data is None:
-                self.read_requests(key.fd)
-            elif key.data[1] == "exit":
-                self.reap()
+            if key.data == "requests":
+                self.read_requests(key.fd, reply)
+            elif key.data == "zygote":
+                self.read_zygote(reply)
+            elif key.data == "replies":
+                pass  # writable: the caller flushes
             else:
                 self.read_job(*key.data)
         now = time.monotonic()
@@ -185,77 +258,101 @@ class Server:
             if job.wait_status is not None:
                 reply(self.finish(job))
 
-    def read_requests(self, fd: int) -> None:
+    def failure(self, request: dict, error: str) -> dict:
+        return {"id": request.get("id", ""), "status": "sandbox_error", "error": error, "stdout": "", "stderr": "",
+                "result": "", "wall_s": 0.0, "exit_code": None, "signal": None, "level": self.level}
+
+    def read_requests(self, fd: int, reply) -> None:
         try:
             chunk = os.read(fd, 1 << 20)
         except BlockingIOError:
             return
         if not chunk:  # the caller is gone: stop taking work, end what runs
             self.selector.unregister(fd)
-            self.reading = False
-            self.pending.clear()
-            for job in self.jobs.values():
-                self.kill(job, "shutdown")
+            self.stop_reading()
             return
         self.inbuf += chunk
         *lines, rest = self.inbuf.split(b"\n")
         self.inbuf = bytearray(rest)
-        self.pending.extend(json.loads(line) for line in lines if line.strip())
+        for line in lines:
+            if not line.strip():
+                continue
+            request = None
+            try:
+                request = json.loads(line)
+                self.pending.append(validate(request))
+            except (ValueError, RecursionError) as exc:  # a bad request fails alone; the server goes on
+                if type(request) is dict and type(request.get("id")) is str:
+                    reply(self.failure(request, f"bad request: {exc}"))
+                else:
+                    print(f"sandbox server: dropped a malformed request: {exc}", file=sys.stderr)
+
+    def stop_reading(self) -> None:
+        self.reading = False
+        self.pending.clear()
+        for job in self.jobs.values():
+            self.kill(job, "shutdown")
+
+    def read_zygote(self, reply) -> None:
+        try:
+            data = self.zygote.recv(1 << 16)
+        except BlockingIOError:
+            return
+        if not data:
+            raise RuntimeError("the zygote died; the server cannot fork a clean one and stops")
+        message = json.loads(data)
+        job = self.jobs.get(message["job"])
+        if job is None:
+            return
+        if "error" in message:
+            self.release(job)
+            reply(self.failure(job.request, message["error"]))
+        elif "pid" in message:
+            job.pid = message["pid"]
+            if job.killed_for:  # killed before the zygote had started it
+                self.zygote.send(json.dumps({"kill": message["job"]}).encode())
+        else:
+            job.wait_status = message["status"]
 
     def start(self, request: dict, slot: int) -> None:
         job = Job(request, slot)
         group = self.slot_cgroups.get(slot)
         if group and self.level != "none":
             group.set_memory(request["memory_mb"] << 20)
-        spec = self.spec(request, slot, group)
-        job.host_workdir = spec.get("host_workdir")
+        job.host_workdir = tempfile.mkdtemp(prefix="r1sandbox-work-") if self.level == "none" else None
         if request["kind"] == "harness":
-            target = lambda: harness.main(request["request"])  # noqa: E731
+            job_data = dict(request["request"])
+            # The test code goes to the checker only (harness.py), never into the candidate's memory.
+            check = {"check_code": job_data.pop("check_code", ""), "prompt": job_data.pop("check_prompt", "")}
         else:
-            target = lambda: os.execvpe(request["argv"][0], request["argv"], spec["env"])  # noqa: E731
+            job_data, check = {"argv": request["argv"]}, {}
         pipes = {name: os.pipe() for name in ("stdout", "stderr", "result", "status")}
-        stdin = os.memfd_create("stdin")
+        memfds = {name: os.memfd_create(name) for name in ("stdin", "request", "check")}
         try:
-            os.write(stdin, request.get("stdin", "").encode())
-            os.lseek(stdin, 0, os.SEEK_SET)
-            job.pid = jail.spawn(spec, stdin, pipes["stdout"][1], pipes["stderr"][1], pipes["result"][1],
-                                 pipes["status"][1], target)
+            for name, text in (("stdin", request.get("stdin", "")), ("request", json.dumps(job_data)),
+                               ("check", json.dumps(check) if check else "")):
+                _write_all(memfds[name], text.encode())
+                os.lseek(memfds[name], 0, os.SEEK_SET)
+            fds = [memfds[n] if n in memfds else pipes[n][1] for n in jail.STREAMS]
+            message = {"start": request["id"], "slot": slot, "level": self.level, "kind": request["kind"],
+                       "timeout_s": request["timeout_s"], "memory_mb": request["memory_mb"],
+                       "host_workdir": job.host_workdir, "copy_from": request.get("workdir")}
+            socket.send_fds(self.zygote, [json.dumps(message).encode()], fds)
         except OSError:
-            for fd in [stdin, *(fd for pair in pipes.values() for fd in pair)]:
-                os.close(fd)
+            for r, _ in pipes.values():
+                os.close(r)
             if job.host_workdir:
                 shutil.rmtree(job.host_workdir, ignore_errors=True)
             raise
-        os.close(stdin)
-        job.pidfd = os.pidfd_open(job.pid)
-        self.selector.register(job.pidfd, selectors.EVENT_READ, (job, "exit"))
-        for name, (r, w) in pipes.items():
-            os.close(w)
+        finally:  # the zygote has its own copies now (or none, on failure)
+            for fd in [*memfds.values(), *(w for _, w in pipes.values())]:
+                os.close(fd)
+        for name, (r, _) in pipes.items():
             os.set_blocking(r, False)
             self.selector.register(r, selectors.EVENT_READ, (job, name))
             job.pipes[name] = r
             job.open_streams.add(name)
-        self.jobs[job.pid] = job
-
-    def spec(self, request: dict, slot: int, group) -> dict:
-        cfg = self.config
-        memory = request["memory_mb"] << 20
-        spec = {
-            "level": self.level, "root": self.root, "own_pid_ns": self.own_pid_ns, "server_pidfd": self.pidfd,
-            "net_ns": self.slot_net_ns.get(slot, -1), "root_ns": self.root_ns,
-            "uid": UID_BASE + slot, "timeout_s": float(request["timeout_s"]),
-            "cgroup_procs": group.procs_files if group and self.level != "none" else [],
-            "workdir_bytes": cfg["workdir_mb"] << 20, "copy_from": request.get("workdir"),
-            "address_space_bytes": memory + (512 << 20), "file_size_bytes": cfg["workdir_mb"] << 20,
-            "open_files": 64, "processes": cfg["processes"],
-            "landlock_abi": self.landlock_abi, "seccomp_program": self.seccomp_program,
-            "env": {"PATH": ":".join([f"{p}/bin" for p in cfg["prefixes"]] + ["/usr/local/bin", "/usr/bin", "/bin"]),
-                    "HOME": "/work", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"},
-        }
-        if self.level == "none":
-            spec["host_workdir"] = tempfile.mkdtemp(prefix="r1sandbox-work-")
-            spec["env"]["HOME"] = spec["host_workdir"]
-        return spec
+        self.jobs[request["id"]] = job
 
     def read_job(self, job: Job, name: str) -> bool:
         """Read one chunk; False when nothing more is there for now."""
@@ -269,54 +366,54 @@ class Server:
             job.open_streams.discard(name)
             return False
         job.buffers[name] += chunk
-        caps = {"result": self.config["result_cap"]}
+        caps = {"result": self.config["result_cap"], "status": 1 << 16}
         total = len(job.buffers["stdout"]) + len(job.buffers["stderr"])
-        if job.killed_for is None and (len(job.buffers[name]) > caps.get(name, 1 << 62)
-                                       or total > self.config["output_cap"]):
-            self.kill(job, "output_limit")
+        if len(job.buffers[name]) > caps.get(name, 1 << 62) or total > self.config["output_cap"]:
+            del job.buffers[name][caps.get(name, self.config["output_cap"]):]  # memory stays bounded
+            if job.killed_for is None:
+                self.kill(job, "output_limit")
         return True
 
     def kill(self, job: Job, why: str) -> None:
         job.killed_for = job.killed_for or why
-        if job.wait_status is None:  # the pid is ours until we reap it: no reuse race
-            # pid 1 of its namespace: the kernel ends every other process in it. At level "none"
-            # its process group too (the cgroup below catches the rest).
-            os.kill(job.pid, signal.SIGKILL)
-            if self.level == "none":
-                try:
-                    os.killpg(job.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        if job.wait_status is None and job.pid:
+            self.zygote.send(json.dumps({"kill": job.request["id"]}).encode())
         group = self.slot_cgroups.get(job.slot)
         if group:
             group.kill_all()
+
+    def release(self, job: Job) -> None:
+        for name in list(job.open_streams):
+            self.selector.unregister(job.pipes[name])
+        for fd in job.pipes.values():
+            os.close(fd)
+        if job.host_workdir:
+            shutil.rmtree(job.host_workdir, ignore_errors=True)
+        del self.jobs[job.request["id"]]
+        self.free_slots.append(job.slot)
 
     def finish(self, job: Job) -> dict:
         """The jail has exited (and been reaped): collect what is left in the pipes, and leave
         nothing running."""
         for name in list(job.open_streams):
-            while self.read_job(job, name) and len(job.buffers[name]) <= self.config["result_cap"]:
+            cap = self.config["result_cap"] if name == "result" else self.config["output_cap"]
+            while self.read_job(job, name) and len(job.buffers[name]) < cap:
                 pass
-            if name in job.open_streams:
-                self.selector.unregister(job.pipes[name])
-        for fd in job.pipes.values():
-            os.close(fd)
-        self.selector.unregister(job.pidfd)
-        os.close(job.pidfd)
         group = self.slot_cgroups.get(job.slot)
         leftover = bool(group and group.procs())
         if leftover and not group.kill_all():
             raise RuntimeError(f"slot {job.slot}: processes survive SIGKILL: {group.procs()}")
-        if job.host_workdir:
-            shutil.rmtree(job.host_workdir, ignore_errors=True)
-        del self.jobs[job.pid]
-        self.free_slots.append(job.slot)
+        self.release(job)
         return self.describe(job, leftover, group)
 
     def describe(self, job: Job, leftover: bool, group) -> dict:
         text = lambda name: job.buffers[name].decode("utf-8", "replace")  # noqa: E731
-        statuses = [json.loads(line) for line in job.buffers["status"].splitlines() if line.strip()]
-        setup_error = next((s["setup_error"] for s in statuses if "setup_error" in s), None)
+        setup_error = None
+        for line in job.buffers["status"].splitlines():
+            try:
+                setup_error = setup_error or json.loads(line).get("setup_error")
+            except (ValueError, AttributeError):
+                setup_error = setup_error or "unreadable setup report"
         oom = bool(group and group.new_oom_kills())
         exited = os.WIFEXITED(job.wait_status)
         reply = {"id": job.request["id"], "stdout": text("stdout")[: self.config["output_cap"]],
@@ -326,7 +423,7 @@ class Server:
                  "signal": None if exited else os.WTERMSIG(job.wait_status),
                  "leftover_processes": leftover, "level": self.level}
         if setup_error:
-            reply.update(status="sandbox_error", error=setup_error)
+            reply.update(status="sandbox_error", error=str(setup_error)[:2000])
         elif job.killed_for:
             reply["status"] = job.killed_for
         elif oom:
@@ -335,23 +432,31 @@ class Server:
             reply["status"] = "exited" if exited else "signaled"
         return reply
 
-    def reap(self) -> None:
-        """Collect the exit status of jails that ended. We are also the child subreaper: orphans
-        (at level "none") end up here and must not stay zombies."""
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            if pid in self.jobs:
-                self.jobs[pid].wait_status = status
-
     def close(self) -> None:
+        if self.zygote_pid:
+            try:
+                os.kill(self.zygote_pid, signal.SIGKILL)
+                os.waitpid(self.zygote_pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
         for group in self.slot_cgroups.values():
             group.remove()
         shutil.rmtree(self.mountpoint, ignore_errors=True)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _remove_stale(owner_pid: int | None) -> None:
+    """The empty root mount points of servers whose owner has exited (a SIGKILLed server leaves
+    them behind; its mounts were in a namespace that died with it)."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{ROOT_PREFIX}*-*")):
+        owner = os.path.basename(path)[len(ROOT_PREFIX):].split("-")[0]
+        if owner.isdigit() and int(owner) != owner_pid and not os.path.exists(f"/proc/{owner}"):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _enter_own_namespaces() -> None:
@@ -374,14 +479,15 @@ def main() -> None:
     config = json.loads(sys.argv[1])
     os.umask(0o022)
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # clean up (cgroups, mount point) on TERM too
     root = os.geteuid() == 0
     if not root:
         _enter_own_namespaces()
-    linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)
     for module in PRELOAD:
         __import__(module)
     server = Server(config, root)
     try:
+        server.prepare()
         hello = server.probe()
         sys.stdout.buffer.write((json.dumps(hello) + "\n").encode())
         sys.stdout.buffer.flush()

@@ -62,15 +62,29 @@ def test_stdio_compares_every_line(box):
     assert not crash.passed and "exit status 2" in crash.tests[0].detail
 
 
-def test_assert_format_grades_literals_outside(box):
+def test_assert_format_decides_every_assert_outside(box):
     problem = {"format": "assert", "prompt": "def inc(x):\n", "solution": "    return x + 1\n", "entry_point": "inc",
                "test_code": "def check(candidate):\n    assert candidate(1) == 2\n    assert candidate(-1) == 0\n"}
     result = box.grade(problem)
-    assert result.passed and len(result.tests) == 2 and not result.self_reported
-    residual = box.grade({**problem, "test_code": "def check(candidate):\n    assert candidate(1) == 2\n"
-                                                  "    assert abs(candidate(0.5) - 1.5) < 1e-9\n"})
-    assert residual.passed and residual.self_reported and len(residual.tests) == 2
+    assert result.passed and len(result.tests) == 2 and result.checker_asserts == 0
+    forms = box.grade({**problem, "test_code": "import math\ndef check(candidate):\n"
+                                               "    assert abs(candidate(0.5) - 1.5) < 1e-9\n"
+                                               "    assert math.isclose(candidate(1.0), 2.0, rel_tol=1e-9)\n"
+                                               "    assert (candidate(0) == 1) is True\n"
+                                               "    assert not candidate(-1)\n    assert candidate(3)\n"
+                                               "    for x, y in [(1, 2), (5, 6)]:\n        assert candidate(x) == y\n"})
+    assert forms.passed and len(forms.tests) == 6 and forms.checker_asserts == 0, forms
+    caught = box.grade({**problem, "test_code": "def check(candidate):\n    try:\n        assert candidate(1) == 5\n"
+                                                "    except AssertionError:\n        pass\n"})
+    assert caught.passed and caught.checker_asserts == 1
     assert not box.grade({**problem, "solution": "    return x + 2\n"}).passed
+    wrong = box.grade({**problem, "solution": "    return x + 1 if x != 5 else 0\n", "test_code": forms_code()})
+    assert not wrong.passed and [t.passed for t in wrong.tests] == [True, False]
+
+
+def forms_code() -> str:
+    return "def check(candidate):\n    assert candidate(1) == 2\n    for x, y in [(1, 2), (5, 6)]:\n" \
+           "        assert candidate(x) == y\n"
 
 
 def test_broken_solutions_fail_cleanly(box):

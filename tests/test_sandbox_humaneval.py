@@ -37,5 +37,5 @@ def test_humaneval_canonical_pass_and_corrupted_fail():
         good, bad = box.grade_many(canonical), box.grade_many(corrupted)
     assert [p["task_id"] for p, r in zip(canonical, good) if not r.passed] == []
     assert [p["task_id"] for p, r in zip(corrupted, bad) if r.passed] == []
-    # Most of the verdict is the supervisor's own comparison, not a report from inside the jail.
-    assert sum(r.self_reported for r in good) < 80
+    # Every assert of every HumanEval problem is decided by the supervisor, none by the checker.
+    assert [p["task_id"] for p, r in zip(canonical, good) if r.checker_asserts] == []

@@ -1,0 +1,155 @@
+"""The zygote: the process every jail is forked from.
+
+The fork server (server.py) reads every job: other completions' solutions and test inputs sit in its
+memory, live or freed. A jail forked from it could read them back (gc.get_objects(), its own heap
+through /proc/self/mem) and copy a sibling's answer. So the server forks this process once, at
+start-up, before it has read any job, and never forks a jail itself. The zygote keeps only the
+prepared state (warm interpreter, namespaces, the read-only root) and receives, per job, a few
+numbers and file descriptors over a socket; the jail reads its own job from one of them after it is
+sealed, and writes its output straight to the server's pipes. Nothing of a job passes through here.
+
+    server ──socket (numbers + fds)──► zygote ─fork─► jail ──pipes──► server
+
+Messages (JSON, one per SOCK_SEQPACKET datagram):
+  server → zygote  {"start": id, "slot", "level", "kind", "timeout_s", "memory_mb", "host_workdir",
+                    "copy_from"} with the job's fds in jail.STREAMS order;  {"kill": id}
+  zygote → server  {"job": id, "pid": pid} | {"job": id, "error": text};  {"job": id, "status": wait status}
+"""
+
+import json
+import os
+import selectors
+import signal
+import socket
+
+from sandbox import harness, jail, linux
+
+
+class Zygote:
+    def __init__(self, sock: socket.socket, setup: dict):
+        self.sock, self.setup = sock, setup
+        self.pidfd = os.pidfd_open(os.getpid())  # each jail polls it: is the zygote still there?
+        self.selector = selectors.DefaultSelector()
+        self.children: dict[int, tuple[str, int, str]] = {}  # pid -> (job id, pidfd, level)
+        self.pids: dict[str, int] = {}                        # job id -> pid
+
+    def serve(self) -> None:
+        self.selector.register(self.sock, selectors.EVENT_READ, None)
+        while True:
+            for key, _ in self.selector.select():
+                if key.data is not None:
+                    self.reap()
+                    continue
+                message, fds, _, _ = socket.recv_fds(self.sock, 1 << 16, len(jail.STREAMS))
+                if not message:  # the server is gone; our jails die with us (parent-death signal)
+                    return
+                request = json.loads(message)
+                if "kill" in request:
+                    self.kill(request["kill"])
+                else:
+                    self.start(request, fds)
+
+    def send(self, message: dict) -> None:
+        self.sock.send(json.dumps(message).encode())
+
+    def start(self, request: dict, fds: list[int]) -> None:
+        job = request["start"]
+        try:
+            if len(fds) != len(jail.STREAMS):
+                raise OSError(f"expected {len(jail.STREAMS)} descriptors, got {len(fds)}")
+            pid = jail.spawn(self.spec(request), dict(zip(jail.STREAMS, fds)), _target(request["kind"]))
+        except OSError as exc:  # e.g. namespaces refused while probing a level
+            self.send({"job": job, "error": f"start: {exc!r}"})
+            return
+        finally:
+            for fd in fds:
+                os.close(fd)
+        pidfd = os.pidfd_open(pid)
+        self.selector.register(pidfd, selectors.EVENT_READ, pid)
+        self.children[pid], self.pids[job] = (job, pidfd, request["level"]), pid
+        self.send({"job": job, "pid": pid})
+
+    def kill(self, job: str) -> None:
+        pid = self.pids.get(job)
+        if pid is None:  # already reaped (its status is on its way) or never started
+            return
+        # pid 1 of its namespace: the kernel ends every other process in it. At level "none" its
+        # process group too (the slot's cgroup catches the rest). The pid is ours until we reap it.
+        os.kill(pid, signal.SIGKILL)
+        if self.children[pid][2] == "none":
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def reap(self) -> None:
+        """Collect the exit status of jails that ended. We are also the child subreaper: orphans
+        (at level "none") end up here and must not stay zombies."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in self.children:
+                job, pidfd, _ = self.children.pop(pid)
+                del self.pids[job]
+                self.selector.unregister(pidfd)
+                os.close(pidfd)
+                self.send({"job": job, "status": status})
+
+    def spec(self, request: dict) -> dict:
+        setup, slot = self.setup, request["slot"]
+        memory = int(request["memory_mb"]) << 20
+        level = request["level"]
+        spec = {
+            "level": level, "root": setup["root"], "own_pid_ns": setup["own_pid_ns"], "parent_pidfd": self.pidfd,
+            "net_ns": setup["net_ns"].get(slot, -1), "root_ns": setup["root_ns"],
+            "uid": setup["uid_base"] + slot, "timeout_s": float(request["timeout_s"]),
+            "cgroup_procs": setup["cgroup_procs"].get(slot, []) if level != "none" else [],
+            "workdir_bytes": setup["workdir_mb"] << 20, "copy_from": request.get("copy_from"),
+            "address_space_bytes": memory + (512 << 20), "file_size_bytes": setup["workdir_mb"] << 20,
+            "open_files": 64, "processes": setup["processes"],
+            "landlock_abi": setup["landlock_abi"], "seccomp_program": setup["seccomp_program"],
+            "env": dict(setup["env"]), "host_workdir": request.get("host_workdir"),
+        }
+        if level == "none":
+            spec["env"]["HOME"] = spec["host_workdir"]
+        return spec
+
+
+def _target(kind: str):
+    """What the sealed jail does with its job: grade in-process, or become the program."""
+    if kind == "harness":
+        return lambda request, spec: harness.main(request, spec["landlock_abi"])
+    if kind == "exec":
+        def run(request: dict, spec: dict) -> None:
+            for fd in (jail.RESULT_FD, jail.CHECK_FD):
+                os.close(fd)
+            os.execvpe(request["argv"][0], request["argv"], spec["env"])
+        return run
+    raise OSError(f"unknown job kind {kind!r}")
+
+
+def start(setup: dict) -> tuple[int, socket.socket]:
+    """Fork the zygote (call before reading any job); returns its pid and the server's end."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server_pid = os.getpid()
+    pid = os.fork()
+    if pid:
+        theirs.close()
+        return pid, ours
+    try:
+        ours.close()
+        linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != server_pid:  # the server died before the line above
+            os._exit(1)
+        linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)
+        null = os.open("/dev/null", os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(null, 1)  # the server's reply pipe stays the server's
+        os.close(null)
+        Zygote(theirs, setup).serve()
+    finally:
+        os._exit(0)

@@ -17,6 +17,7 @@ import glob
 import json
 import math
 import os
+import resource
 import selectors
 import shutil
 import signal
@@ -233,15 +234,17 @@ class Server:
             self.selector.unregister(fd)
 
     def step(self, reply) -> None:
+        refused = False
         while self.pending and self.free_slots:
             request, slot = self.pending.popleft(), self.free_slots.pop()
             try:
                 self.start(request, slot)
-            except OSError as exc:
+            except OSError as exc:  # e.g. out of descriptors: this job fails, loudly, and nothing leaks
                 self.free_slots.append(slot)
                 reply(self.failure(request, f"start: {exc!r}"))
+                refused = True
         deadlines = [j.started + j.request["timeout_s"] for j in self.jobs.values() if j.killed_for is None]
-        timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+        timeout = 0.0 if refused else max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
         for key, _ in self.selector.select(timeout):
             if key.data == "requests":
                 self.read_requests(key.fd, reply)
@@ -326,9 +329,12 @@ class Server:
             check = {"check_code": job_data.pop("check_code", ""), "prompt": job_data.pop("check_prompt", "")}
         else:
             job_data, check = {"argv": request["argv"]}, {}
-        pipes = {name: os.pipe() for name in ("stdout", "stderr", "result", "status")}
-        memfds = {name: os.memfd_create(name) for name in ("stdin", "request", "check")}
+        pipes, memfds = {}, {}
         try:
+            for name in ("stdout", "stderr", "result", "status"):
+                pipes[name] = os.pipe()
+            for name in ("stdin", "request", "check"):
+                memfds[name] = os.memfd_create(name)
             for name, text in (("stdin", request.get("stdin", "")), ("request", json.dumps(job_data)),
                                ("check", json.dumps(check) if check else "")):
                 _write_all(memfds[name], text.encode())
@@ -480,6 +486,10 @@ def main() -> None:
     os.umask(0o022)
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # clean up (cgroups, mount point) on TERM too
+    # Every run holds a few descriptors here; a host with many cores (many slots) must not hit the
+    # usual soft limit of 1024.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     root = os.geteuid() == 0
     if not root:
         _enter_own_namespaces()

@@ -189,7 +189,12 @@ class _Connection:
 
 
 class Sandbox:
-    def __init__(self, accept: str | None = None, limits: Limits | None = None):
+    def __init__(self, accept: str | None = None, limits: Limits | None = None, disable: tuple[str, ...] = ()):
+        """`accept`: the weakest isolation level to run at (default: full, or $R1_SANDBOX_ISOLATION).
+        `disable`: mechanisms to leave off ("landlock", "seccomp", "cgroup"), as on a host that lacks
+        them; the level drops accordingly (for tests of what such a host gets)."""
+        if not set(disable) <= {"landlock", "seccomp", "cgroup"}:
+            raise ValueError(f"disable={disable!r}: only 'landlock', 'seccomp' and 'cgroup' can be left off")
         self.accept = accept or os.environ.get(ISOLATION_ENV, "full")
         if self.accept not in LEVELS:
             raise ValueError(f"accept={self.accept!r}: must be one of {LEVELS} (strongest first)")
@@ -198,7 +203,7 @@ class Sandbox:
         config = {"slots": self.limits.slots, "workdir_mb": self.limits.workdir_mb,
                   "processes": self.limits.processes, "output_cap": self.limits.output_cap,
                   "result_cap": self.limits.result_cap, "prefixes": prefixes, "hide": hide,
-                  "owner_pid": os.getpid()}
+                  "disable": list(disable)}
         # The server loads the package's modules without its __init__ (which imports this module and,
         # through it, threading, subprocess and concurrent.futures): every module whose at-fork hooks
         # run in each jail costs page faults there.

@@ -13,6 +13,7 @@ already imported. The server enforces the wall clock (through the zygote: SIGKIL
 It never sees expected outputs: a job is a program or a solution with test inputs."""
 
 import collections
+import fcntl
 import glob
 import json
 import math
@@ -84,15 +85,22 @@ class Server:
         self.pending = collections.deque()
         self.jobs: dict[str, Job] = {}
         self.free_slots = list(range(config["slots"]))
-        _remove_stale(config.get("owner_pid"))
-        self.mountpoint = tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{config.get('owner_pid', 0)}-")
+        _remove_stale_roots()
+        self.mountpoint = tempfile.mkdtemp(prefix=ROOT_PREFIX)
+        # Held while the server lives: a later server removes the mount point once nobody holds it.
+        self.mountpoint_lock = os.open(self.mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fcntl.flock(self.mountpoint_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        disabled = set(config.get("disable", ()))
         self.cgroup_version, self.cgroup_note = cgroups.detect() if root else (None, "not root")
+        if "cgroup" in disabled:
+            self.cgroup_version, self.cgroup_note = None, "disabled"
         self.slot_cgroups = {}
         self.slot_net_ns: dict[int, int] = {}
         self.root_ns = -1
         self.level = "none"
         self.inbuf, self.outbuf = bytearray(), bytearray()
-        self.landlock_abi, self.seccomp = linux.landlock_abi(), linux.seccomp_supported()
+        self.landlock_abi = 0 if "landlock" in disabled else linux.landlock_abi()
+        self.seccomp = "seccomp" not in disabled and linux.seccomp_supported()
         self.zygote_pid, self.zygote = 0, None
         self.reading = True
 
@@ -448,6 +456,7 @@ class Server:
         for group in self.slot_cgroups.values():
             group.remove()
         shutil.rmtree(self.mountpoint, ignore_errors=True)
+        os.close(self.mountpoint_lock)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -456,13 +465,21 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def _remove_stale(owner_pid: int | None) -> None:
-    """The empty root mount points of servers whose owner has exited (a SIGKILLed server leaves
-    them behind; its mounts were in a namespace that died with it)."""
-    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{ROOT_PREFIX}*-*")):
-        owner = os.path.basename(path)[len(ROOT_PREFIX):].split("-")[0]
-        if owner.isdigit() and int(owner) != owner_pid and not os.path.exists(f"/proc/{owner}"):
+def _remove_stale_roots() -> None:
+    """The empty mount points left by servers that were killed (their mounts lived in a namespace
+    that died with them): any that no live server holds locked."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{ROOT_PREFIX}*")):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             shutil.rmtree(path, ignore_errors=True)
+        except OSError:  # a live server holds it
+            pass
+        finally:
+            os.close(fd)
 
 
 def _enter_own_namespaces() -> None:

@@ -155,14 +155,30 @@ def test_refuses_without_isolation_unless_accepted(tmp_path):
 UNPRIVILEGED = textwrap.dedent("""
     import json, os, sys
     sys.path.insert(0, {root!r})
-    from sandbox import Sandbox
-    with Sandbox(accept="namespaces") as box:
+    from sandbox import Limits, Sandbox
+    with Sandbox(accept="namespaces", limits=Limits(processes=32)) as box:
         probe = box.run(["python3", "-c", "import os; print(os.getpid(), os.readlink('/proc/self/ns/net'))"])
+        bomb = box.run(["python3", "-c", {bomb!r}], timeout_s=20)
         slow = box.run(["sleep", "5"], timeout_s=0.5)
         graded = box.grade({{"format": "function_call", "solution": "def f(a):\\n    return a + 1\\n",
                              "entry_point": "f", "tests": [{{"input": [1], "output": 2}}]}})
     print(json.dumps({{"level": box.level, "probe": probe.stdout.split(), "slow": slow.status,
-                      "passed": graded.passed, "net": os.readlink("/proc/self/ns/net")}}))
+                      "passed": graded.passed, "net": os.readlink("/proc/self/ns/net"),
+                      "forks": bomb.stdout.split()}}))
+""")
+# Forks until refused (children wait): how many processes a jail may have.
+BOMB = textwrap.dedent("""
+    import os, time
+    n = 0
+    try:
+        while n < 2000:
+            if os.fork() == 0:
+                time.sleep(30)
+                os._exit(0)
+            n += 1
+    except OSError:
+        pass
+    print(n)
 """)
 SYSTEM_PYTHON = "/usr/bin/python3"
 
@@ -176,10 +192,11 @@ def test_unprivileged_supervisor_still_isolates():
                              capture_output=True, text=True).stdout.strip()
     if version != "True" or os.stat(ROOT).st_mode & 0o005 != 0o005:
         pytest.skip("needs a system python >= 3.10 and a checkout readable by others")
-    done = subprocess.run([SYSTEM_PYTHON, "-I", "-c", UNPRIVILEGED.format(root=str(ROOT))], capture_output=True,
+    done = subprocess.run([SYSTEM_PYTHON, "-I", "-c", UNPRIVILEGED.format(root=str(ROOT), bomb=BOMB)], capture_output=True,
                           text=True, cwd="/", env={"PATH": "/usr/bin:/bin"}, user=65534, group=65534,
                           extra_groups=[], timeout=60)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["level"] == "namespaces" and report["probe"][0] == "1" and report["probe"][1] != report["net"]
     assert report["slow"] == "timeout" and report["passed"]
+    assert 0 < int(report["forks"][0]) < 32, "the process limit holds without root too"

@@ -5,9 +5,12 @@ assert-format verdict, deadlocking the client, crashing the scorer with crafted 
 the server's file descriptors, and killing the server."""
 
 import gc
+import glob
 import json
 import os
 import resource
+import subprocess
+import tempfile
 import textwrap
 import threading
 import time
@@ -16,7 +19,7 @@ import uuid
 import pytest
 
 import rewards.code
-from sandbox import Limits, Sandbox
+from sandbox import Limits, Sandbox, SandboxUnavailable
 from sandbox.grading import json_equal
 
 ROUNDS = 5  # each attack runs in several interleaved batches, to catch races with the server's reads
@@ -133,15 +136,15 @@ ISCLOSE = "import math\ndef check(candidate):\n    assert abs(candidate(1) - 2) 
 
 
 @pytest.mark.parametrize("name, solution", [
-    ("writes the completed record to the result fd",
+    ("writes the completed record to the result fd, then leaves",
      "import os\nfor fd in range(3, 10):\n    try:\n        os.write(fd, b'{\"check\": \"completed\"}\\n')\n"
-     "    except OSError:\n        pass\ndef f(x):\n    return 0\n"),
-    ("shadows abs and math.isclose in the globals the test code would share",
+     "    except OSError:\n        pass\nos._exit(0)\n"),
+    ("shadows abs, sorted and math.isclose in the globals the test code would share",
      "import builtins, math\nabs = builtins.abs = lambda x: 0\nmath.isclose = lambda *a, **k: True\n"
-     "sorted = builtins.sorted = lambda x: 0\ndef f(x):\n    return 100\n"),
+     "sorted = builtins.sorted = lambda x: 100\ndef f(x):\n    return 100\n"),
     ("returns an always-equal object",
-     "class Eq(float):\n    def __eq__(self, other): return True\n    def __sub__(self, other): return 0\n"
-     "    def __float__(self): return 2.0\n    __hash__ = float.__hash__\ndef f(x):\n    return Eq(7)\n"),
+     "class Eq:\n    def __eq__(self, other): return True\n    def __sub__(self, other): return 0\n"
+     "    def __float__(self): return 3.0\ndef f(x):\n    return Eq()\n"),
     ("exits before the test code runs", "import os\nos._exit(0)\n"),
 ])
 def test_assert_verdicts_cannot_be_forged(box, name, solution):
@@ -305,3 +308,61 @@ def test_the_server_outlives_the_thread_that_started_it():
     finally:
         sandbox.close()
     gc.collect()
+
+
+# --- fail closed, and say so ----------------------------------------------------------------------
+
+def test_the_level_says_what_is_in_force():
+    """Without Landlock (or seccomp, or cgroups) the level is not "full", and the default refuses."""
+    with pytest.raises(SandboxUnavailable, match="Landlock"):
+        Sandbox(limits=Limits(slots=1), disable=("landlock",))
+    with Sandbox(accept="namespaces", limits=Limits(slots=1), disable=("landlock",)) as weaker:
+        assert weaker.level == "namespaces" and "Landlock" in weaker.failures["full"]
+        assert weaker.mechanisms["landlock_abi"] == 0 and weaker.run(["true"]).ok
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs below /usr/local")
+def test_the_root_is_read_only_all_the_way_down(tmp_path):
+    """A mount below /usr (here a tmpfs at /usr/local/r1-<id>) must be read-only in the jail too,
+    with Landlock off so that only the mount layer stands in the way."""
+    below = f"/usr/local/r1-{uuid.uuid4().hex[:8]}"
+    os.mkdir(below)
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=777", "tmpfs", below], check=True)
+        with Sandbox(accept="namespaces", limits=Limits(slots=1), disable=("landlock",)) as box:
+            result = box.run(["python3", "-c", textwrap.dedent(f"""
+                try:
+                    open('{below}/planted.py', 'w').write('x')
+                    print('WROTE')
+                except OSError as exc:
+                    print('refused', exc.errno)
+                for line in open('/proc/self/mountinfo'):
+                    fields = line.split()
+                    point, options = fields[4], fields[5].split(',')
+                    if 'rw' in options and not point.startswith(('/work', '/tmp', '/proc', '/dev/')):
+                        print('WRITABLE', point)
+            """)])
+        assert result.ok and "refused 30" in result.stdout, result.stdout + result.stderr  # EROFS
+        assert "WROTE" not in result.stdout and "WRITABLE" not in result.stdout, result.stdout
+    finally:
+        subprocess.run(["umount", below])
+        os.rmdir(below)
+
+
+def test_a_killed_server_leaves_nothing_behind_for_long():
+    """SIGKILL gives a server no chance to clean up: the next server removes its mount point and
+    (as root) its slot cgroups."""
+    roots = lambda: set(glob.glob(os.path.join(tempfile.gettempdir(), "r1sandbox-root-*")))  # noqa: E731
+    before = roots()
+    first = Sandbox(limits=Limits(slots=1))
+    pid = first._process.pid
+    mine = roots() - before
+    groups = [g for g in glob.glob(f"/sys/fs/cgroup/*/r1sandbox/{pid}-*")]
+    assert len(mine) == 1 and (os.geteuid() != 0 or groups)
+    first._process.kill()
+    first._process.wait()
+    first.close()
+    assert all(os.path.exists(p) for p in mine)
+    with Sandbox(limits=Limits(slots=1)) as second:
+        assert second.run(["true"]).ok
+        assert not any(os.path.exists(p) for p in mine) and not any(os.path.exists(g) for g in groups)

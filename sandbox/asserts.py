@@ -71,6 +71,7 @@ def _split(node: ast.expr, holes: list[ast.expr]) -> ast.expr:
 class _Rewriter(ast.NodeTransformer):
     def __init__(self):
         self.predicates: list[tuple[ast.expr, str]] = []
+        self.holes: list[ast.expr] = []
 
     def visit_Try(self, node):  # an assert here may be expected to fail: leave it to the checker
         return node
@@ -80,6 +81,7 @@ class _Rewriter(ast.NodeTransformer):
     def visit_Assert(self, node):
         holes: list[ast.expr] = []
         predicate = _split(node.test, holes)
+        self.holes += holes
         self.predicates.append((predicate, ast.unparse(node.test)[:300]))
         thunk = ast.Lambda(args=ast.arguments(posonlyargs=[], args=[], kwonlyargs=[], kw_defaults=[], defaults=[]),
                            body=ast.Tuple(elts=holes, ctx=ast.Load()))
@@ -87,16 +89,42 @@ class _Rewriter(ast.NodeTransformer):
         return ast.copy_location(ast.Expr(call), node)
 
 
-def rewrite_check(test_code: str) -> tuple[str, list[tuple[ast.expr, str]], int]:
+def rewrite_check(test_code: str, entry_point: str = "candidate") -> tuple[str, list[tuple[ast.expr, str]], int, bool]:
     """(the test code to run in the checker, the predicates by assert index with their source text,
-    how many asserts stay decided inside)."""
+    how many asserts stay decided inside, whether the checker may share the candidate's process).
+
+    Sharing is allowed only when `check` is nothing but asserts (and imports) whose holes are all calls
+    of the candidate on literal arguments: then every value the test code reports is a return value of
+    the candidate, which the candidate could choose anyway, and there is no state of the test code's
+    own that a candidate in the same process could forge. It saves a process per grading."""
     tree = ast.parse(test_code)
     rewriter = _Rewriter()
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == "check":
-            rewriter.visit(node)
+    checks = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == "check"]
+    plain = bool(checks) and all(_plain(stmt) for stmt in checks[-1].body) and \
+        all(isinstance(n, (ast.FunctionDef, ast.Import, ast.ImportFrom, ast.Assign, ast.Expr)) and not
+            any(isinstance(m, ast.Assert) for m in ast.walk(n)) for n in tree.body if n not in checks)
+    for node in checks:
+        rewriter.visit(node)
     residual = sum(isinstance(n, ast.Assert) for n in ast.walk(tree))
-    return ast.unparse(ast.fix_missing_locations(tree)), rewriter.predicates, residual
+    callers = {"candidate", entry_point}
+    shared = plain and residual == 0 and all(_literal_call(hole, callers) for hole in rewriter.holes)
+    return ast.unparse(ast.fix_missing_locations(tree)), rewriter.predicates, residual, shared
+
+
+def _plain(stmt: ast.stmt) -> bool:
+    return isinstance(stmt, (ast.Assert, ast.Import, ast.ImportFrom, ast.Pass)) or \
+        (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant))
+
+
+def _literal_call(hole: ast.expr, callers: set[str]) -> bool:
+    if not (isinstance(hole, ast.Call) and isinstance(hole.func, ast.Name) and hole.func.id in callers):
+        return False
+    try:
+        for arg in [*hole.args, *(k.value for k in hole.keywords)]:
+            ast.literal_eval(arg)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return False
+    return all(k.arg for k in hole.keywords)
 
 
 def holds(predicate: ast.expr, holes) -> bool:

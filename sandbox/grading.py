@@ -96,8 +96,10 @@ def build_request(problem: dict) -> tuple[dict, Expectation]:
     request = {"format": fmt, "source": source, "entry_point": problem.get("entry_point", ""),
                "timeout_s": float(problem.get("timeout_s", DEFAULT_TIMEOUT_S))}
     if fmt == "assert":
-        request["check_code"], predicates, residual = asserts.rewrite_check(problem["test_code"])
+        request["check_code"], predicates, residual, shared = asserts.rewrite_check(problem["test_code"],
+                                                                                   problem["entry_point"])
         request["check_prompt"] = problem.get("prompt") or ""
+        request["checker"] = "shared" if shared else "separate"
         return request, Expectation(predicates, residual)
     request["inputs"] = [t["input"] for t in problem["tests"]]
     return request, Expectation([t["output"] for t in problem["tests"]])

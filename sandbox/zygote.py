@@ -16,6 +16,7 @@ Messages (JSON, one per SOCK_SEQPACKET datagram):
   zygote → server  {"job": id, "pid": pid} | {"job": id, "error": text};  {"job": id, "status": wait status}
 """
 
+import gc
 import json
 import os
 import selectors
@@ -150,6 +151,9 @@ def start(setup: dict) -> tuple[int, socket.socket]:
         os.dup2(null, 0)
         os.dup2(null, 1)  # the server's reply pipe stays the server's
         os.close(null)
+        # Everything alive now is shared with every jail: keep the collector off it, so that a jail's
+        # first collection does not write to (and copy) every page of the image.
+        gc.freeze()
         Zygote(theirs, setup).serve()
     finally:
         os._exit(0)

@@ -366,3 +366,21 @@ def test_a_killed_server_leaves_nothing_behind_for_long():
     with Sandbox(limits=Limits(slots=1)) as second:
         assert second.run(["true"]).ok
         assert not any(os.path.exists(p) for p in mine) and not any(os.path.exists(g) for g in groups)
+
+
+def test_test_code_with_state_of_its_own_runs_apart_from_the_candidate():
+    """Only test code whose every reported value is a return value of the candidate (called on
+    literals) may share the candidate's process; a loop variable, a helper's result or a random input
+    is the test code's own state, which a candidate in the same process could forge."""
+    from sandbox.asserts import rewrite_check
+
+    shared = lambda code: rewrite_check(code, "f")[3]  # noqa: E731
+    assert shared("def check(candidate):\n    assert candidate(1) == 2\n    assert not f([1, 2])\n")
+    assert shared("import math\ndef check(candidate):\n    assert math.isclose(candidate(x=1.5), 2)\n")
+    for code in ("def check(candidate):\n    for x, y in [(1, 2)]:\n        assert candidate(x) == y\n",
+                 "def check(candidate):\n    assert candidate(1) == helper(1)\n",
+                 "import random\ndef check(candidate):\n    x = random.random()\n    assert candidate(x) == x\n",
+                 "def check(candidate):\n    assert candidate(sorted([2, 1])) == [1, 2]\n",
+                 "def check(candidate):\n    try:\n        assert candidate(1) == 2\n    except AssertionError:\n"
+                 "        pass\n"):
+        assert not shared(code), code

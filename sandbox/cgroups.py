@@ -1,5 +1,6 @@
 """Per-slot control groups: a memory limit and a process limit that hold for root (RLIMIT_NPROC does
-not), the OOM-kill count, and a way to kill everything left in a slot.
+not), a CPU limit where the cpu controller is there, the OOM-kill count, and a way to kill
+everything left in a slot.
 
 cgroup v1 needs the `memory` and `pids` hierarchies; cgroup v2 needs both controllers available at
 the unified root (a v2 mount that only offers `hugetlb`, as on the Debian CI machines, does not count)."""
@@ -55,7 +56,8 @@ def detect() -> tuple[str | None, str]:
 def remove_stale() -> None:
     """Slot groups of servers that have exited (`<server pid>-<slot>`): a SIGKILLed server cannot
     remove its own."""
-    for parent in [f"{V1_ROOT}/memory/{GROUP}", f"{V1_ROOT}/pids/{GROUP}", *(f"{r}/{GROUP}" for r in V2_ROOTS)]:
+    v1 = [f"{V1_ROOT}/{h}/{GROUP}" for h in ("memory", "pids", "cpu")]
+    for parent in [*v1, *(f"{r}/{GROUP}" for r in V2_ROOTS)]:
         if not os.path.isdir(parent) or os.path.islink(parent):
             continue
         for name in os.listdir(parent):
@@ -74,7 +76,7 @@ def _v2_root() -> str:
 class SlotCgroup:
     """One group per pool slot, reused by the slot's consecutive runs."""
 
-    def __init__(self, version: str, name: str, pids_max: int):
+    def __init__(self, version: str, name: str, pids_max: int, cpus: float):
         self.version = version
         if version == "v1":
             self.memory, self.pids = f"{V1_ROOT}/memory/{GROUP}/{name}", f"{V1_ROOT}/pids/{GROUP}/{name}"
@@ -88,6 +90,30 @@ class SlotCgroup:
         self.memory_bytes = 1 << 62  # a new group starts unlimited
         self.oom_kills_seen = self.oom_kills()
         _write(f"{self.pids}/pids.max", pids_max)
+        self.cpu_limited = self._limit_cpu(name, cpus)
+
+    def _limit_cpu(self, name: str, cpus: float) -> bool:
+        """At most `cpus` cores for a run (threads and children together), where the cpu controller
+        is there: a thread bomb then cannot starve the trainer. False when it is not."""
+        period = 100_000
+        try:
+            if self.version == "v1":
+                if not os.path.isfile(f"{V1_ROOT}/cpu/cpu.cfs_quota_us"):
+                    return False
+                group = f"{V1_ROOT}/cpu/{GROUP}/{name}"
+                os.makedirs(group, exist_ok=True)
+                self.dirs.append(group)
+                _write(f"{group}/cpu.cfs_period_us", period)
+                _write(f"{group}/cpu.cfs_quota_us", int(cpus * period))
+            else:
+                parent = os.path.dirname(self.memory)
+                if "cpu" not in _read(f"{parent}/cgroup.controllers").split():
+                    return False
+                _write(f"{parent}/cgroup.subtree_control", "+cpu")
+                _write(f"{self.memory}/cpu.max", f"{int(cpus * period)} {period}")
+        except OSError:
+            return False
+        return True
 
     @property
     def procs_files(self) -> list[str]:

@@ -70,8 +70,11 @@ class Limits:
     processes: int = 64
     output_cap: int = 1 << 20
     result_cap: int = 4 << 20
+    cpus: float = 1.0    # cores one run may use at once (cgroup cpu controller, where there is one)
 
     def __post_init__(self):
+        if isinstance(self.cpus, bool) or not isinstance(self.cpus, (int, float)) or not 0.01 <= self.cpus <= 1024:
+            raise ValueError(f"Limits.cpus={self.cpus!r}: must be a number of cores in [0.01, 1024]")
         for name, low, high in (("slots", 1, MAX_SLOTS), ("workdir_mb", 1, 1 << 16), ("processes", 1, 1 << 16),
                                 ("output_cap", 1 << 10, 1 << 30), ("result_cap", 1 << 10, 1 << 30)):
             value = getattr(self, name)
@@ -202,7 +205,7 @@ class Sandbox:
         executable, prefixes, hide = _interpreter()
         config = {"slots": self.limits.slots, "workdir_mb": self.limits.workdir_mb,
                   "processes": self.limits.processes, "output_cap": self.limits.output_cap,
-                  "result_cap": self.limits.result_cap, "prefixes": prefixes, "hide": hide,
+                  "result_cap": self.limits.result_cap, "cpus": self.limits.cpus, "prefixes": prefixes, "hide": hide,
                   "disable": list(disable)}
         # The server loads the package's modules without its __init__ (which imports this module and,
         # through it, threading, subprocess and concurrent.futures): every module whose at-fork hooks

@@ -156,6 +156,9 @@ def build_root(new: str, prefixes: list[str], hide: list[str], host_proc: bool) 
     for dev in DEVICES:
         open(f"{new}/dev/{dev}", "w").close()
         linux.mount(f"/dev/{dev}", f"{new}/dev/{dev}", None, linux.MS_BIND)
+        # Still readable and writable as devices, but the host's inodes cannot be touched (utimes...).
+        linux.mount("none", f"{new}/dev/{dev}", None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY
+                    | linux.MS_NOSUID | linux.MS_NOEXEC)
     os.symlink("/proc/self/fd", f"{new}/dev/fd")
     if host_proc:
         linux.mount("proc", f"{new}/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)

@@ -112,7 +112,7 @@ class Server:
             cgroups.remove_stale()
             for slot in range(self.config["slots"]):
                 self.slot_cgroups[slot] = cgroups.SlotCgroup(self.cgroup_version, f"{os.getpid()}-{slot}",
-                                                             self.config["processes"])
+                                                             self.config["processes"], self.config["cpus"])
         self.namespace_error = self.make_network_namespaces() or self.prepare_root()
         prefixes = self.config["prefixes"]
         setup = {
@@ -140,6 +140,7 @@ class Server:
             "cgroup_note": self.cgroup_note,
             "seccomp": self.seccomp,
             "landlock_abi": self.landlock_abi,
+            "cgroup_cpu": any(group.cpu_limited for group in self.slot_cgroups.values()),
         }
         failures = {}
         for level in jail.LEVELS:

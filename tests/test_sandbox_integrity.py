@@ -384,3 +384,27 @@ def test_test_code_with_state_of_its_own_runs_apart_from_the_candidate():
                  "def check(candidate):\n    try:\n        assert candidate(1) == 2\n    except AssertionError:\n"
                  "        pass\n"):
         assert not shared(code), code
+
+
+@pytest.mark.skipif(not os.path.isfile("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
+                    and not os.path.isfile("/sys/fs/cgroup/cpu.max"), reason="no cgroup cpu controller")
+def test_a_run_gets_the_cpu_it_is_given_and_no_more():
+    """Two busy processes for a second of wall time, in a run limited to a quarter of a core."""
+    burn = textwrap.dedent("""
+        import os, resource, time
+        for _ in range(2):
+            if os.fork() == 0:
+                end = time.monotonic() + 1.0
+                while time.monotonic() < end:
+                    pass
+                os._exit(0)
+        os.wait(); os.wait()
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        print(usage.ru_utime + usage.ru_stime)
+        os.utime('/dev/null')
+    """)
+    with Sandbox(limits=Limits(slots=1, cpus=0.25)) as sandbox:
+        assert sandbox.mechanisms["cgroup_cpu"]
+        result = sandbox.run(["python3", "-c", burn], timeout_s=10)
+    assert "Read-only file system" in result.stderr, result.stderr  # the host's /dev/null inode stays as it is
+    assert float(result.stdout) < 0.5, result.stdout

@@ -105,14 +105,26 @@ def _assert(request: dict, landlock_abi: int) -> None:
         except BaseException:
             pass
     namespace[request["entry_point"]] = proxy
+    _run_check(check["check_code"], namespace, proxy)
+
+
+def _run_check(check_code: str, namespace: dict, candidate) -> None:
+    """`check(candidate)` in `namespace`; its asserts report through __r1_emit (asserts.py)."""
     namespace["__r1_emit"] = emit_value
     try:
-        exec(compile(check["check_code"], "<tests>", "exec"), namespace)
-        namespace["check"](proxy)
+        exec(compile(check_code, "<tests>", "exec"), namespace)
+        namespace["check"](candidate)
     except BaseException as exc:
         emit({"check": "failed", "error": _describe(exc)})
         return
     emit({"check": "completed"})
+
+
+def _load(source: str, entry_point: str):
+    """The solution's entry point, from a fresh module namespace."""
+    namespace = {"__name__": "__solution__"}
+    exec(compile(source, "<solution>", "exec"), namespace)
+    return namespace[entry_point]
 
 
 def _assert_shared(request: dict) -> None:
@@ -120,21 +132,12 @@ def _assert_shared(request: dict) -> None:
     run in the candidate's process, as every value it reports is the candidate's to choose anyway."""
     check = json.loads(_read_all(CHECK_FD))
     os.close(CHECK_FD)
-    namespace = {"__name__": "__solution__"}
     try:
-        exec(compile(request["source"], "<solution>", "exec"), namespace)
-        candidate = namespace[request["entry_point"]]
+        candidate = _load(request["source"], request["entry_point"])
     except BaseException as exc:
         emit({"load_error": _describe(exc)})
         return
-    tests = {"__name__": "__check__", "__r1_emit": emit_value, request["entry_point"]: candidate}
-    try:
-        exec(compile(check["check_code"], "<tests>", "exec"), tests)
-        tests["check"](candidate)
-    except BaseException as exc:
-        emit({"check": "failed", "error": _describe(exc)})
-        return
-    emit({"check": "completed"})
+    _run_check(check["check_code"], {"__name__": "__check__", request["entry_point"]: candidate}, candidate)
 
 
 def _read_all(fd: int) -> bytes:
@@ -178,10 +181,8 @@ def _serve_candidate(request: dict, calls_fd: int, replies_fd: int) -> None:
         while data:
             data = data[os.write(replies_fd, data):]
 
-    namespace = {"__name__": "__solution__"}
     try:
-        exec(compile(request["source"], "<solution>", "exec"), namespace)
-        candidate = namespace[request["entry_point"]]
+        candidate = _load(request["source"], request["entry_point"])
     except BaseException as exc:
         send({"load_error": _describe(exc)})
         return

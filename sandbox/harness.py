@@ -94,7 +94,10 @@ def _assert(request: dict, landlock_abi: int) -> None:
     check = json.loads(_read_all(CHECK_FD))
     os.close(CHECK_FD)
     proxy = _Candidate(calls_w, replies_r)
-    ready = proxy.receive()
+    try:
+        ready = proxy.receive()
+    except (RuntimeError, ValueError) as exc:
+        ready = {"load_error": f"the candidate did not start: {exc}"}
     if "load_error" in ready or "ready" not in ready:
         emit({"load_error": str(ready.get("load_error", "the candidate did not start"))[:2000]})
         return

@@ -5,9 +5,11 @@
                      runs the harness in-process, or execs a program
 
 The zygote is the jail's parent and collects its exit status; the server enforces the wall clock
-through it (SIGKILL of pid 1 ends every process of the namespace). The jail sees a read-only root holding only /usr, the
-interpreter's prefix, four device files, its own /proc and a size-capped tmpfs at /work (also /tmp);
-the read-only part is built once by the server (`build_root`), each jail takes a private copy of it.
+through it (SIGKILL of pid 1 ends every process of the namespace). The jail sees a read-only root
+(read-only all the way down) holding only /usr, the interpreter's prefix, four device files, its own
+/proc and a size-capped tmpfs at /work (also /tmp); the read-only part is built once by the server
+(`build_root`), each jail takes a private copy of it. The job itself comes last, from REQUEST_FD,
+once the jail is sealed.
 It runs as an unprivileged per-slot uid (when the server is root) inside a user namespace that owns
 nothing, with no capabilities, rlimits, no_new_privs, Landlock and seccomp. When pid 1 dies the
 kernel kills the whole namespace, so no process outlives the run."""

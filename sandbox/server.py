@@ -44,12 +44,14 @@ class BadRequest(ValueError):
 
 
 class Job:
-    def __init__(self, request: dict, slot: int):
-        self.request, self.slot, self.started = request, slot, time.monotonic()
+    def __init__(self, request: dict):
+        self.request, self.slot, self.started = request, None, None  # set when the zygote starts it
         self.buffers = {"stdout": bytearray(), "stderr": bytearray(), "result": bytearray(), "status": bytearray()}
         self.pipes, self.open_streams, self.killed_for = {}, set(), None
         self.pid = 0
         self.wait_status = None
+        self.leftover = self.oom = False
+        self.start_error: str | None = None
         self.host_workdir = None
 
 
@@ -84,7 +86,9 @@ class Server:
         self.selector = selectors.DefaultSelector()
         self.pending = collections.deque()
         self.jobs: dict[str, Job] = {}
-        self.free_slots = list(range(config["slots"]))
+        # Jobs handed to the zygote, which runs `slots` of them at once and starts the next one the
+        # moment a run ends. Bounded, as each holds a few descriptors until it runs.
+        self.max_handed = 4 * config["slots"]
         _remove_stale_roots()
         self.mountpoint = tempfile.mkdtemp(prefix=ROOT_PREFIX)
         # Held while the server lives: a later server removes the mount point once nobody holds it.
@@ -119,7 +123,7 @@ class Server:
             "root": self.root, "own_pid_ns": os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC),
             "root_ns": self.root_ns, "net_ns": self.slot_net_ns,
             "uid_base": UID_BASE + (os.getpid() % 4096) * MAX_SLOTS,
-            "cgroup_procs": {slot: group.procs_files for slot, group in self.slot_cgroups.items()},
+            "slots": self.config["slots"], "cgroups": self.slot_cgroups,
             "workdir_mb": self.config["workdir_mb"], "processes": self.config["processes"],
             "landlock_abi": self.landlock_abi,
             "seccomp_program": linux.seccomp_program() if self.seccomp else b"",
@@ -244,15 +248,15 @@ class Server:
 
     def step(self, reply) -> None:
         refused = False
-        while self.pending and self.free_slots:
-            request, slot = self.pending.popleft(), self.free_slots.pop()
+        while self.pending and len(self.jobs) < self.max_handed:
+            request = self.pending.popleft()
             try:
-                self.start(request, slot)
+                self.start(request)
             except OSError as exc:  # e.g. out of descriptors: this job fails, loudly, and nothing leaks
-                self.free_slots.append(slot)
                 reply(self.failure(request, f"start: {exc!r}"))
                 refused = True
-        deadlines = [j.started + j.request["timeout_s"] for j in self.jobs.values() if j.killed_for is None]
+        deadlines = [j.started + j.request["timeout_s"] for j in self.jobs.values()
+                     if j.killed_for is None and j.started is not None]
         timeout = 0.0 if refused else max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
         for key, _ in self.selector.select(timeout):
             if key.data == "requests":
@@ -265,10 +269,13 @@ class Server:
                 self.read_job(*key.data)
         now = time.monotonic()
         for job in list(self.jobs.values()):
-            if job.killed_for is None and now > job.started + job.request["timeout_s"]:
+            if job.killed_for is None and job.started is not None and now > job.started + job.request["timeout_s"]:
                 self.kill(job, "timeout")
             if job.wait_status is not None:
                 reply(self.finish(job))
+            elif job.start_error is not None:
+                self.release(job)
+                reply(self.failure(job.request, job.start_error))
 
     def failure(self, request: dict, error: str) -> dict:
         return {"id": request.get("id", ""), "status": "sandbox_error", "error": error, "stdout": "", "stderr": "",
@@ -316,21 +323,17 @@ class Server:
         job = self.jobs.get(message["job"])
         if job is None:
             return
-        if "error" in message:
-            self.release(job)
-            reply(self.failure(job.request, message["error"]))
+        if "error" in message:  # released after this round of events, whose list may still name its pipes
+            job.start_error = message["error"]
         elif "pid" in message:
-            job.pid = message["pid"]
+            job.pid, job.slot, job.started = message["pid"], message["slot"], time.monotonic()
             if job.killed_for:  # killed before the zygote had started it
                 self.zygote.send(json.dumps({"kill": message["job"]}).encode())
         else:
-            job.wait_status = message["status"]
+            job.wait_status, job.leftover, job.oom = message["status"], message["leftover"], message["oom"]
 
-    def start(self, request: dict, slot: int) -> None:
-        job = Job(request, slot)
-        group = self.slot_cgroups.get(slot)
-        if group and self.level != "none":
-            group.set_memory(request["memory_mb"] << 20)
+    def start(self, request: dict) -> None:
+        job = Job(request)
         job.host_workdir = tempfile.mkdtemp(prefix="r1sandbox-work-") if self.level == "none" else None
         if request["kind"] == "harness":
             job_data = dict(request["request"])
@@ -349,7 +352,7 @@ class Server:
                 _write_all(memfds[name], text.encode())
                 os.lseek(memfds[name], 0, os.SEEK_SET)
             fds = [memfds[n] if n in memfds else pipes[n][1] for n in jail.STREAMS]
-            message = {"start": request["id"], "slot": slot, "level": self.level, "kind": request["kind"],
+            message = {"start": request["id"], "level": self.level, "kind": request["kind"],
                        "timeout_s": request["timeout_s"], "memory_mb": request["memory_mb"],
                        "host_workdir": job.host_workdir, "copy_from": request.get("workdir")}
             socket.send_fds(self.zygote, [json.dumps(message).encode()], fds)
@@ -390,12 +393,11 @@ class Server:
         return True
 
     def kill(self, job: Job, why: str) -> None:
+        """Through the zygote, which alone knows whether the job still holds its slot (and its
+        cgroup): it may have ended, and the slot gone to the next job, a moment ago."""
         job.killed_for = job.killed_for or why
-        if job.wait_status is None and job.pid:
+        if job.wait_status is None:
             self.zygote.send(json.dumps({"kill": job.request["id"]}).encode())
-        group = self.slot_cgroups.get(job.slot)
-        if group:
-            group.kill_all()
 
     def release(self, job: Job) -> None:
         for name in list(job.open_streams):
@@ -405,7 +407,6 @@ class Server:
         if job.host_workdir:
             shutil.rmtree(job.host_workdir, ignore_errors=True)
         del self.jobs[job.request["id"]]
-        self.free_slots.append(job.slot)
 
     def finish(self, job: Job) -> dict:
         """The jail has exited (and been reaped): collect what is left in the pipes, and leave
@@ -414,14 +415,10 @@ class Server:
             cap = self.config["result_cap"] if name == "result" else self.config["output_cap"]
             while self.read_job(job, name) and len(job.buffers[name]) < cap:
                 pass
-        group = self.slot_cgroups.get(job.slot)
-        leftover = bool(group and group.procs())
-        if leftover and not group.kill_all():
-            raise RuntimeError(f"slot {job.slot}: processes survive SIGKILL: {group.procs()}")
         self.release(job)
-        return self.describe(job, leftover, group)
+        return self.describe(job)
 
-    def describe(self, job: Job, leftover: bool, group) -> dict:
+    def describe(self, job: Job) -> dict:
         text = lambda name: job.buffers[name].decode("utf-8", "replace")  # noqa: E731
         setup_error = None
         for line in job.buffers["status"].splitlines():
@@ -429,19 +426,18 @@ class Server:
                 setup_error = setup_error or json.loads(line).get("setup_error")
             except (ValueError, AttributeError):
                 setup_error = setup_error or "unreadable setup report"
-        oom = bool(group and group.new_oom_kills())
         exited = os.WIFEXITED(job.wait_status)
         reply = {"id": job.request["id"], "stdout": text("stdout")[: self.config["output_cap"]],
                  "stderr": text("stderr")[: self.config["output_cap"]], "result": text("result"),
-                 "wall_s": time.monotonic() - job.started,
+                 "wall_s": time.monotonic() - (job.started or time.monotonic()),
                  "exit_code": os.WEXITSTATUS(job.wait_status) if exited else None,
                  "signal": None if exited else os.WTERMSIG(job.wait_status),
-                 "leftover_processes": leftover, "level": self.level}
+                 "leftover_processes": job.leftover, "level": self.level}
         if setup_error:
             reply.update(status="sandbox_error", error=str(setup_error)[:2000])
         elif job.killed_for:
             reply["status"] = job.killed_for
-        elif oom:
+        elif job.oom:
             reply["status"] = "memory"
         else:
             reply["status"] = "exited" if exited else "signaled"

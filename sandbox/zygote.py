@@ -10,12 +10,19 @@ sealed, and writes its output straight to the server's pipes. Nothing of a job p
 
     server ──socket (numbers + fds)──► zygote ─fork─► jail ──pipes──► server
 
+The zygote also runs the pool: the server hands it jobs as they come (up to a bound), and it starts
+the next one on a slot the moment the slot's run has ended and its cgroup is empty, with no round
+trip to the server in between. Slots, their cgroups (memory limit, leftover processes, OOM count)
+and kills are therefore the zygote's business: only it knows whether a job still holds its slot.
+
 Messages (JSON, one per SOCK_SEQPACKET datagram):
-  server → zygote  {"start": id, "slot", "level", "kind", "timeout_s", "memory_mb", "host_workdir",
-                    "copy_from"} with the job's fds in jail.STREAMS order;  {"kill": id}
-  zygote → server  {"job": id, "pid": pid} | {"job": id, "error": text};  {"job": id, "status": wait status}
+  server → zygote  {"start": id, "level", "kind", "timeout_s", "memory_mb", "host_workdir", "copy_from"}
+                   with the job's fds in jail.STREAMS order;  {"kill": id}
+  zygote → server  {"job": id, "pid": pid, "slot": slot} | {"job": id, "error": text};
+                   {"job": id, "status": wait status, "leftover": bool, "oom": bool}
 """
 
+import collections
 import gc
 import json
 import os
@@ -31,8 +38,10 @@ class Zygote:
         self.sock, self.setup = sock, setup
         self.pidfd = os.pidfd_open(os.getpid())  # each jail polls it: is the zygote still there?
         self.selector = selectors.DefaultSelector()
-        self.children: dict[int, tuple[str, int, str]] = {}  # pid -> (job id, pidfd, level)
-        self.pids: dict[str, int] = {}                        # job id -> pid
+        self.children: dict[int, tuple[str, int, dict, int]] = {}  # pid -> (job id, pidfd, request, slot)
+        self.pids: dict[str, int] = {}                              # job id -> pid
+        self.queue: collections.deque = collections.deque()         # (request, fds) waiting for a slot
+        self.free_slots = list(range(setup["slots"]))
 
     def serve(self) -> None:
         self.selector.register(self.sock, selectors.EVENT_READ, None)
@@ -48,18 +57,28 @@ class Zygote:
                 if "kill" in request:
                     self.kill(request["kill"])
                 else:
-                    self.start(request, fds)
+                    self.queue.append((request, fds))
+                    self.dispatch()
 
     def send(self, message: dict) -> None:
         self.sock.send(json.dumps(message).encode())
 
-    def start(self, request: dict, fds: list[int]) -> None:
+    def dispatch(self) -> None:
+        while self.queue and self.free_slots:
+            request, fds = self.queue.popleft()
+            self.start(request, fds, self.free_slots.pop())
+
+    def start(self, request: dict, fds: list[int], slot: int) -> None:
         job = request["start"]
+        group = self.setup["cgroups"].get(slot) if request["level"] != "none" else None
         try:
             if len(fds) != len(jail.STREAMS):
                 raise OSError(f"expected {len(jail.STREAMS)} descriptors, got {len(fds)}")
-            pid = jail.spawn(self.spec(request), dict(zip(jail.STREAMS, fds)), _target(request["kind"]))
+            if group:
+                group.set_memory(int(request["memory_mb"]) << 20)
+            pid = jail.spawn(self.spec(request, slot), dict(zip(jail.STREAMS, fds)), _target(request["kind"]))
         except OSError as exc:  # e.g. namespaces refused while probing a level
+            self.free_slots.append(slot)
             self.send({"job": job, "error": f"start: {exc!r}"})
             return
         finally:
@@ -67,21 +86,31 @@ class Zygote:
                 os.close(fd)
         pidfd = os.pidfd_open(pid)
         self.selector.register(pidfd, selectors.EVENT_READ, pid)
-        self.children[pid], self.pids[job] = (job, pidfd, request["level"]), pid
-        self.send({"job": job, "pid": pid})
+        self.children[pid], self.pids[job] = (job, pidfd, request, slot), pid
+        self.send({"job": job, "pid": pid, "slot": slot})
 
     def kill(self, job: str) -> None:
         pid = self.pids.get(job)
-        if pid is None:  # already reaped (its status is on its way) or never started
-            return
+        if pid is None:
+            for queued in [q for q in self.queue if q[0]["start"] == job]:  # not started: drop it
+                self.queue.remove(queued)
+                for fd in queued[1]:
+                    os.close(fd)
+                self.send({"job": job, "error": "killed before it started"})
+            return  # or already reaped: its status is on its way
         # pid 1 of its namespace: the kernel ends every other process in it. At level "none" its
-        # process group too (the slot's cgroup catches the rest). The pid is ours until we reap it.
+        # process group too, and the slot's cgroup, which holds this job's processes only: the pid
+        # is ours until we reap it, and the slot is not given to another job before that.
         os.kill(pid, signal.SIGKILL)
-        if self.children[pid][2] == "none":
+        _, _, request, slot = self.children[pid]
+        if request["level"] == "none":
             try:
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        group = self.setup["cgroups"].get(slot)
+        if group:
+            group.kill_all()
 
     def reap(self) -> None:
         """Collect the exit status of jails that ended. We are also the child subreaper: orphans
@@ -90,25 +119,32 @@ class Zygote:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
+                break
             if pid in self.children:
-                job, pidfd, _ = self.children.pop(pid)
+                job, pidfd, request, slot = self.children.pop(pid)
                 del self.pids[job]
                 self.selector.unregister(pidfd)
                 os.close(pidfd)
-                self.send({"job": job, "status": status})
+                group = self.setup["cgroups"].get(slot)
+                leftover = bool(group and group.procs())
+                if leftover and not group.kill_all():
+                    raise RuntimeError(f"slot {slot}: processes survive SIGKILL: {group.procs()}")
+                oom = bool(group and group.new_oom_kills())
+                self.send({"job": job, "status": status, "leftover": leftover, "oom": oom})
+                self.free_slots.append(slot)
+        self.dispatch()
 
-    def spec(self, request: dict) -> dict:
-        setup, slot = self.setup, request["slot"]
+    def spec(self, request: dict, slot: int) -> dict:
+        setup = self.setup
         memory = int(request["memory_mb"]) << 20
         level = request["level"]
         spec = {
             "level": level, "root": setup["root"], "own_pid_ns": setup["own_pid_ns"], "parent_pidfd": self.pidfd,
             "net_ns": setup["net_ns"].get(slot, -1), "root_ns": setup["root_ns"],
             "uid": setup["uid_base"] + slot, "timeout_s": float(request["timeout_s"]),
-            "cgroup_procs": setup["cgroup_procs"].get(slot, []) if level != "none" else [],
+            "cgroup_procs": setup["cgroups"][slot].procs_files if slot in setup["cgroups"] and level != "none" else [],
             "workdir_bytes": setup["workdir_mb"] << 20, "copy_from": request.get("copy_from"),
             "address_space_bytes": memory + (512 << 20), "file_size_bytes": setup["workdir_mb"] << 20,
             "open_files": 64, "processes": setup["processes"],

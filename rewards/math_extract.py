@@ -1,7 +1,8 @@
-"""Finding the final answer in a completion, and normalising an answer's surface form.
+"""Finding the final answer in a completion, or in a gold written as a worked solution.
 
 Runs in the caller's process, so everything here is linear-time string work (no backtracking
 regexes over the whole completion); the sympy work happens in the worker pool (rewards/math_pool.py).
+Surface normalisation of the answer found lives in rewards/math_normal.py.
 """
 
 from __future__ import annotations
@@ -11,10 +12,20 @@ import re
 # Where a prediction's answer may be, tried in this order; the first that finds one wins.
 EXTRACTORS = ("boxed", "answer_tag", "answer_is", "last_line")
 MAX_ANSWER_CHARS = 400
-MAX_BOX_TRIES = 4  # a longer "answer" is not an answer; it is compared as text only
+MAX_BOXES = 64  # boxes looked at per text; a text with more is graded on its last ones only
 
 _THINK_END = "</think>"
-_ANSWER_IS = re.compile(r"(?:(?:final answer|the answer|answer)\s*(?:is|:)\s*:?|####)\s*([^\n]*)", re.IGNORECASE)
+# A chat model's turn ends at its special tokens; what a sampler lets run on after them is not answer.
+_STOP_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<｜end▁of▁sentence｜>", "<|eot_id|>")
+# "The final answer is", "Answer:", "answer is", GSM8K's "####"; a bare "Answer" only before math.
+_ANSWER_IS = re.compile(r"(?:answer|answer\s+should\s+be)\s*(?:is|was|:)\s*:?|answer\s*(?=\$|\\\(|\\\[|\d)|####",
+                        re.IGNORECASE)
+_HOPE = re.compile(r"\.?\s*I hope it is correct\.?\s*$", re.IGNORECASE)
+# What may stand between two boxes (or two $…$ segments) that together form one answer.
+_JOINER = re.compile(r"(?:\s|[,;.&$]|\\[()\[\]]|\\q?quad|\\[,;! ]|\\text\{\s*(?:and|or|,)?\s*\}|\band\b|\bor\b|\b[A-Za-z]\s*=)*")
+# A number in prose: not glued to a word before it ("AZYUK2A" holds none), thousands or decimal comma.
+_PROSE_NUMBER = re.compile(r"(?<![A-Za-z0-9_.])-?\d+(?:,\d+)*(?:\.\d+)?(?:/\d+)?")
+_WORDS = re.compile(r"[A-Za-z]{3,}")
 
 
 def _braced(text: str, start: int) -> tuple[str, int] | None:
@@ -31,24 +42,93 @@ def _braced(text: str, start: int) -> tuple[str, int] | None:
     return None
 
 
-def last_boxed(text: str) -> str | None:
-    """The last \\boxed{…} or \\fbox{…}. One box only: a completion that revises its answer is graded
-    on the final box, never on the set of all its boxes (MV's nearby-box joining, issue #57)."""
-    best = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    for _ in range(MAX_BOX_TRIES):  # unclosed boxes: a bounded number of tries keeps this linear
-        if best == -1:
-            return None
-        start = best + (6 if text.startswith("\\boxed", best) else 5)
-        rest = text[start:]
+def _boxes(text: str) -> list[tuple[str, int, int]]:
+    """(content, start, end) of the outermost \\boxed{…} / \\fbox{…} groups, left to right."""
+    found, position = [], 0
+    while len(found) < MAX_BOXES:
+        start = min((i for i in (text.find("\\boxed", position), text.find("\\fbox", position)) if i != -1), default=-1)
+        if start == -1:
+            break
+        after = start + (6 if text.startswith("\\boxed", start) else 5)
+        rest = text[after:]
         stripped = rest.lstrip()
         if stripped.startswith("{"):
-            group = _braced(text, start + len(rest) - len(stripped))
-            if group is not None:
-                return group[0]
-        elif text.startswith("\\boxed ", best):  # \boxed 5
-            return stripped.split("$")[0].split()[0] if stripped else None
-        best = max(text.rfind("\\boxed", 0, best), text.rfind("\\fbox", 0, best))
-    return None
+            group = _braced(text, after + len(rest) - len(stripped))
+            if group is None:  # an unclosed box: nothing after it can close either
+                break
+            found.append((group[0], start, group[1]))
+            position = group[1]
+        elif text.startswith("\\boxed ", start) and stripped:  # \boxed 5
+            token = stripped.split("$")[0].split()[0]
+            found.append((token, start, after + len(rest) - len(stripped) + len(token)))
+            position = found[-1][2]
+        else:
+            position = after
+    return found
+
+
+def last_boxed(text: str) -> str | None:
+    """The final boxed answer. Boxes that stand together, separated only by commas, "and"/"or",
+    `\\quad` or math delimiters (`\\boxed{1}, \\boxed{2}`), form one answer, a list; a box followed by
+    any other words is a revised answer, and only the last one counts (`\\boxed{3}, no wait: \\boxed{4}`)."""
+    boxes = _boxes(text)
+    if not boxes:
+        return None
+    parts = [boxes[-1][0]]
+    for (content, _, end), (_, next_start, _) in zip(reversed(boxes[:-1]), reversed(boxes[1:])):
+        if not _JOINER.fullmatch(text[end:next_start]):
+            break
+        parts.append(content)
+    return ", ".join(part.strip() for part in reversed(parts))
+
+
+def _math_segments(text: str) -> list[tuple[str, int, int]]:
+    """(content, start, end) of $$…$$, $…$, \\[…\\] and \\(…\\) segments; an escaped \\$ is a dollar."""
+    found, i = [], 0
+    while i < len(text):
+        for left, right in (("$$", "$$"), ("\\[", "\\]"), ("\\(", "\\)"), ("$", "$")):
+            if text.startswith(left, i) and text[i - 1:i] != "\\":
+                j = i + len(left)
+                while True:
+                    j = text.find(right, j)
+                    if j == -1 or text[j - 1:j] != "\\" or right != "$":
+                        break
+                    j += 1
+                if j == -1 or (left in ("$", "\\(") and "\n" in text[i:j]):
+                    i += len(left)
+                    break
+                found.append((text[i + len(left):j], i, j + len(right)))
+                i = j + len(right)
+                break
+        else:
+            i += 1
+    return found
+
+
+def answer_in(segment: str) -> str | None:
+    """The answer inside an answer segment (an <answer> tag, the text after "the answer is", a last
+    line): its box; else its math, several $…$ joined like boxes; else, in a sentence, its number."""
+    segment = _HOPE.sub("", segment).strip()
+    boxed = last_boxed(segment)
+    if boxed is not None:
+        return boxed
+    segments = _math_segments(segment)
+    if segments:
+        gaps = [segment[:segments[0][1]], segment[segments[-1][2]:]] + \
+            [segment[a[2]:b[1]] for a, b in zip(segments, segments[1:])]
+        if all(_JOINER.fullmatch(gap) for gap in gaps[2:]):
+            tail = gaps[1]
+            number = _PROSE_NUMBER.findall(tail)
+            if number and _WORDS.search(tail[:tail.find(number[-1])]):  # "The volume of $V$ is 120."
+                return number[-1]
+            return ", ".join(content.strip() for content, _, _ in segments)
+        return segments[-1][0].strip()
+    words = set(_WORDS.findall(re.sub(r"\\[a-zA-Z]+|\{[^{}]*\}", " ", segment))) - {"and"}
+    if words and " or " not in segment:
+        numbers = _PROSE_NUMBER.findall(segment)
+        if numbers:  # a sentence that states its answer as a number: "The final answer is 12,000,023."
+            return numbers[-1]
+    return segment.strip().rstrip(".").strip() or None
 
 
 def _answer_tag(text: str) -> str | None:
@@ -58,10 +138,19 @@ def _answer_tag(text: str) -> str | None:
 
 
 def _answer_is(text: str) -> str | None:
-    found = None
-    for found in _ANSWER_IS.finditer(text[-2000:]):
-        pass
-    return found.group(1) if found else None
+    """The text after the last answer marker that is followed by something: to the end of its line,
+    or through a display-math block that opens right after it."""
+    tail = text[-2000:]
+    for match in reversed(list(_ANSWER_IS.finditer(tail))):
+        rest = tail[match.end():].lstrip(" \t:")
+        for left, right in (("$$", "$$"), ("\\[", "\\]")):
+            if rest.startswith(left) and rest.find(right, len(left)) != -1:
+                close = rest.find(right, len(left)) + len(right)
+                return rest[:close] + rest[close:].split("\n")[0]
+        line = rest.split("\n")[0]
+        if line.strip(" .$"):
+            return line
+    return None
 
 
 def _last_line(text: str) -> str | None:
@@ -80,60 +169,31 @@ def extract_prediction(completion: str, extractors: tuple[str, ...] = EXTRACTORS
         raise ValueError(f"unknown answer extractor(s) {unknown}; valid: {list(_EXTRACT)}")
     end = completion.rfind(_THINK_END)
     text = completion[end + len(_THINK_END):] if end != -1 else completion
+    stops = [i for i in (text.find(token) for token in _STOP_TOKENS) if i != -1]
+    text = text[:min(stops)] if stops else text
     for name in extractors:
-        answer = _EXTRACT[name](text)
-        if answer is not None and answer.strip():
-            inner = last_boxed(answer) if name != "boxed" else None  # <answer>so \boxed{5}</answer>
-            return (inner if inner is not None else answer).strip()
+        found = _EXTRACT[name](text)
+        if found is not None and found.strip():
+            answer = found.strip() if name == "boxed" else answer_in(found)
+            if answer:
+                return answer
     return None
 
 
+_SOLUTION_MARKS = ("\\boxed", "\\fbox", "####", "<answer>", "\n")
+_ANSWER_WORD = re.compile(r"\banswer\b", re.IGNORECASE)
+
+
 def unwrap_gold(gold: str) -> str:
-    """A gold is always taken as the answer: `$…$` and `\\boxed{…}` are unwrapped, nothing is searched."""
+    """The gold's answer. A bare answer (`7/12`, `$x \\le 3$`, `\\{1, 2\\}`) is taken whole, never
+    searched for a number; a gold written as a worked solution (a box, GSM8K's `#### 18`, "the answer
+    is", several lines) or as math in prose (`$1$ and $2$`, `$125$ miles`) is read like a completion."""
     gold = gold.strip()
     for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
-        if len(gold) > len(left) + len(right) and gold.startswith(left) and gold.endswith(right):
-            gold = gold[len(left):-len(right)].strip()
-    if gold.startswith(("\\boxed", "\\fbox")):
-        inner = last_boxed(gold)
-        if inner is not None and gold.endswith("}"):
-            gold = inner
+        inner = gold[len(left):-len(right)] if len(gold) > len(left) + len(right) else ""
+        if gold.startswith(left) and gold.endswith(right) and left not in inner and right not in inner:
+            gold = inner.strip()
+    if any(mark in gold for mark in _SOLUTION_MARKS) or _ANSWER_WORD.search(gold) or \
+            (("$" in gold or "\\(" in gold) and _math_segments(gold)):
+        return extract_prediction(gold) or gold
     return gold
-
-
-_UNITS = ("square units", "sq units", "units", "unit", "cm", "mm", "km", "m", "meters", "meter", "metres",
-          "inches", "inch", "feet", "foot", "ft", "miles", "mile", "mph", "seconds", "second", "sec", "minutes",
-          "minute", "min", "hours", "hour", "days", "day", "weeks", "years", "year", "dollars", "dollar",
-          "cents", "cent", "degrees", "degree", "kg", "grams", "gram", "g", "pounds", "lbs", "liters", "l",
-          "ml", "people", "students", "apples")
-_UNIT_TAIL = re.compile(r"(?<=[\d}.)])\s+(?:\^\{?[23]\}?)?\s*(?:" + "|".join(sorted(_UNITS, key=len, reverse=True))
-                        + r")(?:\^\{?[23]\}?)?\s*$")
-_TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mathit|mbox|operatorname)\s*\{([^{}]*)\}")
-_SPACING = re.compile(r"\\[,;:! ]|\\q?quad|~|\\displaystyle|\\limits")
-_THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
-_DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree")
-
-
-def normalise(answer: str) -> str:
-    """One surface form per answer: drops `$`, `\\left`/`\\right`, spacing, `\\text{}` wrappers, units,
-    degrees, percent signs and thousands separators; `\\dfrac`/`\\tfrac` become `\\frac`.
-    A percent sign is dropped, not divided out: "50\\%" equals "50", not "0.5" (no factor-100 leniency)."""
-    s = answer.strip()
-    s = s.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
-    s = re.sub(r"\\[dtc]frac", r"\\frac", s)
-    s = re.sub(r"\\(?:left|right|bigg|Bigg|big|Big)(?![a-zA-Z])\.?", "", s)
-    s = s.replace("\\{", "\x00").replace("\\}", "\x01")  # keep set braces apart from groups
-    s = _DEGREES.sub("", s)
-    s = re.sub(r"(\d)\\[,;: ](?=\d{3}\b)", r"\1", s)  # 4\,000
-    s = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", s)  # \frac12
-    s = re.sub(r"\\sqrt\s*(\d+|[a-zA-Z])(?![a-zA-Z])", r"\\sqrt{\1}", s)  # \sqrt3
-    s = _SPACING.sub(" ", s)
-    for _ in range(3):  # nested \text{\textbf{…}}
-        s = _TEXT_CMD.sub(lambda m: " " + m.group(1), s)
-    s = s.replace("{,}", "")
-    s = " ".join(s.split()).strip().rstrip(".").strip()
-    s = re.sub(r"^(?:[a-zA-Z]\s*\\in\s*)", "", s)  # x \in (1, 2]  ->  (1, 2]
-    if _THOUSANDS.fullmatch(s):
-        s = s.replace(",", "")
-    s = _UNIT_TAIL.sub("", s).strip()
-    return s.replace("\x00", "\\{").replace("\x01", "\\}")

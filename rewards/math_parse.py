@@ -34,7 +34,8 @@ _INT = r"[+-]?\d+"
 _NUMBER = re.compile(r"([+-]?)(\d*\.?\d+(?:[eE][+-]?\d+)?)(?:\s*(?:\\times|\\cdot|\*|x)\s*10\^\{?([+-]?\d+)\}?)?")
 _FRACTION = re.compile(rf"({_INT})\s*/\s*(\d+)")
 _LATEX_FRACTION = re.compile(r"([+-]?)(\d+)?\s*\\frac\s*(?:\{\s*([+-]?\d+)\s*\}|(\d))\s*(?:\{\s*(\d+)\s*\}|(\d))")
-_CHOICE = re.compile(r"\(?([A-J])\)?")
+_CHOICE = re.compile(r"\(?([A-J])\)?|\(([A-J])\)\s+\S.*")  # (C) 12: the letter is the answer
+_BASE = re.compile(r"([0-9A-Za-z]+)_\{?(\d+)\}?")  # 1011_2: a numeral in base 2, never the number 1011
 
 
 @dataclass(frozen=True)
@@ -42,10 +43,12 @@ class Answer:
     """`kind` is one of: number, expr, set, tuple, list, interval, matrix, relation, choice, text.
     `value`: a Fraction (number), a sympy object (expr, interval, matrix, relation), a tuple of
     Answers (set, tuple, list) or a str (choice, text). `exact` is False for numbers written as
-    decimals, so that they meet irrational values with a relative tolerance, never exactly."""
+    decimals, so that they meet irrational values with a relative tolerance, never exactly; `places`
+    is how many digits such a decimal has after its point (see math_equiv's rounding rule)."""
     kind: str
     value: object
     exact: bool = True
+    places: int = 0
 
 
 def parse_number(s: str) -> Answer | None:
@@ -59,7 +62,9 @@ def parse_number(s: str) -> Answer | None:
                 (power and abs(int(power)) > MAX_DIGITS):
             return None
         value = Fraction(digits) * (10 ** Fraction(int(power)) if power else 1)
-        return Answer("number", -value if sign == "-" else value, exact="." not in digits and "e" not in digits.lower())
+        decimal = "." in digits and "e" not in digits.lower() and not power
+        return Answer("number", -value if sign == "-" else value, exact="." not in digits and "e" not in digits.lower(),
+                      places=len(digits.split(".")[1]) if decimal else 0)
     match = _FRACTION.fullmatch(s)
     if match and int(match.group(2)) != 0:
         return Answer("number", Fraction(int(match.group(1)), int(match.group(2))))
@@ -93,6 +98,19 @@ def balanced(s: str) -> bool:
     return s.count("{") == s.count("}") and s.count("(") + s.count("[") == s.count(")") + s.count("]")
 
 
+def wrapped(s: str) -> bool:
+    """Does the bracket opening s[0] close at s[-1]? ("(1,2)" yes, "(1,2),(3,4)" no)"""
+    if not s or s[0] not in "([" or s[-1] not in ")]":
+        return False
+    level = 0
+    for i, char in enumerate(s):
+        level += char in "([{"
+        level -= char in ")]}"
+        if level == 0:
+            return i == len(s) - 1
+    return False
+
+
 def split_top(s: str, separator: str = ",") -> list[str]:
     """Split at separators outside any brackets."""
     parts, level, start = [], 0, 0
@@ -114,7 +132,10 @@ def parse_cheap(s: str) -> Answer | None:
         return None
     choice = _CHOICE.fullmatch(s)
     if choice:
-        return Answer("choice", choice.group(1))
+        return Answer("choice", choice.group(1) or choice.group(2))
+    base = _BASE.fullmatch(s)
+    if base and base.group(2) != "10" and not base.group(1).isalpha():
+        return Answer("text", f"{base.group(1).casefold()}_{base.group(2)}")
     number = parse_number(s)
     if number is not None:
         return number
@@ -139,11 +160,11 @@ def parse(s: str) -> Answer | None:
     if "\\pm" not in s and "\\cup" not in s:
         items = split_top(s)
         if len(items) > 1:
-            if s[0] in "([" and s[-1] in ")]" and len(split_top(s[1:-1])) > 1:
+            if wrapped(s) and len(split_top(s[1:-1])) > 1:
                 return _bracketed(s)
             parsed = [parse(item) for item in items]
             return None if None in parsed else Answer("list", tuple(parsed))
-        if s[0] in "([" and s[-1] in ")]" and len(split_top(s[1:-1])) > 1:
+        if wrapped(s) and len(split_top(s[1:-1])) > 1:
             return _bracketed(s)
     sides = split_top(s, "=")
     if len(sides) == 2 and all(sides):

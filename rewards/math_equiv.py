@@ -54,11 +54,13 @@ def to_sympy(answer: Answer):
 
 
 def _bits(expr) -> float:
-    """An upper bound of log2 |value| for numeric subtrees (inf when it cannot tell cheaply)."""
+    """An upper bound of log2(|value| + 1) for numeric subtrees (inf when it cannot tell cheaply)."""
     if expr.is_Integer or expr.is_Rational:
-        return math.log2(max(abs(expr.p), abs(expr.q)) + 1)
+        return math.log2(abs(expr.p) / expr.q + 1)
     if expr.is_Pow:
         base, exponent = expr.args
+        if exponent.is_number and exponent.is_negative and base.is_Rational and abs(base) >= 1:
+            return 1.0  # |b^-e| <= 1
         exponent_bits = _bits(exponent)
         if exponent_bits > 64:
             return math.inf
@@ -66,7 +68,9 @@ def _bits(expr) -> float:
     if isinstance(expr, sympy.factorial):
         argument_bits = _bits(expr.args[0])
         return math.inf if argument_bits > 40 else (2 ** argument_bits) * argument_bits
-    if expr.is_Mul or expr.is_Add or isinstance(expr, sympy.Function):
+    if expr.is_Add:  # |a + b| <= 2 max(|a|, |b|)
+        return max(_bits(arg) for arg in expr.args) + 1
+    if expr.is_Mul or isinstance(expr, sympy.Function):
         return sum(_bits(arg) for arg in expr.args) + 1
     return 1.0
 
@@ -212,9 +216,15 @@ def _matched(golds: tuple, preds: tuple, ordered: bool) -> bool:
 def _as_set(relation):
     if isinstance(relation, tuple):
         relation = to_sympy(Answer("relation", relation))
+    calls = relation.atoms(sympy.core.function.AppliedUndef)
+    if len(calls) == 1:  # 0 < f(x) < 1 describes the values of f(x): a set in one unknown
+        relation = relation.xreplace({calls.pop(): sympy.Symbol("_value")})
     if len(relation.free_symbols) != 1:
         return None
-    return relation.as_set()
+    try:
+        return relation.as_set()
+    except (NotImplementedError, TypeError, ValueError):  # sympy cannot solve it for its unknown
+        return None
 
 
 def _as_interval(answer: Answer):

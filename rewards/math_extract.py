@@ -22,10 +22,14 @@ _ANSWER_IS = re.compile(r"(?:answer|answer\s+should\s+be)\s*(?:is|was|:)\s*:?|an
                         re.IGNORECASE)
 _HOPE = re.compile(r"\.?\s*I hope it is correct\.?\s*$", re.IGNORECASE)
 # What may stand between two boxes (or two $…$ segments) that together form one answer.
-_JOINER = re.compile(r"(?:\s|[,;.&$]|\\[()\[\]]|\\q?quad|\\[,;! ]|\\text\{\s*(?:and|or|,)?\s*\}|\band\b|\bor\b|\b[A-Za-z]\s*=)*")
+_JOINER = re.compile(r"(?:\s|[,;.&$]|\\[()\[\]]|\\q?quad|\\[,;! ]|\\text\{\s*(?:and|or|,)?\s*\}|\band\b|\bor\b|\b[A-Za-z](?:_\{?\w+\}?)?\s*=)*")
 # A number in prose: not glued to a word before it ("AZYUK2A" holds none), thousands or decimal comma.
 _PROSE_NUMBER = re.compile(r"(?<![A-Za-z0-9_.])-?\d+(?:,\d+)*(?:\.\d+)?(?:/\d+)?")
 _WORDS = re.compile(r"[A-Za-z]{3,}")
+_FINAL = re.compile(r"final answer\s*(?:is|:)", re.IGNORECASE)
+# LaTeX escaped twice (`\\\\frac` as it comes out of a JSON string written from a Python literal):
+# two backslashes before a letter are one command, not a row break followed by text.
+_ESCAPED = re.compile(r"(?<!\\)\\\\(?=[a-zA-Z])")
 
 
 def _braced(text: str, start: int) -> tuple[str, int] | None:
@@ -114,13 +118,12 @@ def answer_in(segment: str) -> str | None:
         return boxed
     segments = _math_segments(segment)
     if segments:
-        gaps = [segment[:segments[0][1]], segment[segments[-1][2]:]] + \
-            [segment[a[2]:b[1]] for a, b in zip(segments, segments[1:])]
-        if all(_JOINER.fullmatch(gap) for gap in gaps[2:]):
-            tail = gaps[1]
-            number = _PROSE_NUMBER.findall(tail)
-            if number and _WORDS.search(tail[:tail.find(number[-1])]):  # "The volume of $V$ is 120."
-                return number[-1]
+        tail = segment[segments[-1][2]:]
+        number = _PROSE_NUMBER.findall(tail)
+        if number and re.search(r"[A-Za-z]{2,}", tail[:tail.find(number[-1])]) and " or " not in tail:
+            return number[-1]  # the sentence goes on to state its value: "The volume of $V$ is 120."
+        gaps = [segment[:segments[0][1]]] + [segment[a[2]:b[1]] for a, b in zip(segments, segments[1:])]
+        if all(_JOINER.fullmatch(gap) for gap in gaps[1:]):
             return ", ".join(content.strip() for content, _, _ in segments)
         return segments[-1][0].strip()
     words = set(_WORDS.findall(re.sub(r"\\[a-zA-Z]+|\{[^{}]*\}", " ", segment))) - {"and"}
@@ -139,8 +142,13 @@ def _answer_tag(text: str) -> str | None:
 
 def _answer_is(text: str) -> str | None:
     """The text after the last answer marker that is followed by something: to the end of its line,
-    or through a display-math block that opens right after it."""
+    or through a display-math block that opens right after it. A last line in Minerva's format
+    ("… I hope it is correct.") is the answer's line whether or not it names the answer."""
     tail = text[-2000:]
+    last = _last_line(tail)
+    if last is not None and _HOPE.search(last):
+        marker = list(_ANSWER_IS.finditer(last))
+        return last[marker[-1].end():] if marker else last
     for match in reversed(list(_ANSWER_IS.finditer(tail))):
         rest = tail[match.end():].lstrip(" \t:")
         for left, right in (("$$", "$$"), ("\\[", "\\]")):
@@ -170,7 +178,10 @@ def extract_prediction(completion: str, extractors: tuple[str, ...] = EXTRACTORS
     end = completion.rfind(_THINK_END)
     text = completion[end + len(_THINK_END):] if end != -1 else completion
     stops = [i for i in (text.find(token) for token in _STOP_TOKENS) if i != -1]
-    text = text[:min(stops)] if stops else text
+    text = _ESCAPED.sub(r"\\", text[:min(stops)] if stops else text)
+    boxes = _boxes(text) if "boxed" in extractors and "answer_is" in extractors else []
+    if boxes and _FINAL.search(text, boxes[-1][2]):  # "\boxed{255} … Final Answer: … is $10,455$."
+        extractors = ("answer_is",) + tuple(name for name in extractors if name != "answer_is")
     for name in extractors:
         found = _EXTRACT[name](text)
         if found is not None and found.strip():
@@ -188,7 +199,7 @@ def unwrap_gold(gold: str) -> str:
     """The gold's answer. A bare answer (`7/12`, `$x \\le 3$`, `\\{1, 2\\}`) is taken whole, never
     searched for a number; a gold written as a worked solution (a box, GSM8K's `#### 18`, "the answer
     is", several lines) or as math in prose (`$1$ and $2$`, `$125$ miles`) is read like a completion."""
-    gold = gold.strip()
+    gold = _ESCAPED.sub(r"\\", gold.strip())
     for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
         inner = gold[len(left):-len(right)] if len(gold) > len(left) + len(right) else ""
         if gold.startswith(left) and gold.endswith(right) and left not in inner and right not in inner:

@@ -37,13 +37,14 @@ _UNIT_TAIL = re.compile(rf"(?<=[\d}}.)])(?:\s+{_POWER}\s*(?:{_UNIT_NAMES}){_POWE
 _CURRENCY = re.compile(r"[€£¥₹]|\\euro\b|\\pounds\b|\bUSD\b|\bEUR\b|\bRs\.?")
 _TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|textnormal|textrm|mathrm|mathbf|mathit|mbox|operatorname)\s*\{([^{}]*)\}")
 _SPACING = re.compile(r"\\[,;:! ]|\\q?quad|~|\\displaystyle|\\limits")
-_THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
-_SPACE_THOUSANDS = re.compile(r"-?\d{1,3}(?: \d{3})+(?:\.\d+)?")
+_THOUSANDS = re.compile(r"-?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?")  # never 0,111 (a decimal comma)
+_SPACE_THOUSANDS = re.compile(r"-?[1-9]\d{0,2}(?: \d{3})+(?:\.\d+)?")
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree")
 _PERCENT = re.compile(r"\s*(?:\\%|%|\bpercent(?:age)?\b|\bpct\b)\s*$")
 _RELATIONS = ((">=", "\\ge "), ("<=", "\\le "), ("!=", "\\ne "), ("≥", "\\ge "), ("≤", "\\le "), ("≠", "\\ne "),
               ("\\geqslant", "\\ge "), ("\\leqslant", "\\le "), ("\\gt", ">"), ("\\lt", "<"), ("=<", "\\le "),
               ("=>", "\\ge "))
+_ARRAY = re.compile(r"[\[(]?\s*\\begin\{array\}\{[lcr|]*\}(.*?)\\end\{array\}\s*[\])]?", re.DOTALL)
 _JOIN_WORDS = re.compile(r"\s*,?\s*\b(?:and|or)\b\s*,?\s*")
 
 _VARIABLE = re.compile(r"[A-Za-z](?:_\{?\w+\}?)?'*")
@@ -71,7 +72,12 @@ def normalise(answer: str) -> str:
         s = s.replace(spelled, canonical)
     s = " ".join(s.split()).strip().rstrip(".").strip()
     s = re.sub(r"^(?:[a-zA-Z]\s*\\in\s*)", "", s)  # x \in (1, 2]  ->  (1, 2]
-    s = re.sub(r"(?<=\S)\s*\\approx.*$", "", s)
+    s = re.sub(r"^([A-Za-z](?:_\{?\w+\}?)?)\s*\\approx", r"\1 =", s)  # x \approx 11 names a value
+    s = re.sub(r"(?<=\S)\s*\\approx.*$", "", s)  # 1/3 \approx 0.33: the exact value is the answer
+    s = _ARRAY.sub(r"\\begin{pmatrix}\1\\end{pmatrix}", s)
+    s = re.sub(r"\(([^(),;]*(?:;[^(),;]*)+)\)", lambda m: "(" + m.group(1).replace(";", ",") + ")", s)  # (0;-2;6)
+    if s.startswith("{") and s.endswith("}") and _group(s):
+        s = s[1:-1].strip()  # {1,3}: a TeX group, not a set (a set is \{1,3\})
     s = _CURRENCY.sub("", s).strip()
     s = _UNIT_TAIL.sub("", s).strip()
     percent = _PERCENT.search(s)
@@ -85,6 +91,17 @@ def normalise(answer: str) -> str:
     if _JOIN_WORDS.search(s) and not re.search(r"[A-Za-z]{3,}", re.sub(r"\\[A-Za-z]+", " ", _JOIN_WORDS.sub(",", s))):
         s = _JOIN_WORDS.sub(", ", s).strip(", ")  # 19, 46, and 82;  (11,7) or (7,11)
     return s.replace("\x00", "\\{").replace("\x01", "\\}")
+
+
+def _group(s: str) -> bool:
+    """Does the brace opening s[0] close at s[-1]?"""
+    level = 0
+    for i, char in enumerate(s):
+        level += char == "{"
+        level -= char == "}"
+        if level == 0:
+            return i == len(s) - 1
+    return False
 
 
 def _percent(value: str) -> str:
@@ -125,7 +142,8 @@ def _label(item: str) -> tuple[str, str] | None:
 def relabel(s: str) -> tuple[str, str | None]:
     """(the answer with its labels resolved in written order, the same sorted by label or None when
     it has no list of labels). See the module docstring for the rules."""
-    groups = [[_chain(item) for item in split_top(group)] for group in split_top(s, ";")]
+    raw = [split_top(group) for group in split_top(s, ";")]
+    groups = [[_chain(item) for item in group] for group in raw]
     items = [item for group in groups for item in group]
     labelled = [[_label(item) for item in group] for group in groups]
     flat = [pair for group in labelled for pair in group]
@@ -137,7 +155,7 @@ def relabel(s: str) -> tuple[str, str | None]:
     if any(pair is None for pair in flat):
         if flat[0] is not None and all(pair is None for pair in flat[1:]) and len(groups) == 1:
             return ", ".join([flat[0][1]] + items[1:]), None  # (x, y) = (5, 8), (8, 5)
-        return ", ".join(items) if len(groups) == 1 else s, None
+        return ", ".join(items) if len(groups) == 1 and groups != raw else s, None
     if len({label for label, _ in flat}) == 1 and len(groups) == 1:
         return ", ".join(value for _, value in flat), None  # x = 1, x = 5: the solutions
     written = ", ".join("(" + ", ".join(value for _, value in group) + ")" for group in labelled)

@@ -206,6 +206,11 @@ def _sympy(s: str) -> Answer | None:
         value = latex2sympy(plain)
     except Exception:  # the grammar rejects malformed LaTeX with assorted exception types
         return None
+    if getattr(value, "is_Matrix", False) and not isinstance(value, MatrixBase):
+        try:  # a sum or product of explicit matrices: its entries (sizes are bounded by MAX_SYMPY_CHARS)
+            value = value.doit()
+        except Exception:  # shapes that do not match
+            return None
     if isinstance(value, MatrixBase):
         return Answer("matrix", value)
     if isinstance(value, FiniteSet):  # x = \pm 2, 1 \pm \sqrt{2}

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+from rewards.math_normal import normalise  # noqa: F401  (r1pipeline/evaluate.py imports it from here)
+
 # Where a prediction's answer may be, tried in this order; the first that finds one wins.
 EXTRACTORS = ("boxed", "answer_tag", "answer_is", "last_line")
 MAX_ANSWER_CHARS = 400
@@ -109,9 +111,10 @@ def _math_segments(text: str) -> list[tuple[str, int, int]]:
     return found
 
 
-def answer_in(segment: str) -> str | None:
+def answer_in(segment: str, marked: bool = True) -> str | None:
     """The answer inside an answer segment (an <answer> tag, the text after "the answer is", a last
-    line): its box; else its math, several $…$ joined like boxes; else, in a sentence, its number."""
+    line): its box; else its math, several $…$ joined like boxes; else, in a sentence that is
+    `marked` as the answer (not a bare last line: no hunting for a last number), its number."""
     segment = _HOPE.sub("", segment).strip()
     boxed = last_boxed(segment)
     if boxed is not None:
@@ -120,14 +123,14 @@ def answer_in(segment: str) -> str | None:
     if segments:
         tail = segment[segments[-1][2]:]
         number = _PROSE_NUMBER.findall(tail)
-        if number and re.search(r"[A-Za-z]{2,}", tail[:tail.find(number[-1])]) and " or " not in tail:
+        if marked and number and re.search(r"[A-Za-z]{2,}", tail[:tail.find(number[-1])]) and " or " not in tail:
             return number[-1]  # the sentence goes on to state its value: "The volume of $V$ is 120."
         gaps = [segment[:segments[0][1]]] + [segment[a[2]:b[1]] for a, b in zip(segments, segments[1:])]
         if all(_JOINER.fullmatch(gap) for gap in gaps[1:]):
             return ", ".join(content.strip() for content, _, _ in segments)
         return segments[-1][0].strip()
     words = set(_WORDS.findall(re.sub(r"\\[a-zA-Z]+|\{[^{}]*\}", " ", segment))) - {"and"}
-    if words and " or " not in segment:
+    if marked and words and " or " not in segment:
         numbers = _PROSE_NUMBER.findall(segment)
         if numbers:  # a sentence that states its answer as a number: "The final answer is 12,000,023."
             return numbers[-1]
@@ -171,12 +174,17 @@ _EXTRACT = {"boxed": last_boxed, "answer_tag": _answer_tag, "answer_is": _answer
 
 def extract_prediction(completion: str, extractors: tuple[str, ...] = EXTRACTORS) -> str | None:
     """The final answer of a completion (a bare answer is its own final line), read after the last
-    </think> when the completion has one, so that guesses inside the reasoning are never graded."""
+    </think> when the completion has one, so that guesses inside the reasoning are never graded.
+    A completion that opens <think> or <answer> and never closes it has no answer."""
     unknown = [name for name in extractors if name not in _EXTRACT]
     if unknown:
         raise ValueError(f"unknown answer extractor(s) {unknown}; valid: {list(_EXTRACT)}")
     end = completion.rfind(_THINK_END)
+    if end == -1 and "<think>" in completion:
+        return None  # the reasoning never ended (cut at the length limit): there is no final answer
     text = completion[end + len(_THINK_END):] if end != -1 else completion
+    if "<answer>" in text and "</answer>" not in text[text.rfind("<answer>"):]:
+        return None  # an answer cut off mid-way: its last number may be a prefix of the real one
     stops = [i for i in (text.find(token) for token in _STOP_TOKENS) if i != -1]
     text = _ESCAPED.sub(r"\\", text[:min(stops)] if stops else text)
     boxes = _boxes(text) if "boxed" in extractors and "answer_is" in extractors else []
@@ -185,7 +193,7 @@ def extract_prediction(completion: str, extractors: tuple[str, ...] = EXTRACTORS
     for name in extractors:
         found = _EXTRACT[name](text)
         if found is not None and found.strip():
-            answer = found.strip() if name == "boxed" else answer_in(found)
+            answer = found.strip() if name == "boxed" else answer_in(found, marked=name != "last_line")
             if answer:
                 return answer
     return None

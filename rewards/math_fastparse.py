@@ -3,8 +3,8 @@ same unevaluated sympy trees as latex2sympy2_extended does, about 20x faster tha
 
 Covers: integers and decimals, single-letter variables (`e` is Euler's number and capitals are
 lower-case symbols, as in latex2sympy; `f(x)`, `a/bc` and `3\\frac{1}{2}` are left to it),
-+ - * / ^, `\\cdot`, `\\times`, implicit products (`2x`, `2(x+1)`, `\\pi r^2`), ( ) and { } groups,
-`\\frac{}{}`, `\\sqrt{}`, `\\sqrt[n]{}`, `\\pi`, `\\infty`, and relations (`<`, `\\le`, `\\ne`, chains). Anything else (relations, sets, functions,
++ - * / ^ !, `\\cdot`, `\\times`, implicit products (`2x`, `2(x+1)`, `\\pi r^2`), ( ) and { } groups,
+`\\frac{}{}`, `\\binom{}{}`, `\\sqrt{}`, `\\sqrt[n]{}`, `\\sin` `\\cos` `\\tan` `\\ln` `\\exp` of a group, `\\pi`, `\\infty`, and relations (`<`, `\\le`, `\\ne`, chains). Anything else (relations, sets, functions,
 subscripts, `!`, `|`, other commands) returns None and goes to latex2sympy. Nothing is evaluated:
 the parser only constructs sympy objects, so a power tower stays a tree for math_equiv's guards.
 """
@@ -16,7 +16,9 @@ import re
 import sympy
 
 _TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d+)?|\.\d+)|([A-Za-z])|(\\frac|\\sqrt|\\pi|\\cdot|\\times|\\infty|"
-                    r"\\leq?|\\geq?|\\neq?)(?![A-Za-z])|([-+*/^(){}\[\]<>]))")
+                    r"\\leq?|\\geq?|\\neq?|\\binom|\\sin|\\cos|\\tan|\\ln|\\exp)(?![A-Za-z])|([-+*/^(){}\[\]<>!]))")
+_FUNCTIONS = {"\\sin": sympy.sin, "\\cos": sympy.cos, "\\tan": sympy.tan, "\\exp": sympy.exp,
+              "\\ln": lambda x, evaluate: sympy.log(x, sympy.E, evaluate=evaluate)}
 _RELATIONS = {"<": sympy.StrictLessThan, ">": sympy.StrictGreaterThan, "\\le": sympy.LessThan, "\\leq": sympy.LessThan,
               "\\ge": sympy.GreaterThan, "\\geq": sympy.GreaterThan, "\\ne": sympy.Unequality, "\\neq": sympy.Unequality}
 
@@ -89,6 +91,9 @@ class _Parser:
 
     def power(self):
         base = self.atom()
+        while self.peek() == "!":
+            self.take()
+            base = sympy.factorial(base, evaluate=False)
         if self.peek() != "^":
             return base
         self.take()
@@ -130,9 +135,15 @@ class _Parser:
             return inner
         if token == "\\frac":
             numerator, denominator = self.group(), self.group()
-            if denominator == 0:
-                raise _Unsupported("division by zero")
+            if denominator == 0:  # as latex2sympy: 0/0 is nan, a/0 is complex infinity (never a value)
+                return sympy.nan if numerator == 0 else sympy.zoo
             return sympy.Mul(numerator, sympy.Pow(denominator, -1, evaluate=False), evaluate=False)
+        if token == "\\binom":
+            return sympy.binomial(self.group(), self.group(), evaluate=False)
+        if token in _FUNCTIONS:  # \sin(x), \ln{x}; \sin x and \sin^2 x are left to latex2sympy
+            if self.peek() not in ("(", "{"):
+                raise _Unsupported(token)
+            return _FUNCTIONS[token](self.atom(), evaluate=False)
         if token == "\\sqrt":
             index = None
             if self.peek() == "[":

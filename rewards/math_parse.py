@@ -95,7 +95,14 @@ def depth(s: str) -> int:
 
 
 def balanced(s: str) -> bool:
-    return s.count("{") == s.count("}") and s.count("(") + s.count("[") == s.count(")") + s.count("]")
+    """Brackets close in order (`}{` and `}}}2{{{` are not answers) and environments close."""
+    level = 0
+    for char in s:
+        level += char in "([{"
+        level -= char in ")]}"
+        if level < 0:
+            return False
+    return level == 0 and s.count("{") == s.count("}") and s.count("\\begin") == s.count("\\end")
 
 
 def wrapped(s: str) -> bool:

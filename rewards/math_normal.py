@@ -48,7 +48,7 @@ _ARRAY = re.compile(r"[\[(]?\s*\\begin\{array\}\{[lcr|]*\}(.*?)\\end\{array\}\s*
 _JOIN_WORDS = re.compile(r"\s*,?\s*\b(?:and|or)\b\s*,?\s*")
 
 _VARIABLE = re.compile(r"[A-Za-z](?:_\{?\w+\}?)?'*")
-_NAME = re.compile(r"[A-Za-z]+(?:_\{?\w+\}?)?'*(?:\([\w ,]*\))?|\|[A-Za-z]+\||\\frac\{[A-Za-z]+\}\{[A-Za-z]+\}|"
+_NAME = re.compile(r"[A-Za-z]+(?:_\{?\w+\}?)?(?:\^\{?-1\}?)?'*(?:\([\w ,]*\))?|\|[A-Za-z]+\||\\frac\{[A-Za-z]+\}\{[A-Za-z]+\}|"
                    r"\((?:\s*[A-Za-z](?:_\{?\w+\}?)?\s*,)+\s*[A-Za-z](?:_\{?\w+\}?)?\s*\)")
 
 

@@ -83,6 +83,8 @@ CLASSES = {
         ("u = 1, v = 2", "v = 2, u = 1", True),
         ("u = 1, v = 2", "v = 1, u = 2", False),
         ("y = 3", "z = 3", False),
+        ("\\frac{x-3}{2}", "f^{-1}(x) = \\frac{x-3}{2}", True),
+        ("\\frac{x-3}{2}", "f^{-1}(x) = \\frac{x+3}{2}", False),
     ],
     "choices_with_text": [
         ("\\text{(D)}", "\\textbf{(D) } 7", True),

@@ -37,6 +37,7 @@ Where an answer could be read more than one way, the rule (each tested in tests/
 
 from __future__ import annotations
 
+import functools
 import re
 
 from rewards.math_equiv import equal
@@ -60,9 +61,15 @@ def _decimal_comma(text: str, other: str) -> str:
     return text
 
 
+@functools.lru_cache(maxsize=4096)
+def _gold_answer(gold: str) -> str:
+    """A GRPO group grades G completions against one gold: its answer is found once."""
+    return normalise(unwrap_gold(gold))
+
+
 def _prepare(gold, pred, extractors) -> tuple[str | None, str | None]:
     """(normalised gold or None, normalised predicted answer or None)."""
-    gold_text = normalise(unwrap_gold(str(gold))) if gold is not None else ""
+    gold_text = _gold_answer(str(gold)) if gold is not None else ""
     if not gold_text or not balanced(gold_text):
         return None, None
     answer = extract_prediction(str(pred), extractors) if pred is not None else None

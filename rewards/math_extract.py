@@ -88,27 +88,30 @@ def last_boxed(text: str) -> str | None:
     return ", ".join(part.strip() for part in reversed(parts))
 
 
+_OPENER = re.compile(r"(?<!\\)(?:\$\$|\$|\\\[|\\\()")
+_CLOSER = {"$$": "$$", "$": "$", "\\[": "\\]", "\\(": "\\)"}
+
+
 def _math_segments(text: str) -> list[tuple[str, int, int]]:
-    """(content, start, end) of $$…$$, $…$, \\[…\\] and \\(…\\) segments; an escaped \\$ is a dollar."""
+    """(content, start, end) of $$…$$, $…$, \\[…\\] and \\(…\\) segments; an escaped \\$ is a dollar.
+    Inline segments ($, \\() do not cross a line break."""
     found, i = [], 0
-    while i < len(text):
-        for left, right in (("$$", "$$"), ("\\[", "\\]"), ("\\(", "\\)"), ("$", "$")):
-            if text.startswith(left, i) and text[i - 1:i] != "\\":
-                j = i + len(left)
-                while True:
-                    j = text.find(right, j)
-                    if j == -1 or text[j - 1:j] != "\\" or right != "$":
-                        break
-                    j += 1
-                if j == -1 or (left in ("$", "\\(") and "\n" in text[i:j]):
-                    i += len(left)
-                    break
-                found.append((text[i + len(left):j], i, j + len(right)))
-                i = j + len(right)
+    while True:
+        opener = _OPENER.search(text, i)
+        if opener is None:
+            return found
+        left = opener.group()
+        right, j = _CLOSER[left], opener.end()
+        while True:
+            j = text.find(right, j)
+            if j == -1 or right != "$" or text[j - 1] != "\\":
                 break
-        else:
-            i += 1
-    return found
+            j += 1
+        if j == -1 or (left in ("$", "\\(") and "\n" in text[opener.end():j]):
+            i = opener.end()
+            continue
+        found.append((text[opener.end():j], opener.start(), j + len(right)))
+        i = j + len(right)
 
 
 def answer_in(segment: str, marked: bool = True) -> str | None:

@@ -168,7 +168,8 @@ def _answer_is(text: str) -> str | None:
 
 
 def _last_line(text: str) -> str | None:
-    lines = [line for line in text[-2000:].splitlines() if line.strip()]
+    # "\n" (and "\r") end a line; str.splitlines would also split at form feeds and other controls
+    lines = [line for line in text[-2000:].replace("\r", "\n").split("\n") if line.strip()]
     return lines[-1] if lines else None
 
 

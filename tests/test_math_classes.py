@@ -160,3 +160,9 @@ def test_relation_vs_interval_is_symmetric_unlike_math_verify():
     assert verify("[-2, 7]", "-2 \\le x \\le 7") is True
     assert verify("-2 \\le x \\le 7", "[-2, 7]") is True
     assert verify("[-2, 7]", "-2 < x < 7") is False
+
+
+def test_only_newlines_end_a_line():
+    """A form feed (what "\\f" of "\\frac" becomes in a non-raw Python string) is no line break."""
+    pred = "$\\begin{pmatrix}\x0crac{7}{4} & 2\\end{pmatrix}$"
+    assert verify(pred, pred) is True

@@ -20,13 +20,17 @@ Where an answer could be read more than one way, the rule (each tested in tests/
 - Where the answer is: after the last `</think>`, cut at a chat special token (`<|im_start|>`…);
   then the last `\\boxed{}`; else the `<answer>` tag; else the text after the last "answer is",
   "Final Answer: The final answer is … I hope it is correct.", "Answer:", "Answer $…$" or `####`;
-  else the last line. Within that segment: its box, else its math (`$…$`), else, in a sentence, its
-  last number ("The final answer is 12,000,023."), unless the sentence hedges with "or".
+  else the last line. Within that segment: its box, else its math (`$…$`), else, in a sentence
+  after an answer marker (never on a bare last line), its last number ("The final answer is
+  12,000,023."), unless the sentence hedges with "or". A completion that opens `<think>` or
+  `<answer>` and never closes it (cut at the length limit) has no answer.
 - Several boxes (or `$…$` segments) separated only by commas, "and", "or", `\\quad` form one answer,
   a list: `\\boxed{1}, \\boxed{2}, \\boxed{3}` is {1, 2, 3}. Boxes with other words between them are
   revisions: the last one is the answer. A list never meets a single value, so hedging with
   `\\boxed{3} or \\boxed{4}` scores against both values and matches neither 3 nor 4.
 - An equality chain is graded on its last side: `x = 5+5+1 = 7 = 11` is `x = 11` (right for 11).
+  A number on the left of `=` meets the right side only when that is a number too (`65 + 62 = 127`
+  meets 127; `7 = 11a + c` is an equation).
 - A label on the left of `=` is not part of the answer (`f(x) = 1` meets 1); a single-letter
   variable makes an equation, which meets its right side (`x = 2` meets 2, but not `y = 2`).
 - A relation meets the interval or set it describes, in both directions (`x \\in [-2, 7]` meets
@@ -49,8 +53,6 @@ from rewards.registry import register
 from rewards.text import completion_text
 
 _CHEAP_KINDS = {"number", "choice", "text"}
-
-
 _DECIMAL_COMMA = re.compile(r"-?\d+,\d+")
 
 

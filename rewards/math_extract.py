@@ -28,6 +28,9 @@ _JOINER = re.compile(r"(?:\s|[,;.&$]|\\[()\[\]]|\\q?quad|\\[,;! ]|\\text\{\s*(?:
 # A number in prose: not glued to a word before it ("AZYUK2A" holds none), thousands or decimal comma.
 _PROSE_NUMBER = re.compile(r"(?<![A-Za-z0-9_.])-?\d+(?:,\d+)*(?:\.\d+)?(?:/\d+)?")
 _WORDS = re.compile(r"[A-Za-z]{3,}")
+# A short phrase that ends in "and" right before the next box joins it too: "\\boxed{1} papers and
+# \\boxed{2} bins", "\\boxed{(3,3)} \\text{ for part (a) and } \\boxed{(1,1)}".
+_AND_BEFORE = re.compile(r"[^\n]{0,40}\band\s*(?:\}|\$|\\[()\[\]]|\\q?quad|\s)*")
 _FINAL = re.compile(r"final answer\s*(?:is|:)", re.IGNORECASE)
 # LaTeX escaped twice (`\\\\frac` as it comes out of a JSON string written from a Python literal):
 # two backslashes before a letter are one command, not a row break followed by text.
@@ -76,13 +79,15 @@ def _boxes(text: str) -> list[tuple[str, int, int]]:
 def last_boxed(text: str) -> str | None:
     """The final boxed answer. Boxes that stand together, separated only by commas, "and"/"or",
     `\\quad` or math delimiters (`\\boxed{1}, \\boxed{2}`), form one answer, a list; a box followed by
-    any other words is a revised answer, and only the last one counts (`\\boxed{3}, no wait: \\boxed{4}`)."""
+    any other words is a revised answer, and only the last one counts (`\\boxed{3}, no wait: \\boxed{4}`),
+    unless the words are a short phrase ending in "and" (`\\boxed{1} papers and \\boxed{2} bins`)."""
     boxes = _boxes(text)
     if not boxes:
         return None
     parts = [boxes[-1][0]]
     for (content, _, end), (_, next_start, _) in zip(reversed(boxes[:-1]), reversed(boxes[1:])):
-        if not _JOINER.fullmatch(text[end:next_start]):
+        gap = text[end:next_start]
+        if not (_JOINER.fullmatch(gap) or _AND_BEFORE.fullmatch(gap)):
             break
         parts.append(content)
     return ", ".join(part.strip() for part in reversed(parts))

@@ -33,6 +33,9 @@ CLASSES = {
         ("42", "\\boxed{41}, hmm, that was wrong; recounting gives \\boxed{42}", True),
         ("41", "\\boxed{41}, hmm, that was wrong; recounting gives \\boxed{42}", False),
         ("42", "The product is 42. I hope it is correct. <|im_start|>user\nNext: 7", True),
+        ("3, 5", "\\boxed{3} red balls and \\boxed{5} blue balls", True),
+        ("5", "\\boxed{3} red balls and \\boxed{5} blue balls", False),
+        ("5", "\\boxed{3}, which I check again and find \\boxed{5}", True),
     ],
     "relations": [
         ("y \\geq -3", "y >= -3", True),

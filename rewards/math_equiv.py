@@ -3,11 +3,18 @@
 Policies (each a deliberate choice against reward hacking, see reference/math-checker.md §3):
 - Rational numbers compare exactly, big integers included. A decimal meets an irrational or a float
   within a relative tolerance `REL_TOL`; there is no absolute rounding and no factor-100 rule.
+  A decimal meets a rational it does not equal exactly when it is that rational rounded or cut at
+  its last written digit and written to at least `REL_TOL` relative precision: `0.0833333333333333`
+  meets `\\frac{1}{12}`, `0.0833` and `0.333333` do not meet theirs, `1000000.5` never meets `1000001`.
 - Expressions: structural equality, else numeric agreement at 30 digits on every one of several
   fixed points (both sides must have the same free symbols). No unbounded `simplify`.
-- Sets and bare lists are unordered (as multisets); tuples are ordered; intervals compare endpoints
-  and open/closed ends; matrices compare shape and entries; a one-element collection meets its item.
-- `x = 2` meets `2` in both directions when the left side is a single symbol (or has no symbols);
+- Sets are sets (`\\{1,2,2\\}` meets `\\{1,2\\}`); bare lists are unordered multisets (`1, 2, 2` does
+  not meet `1, 2`); tuples are ordered; intervals compare endpoints and open/closed ends; matrices
+  compare shape and entries; a one-element collection meets its item.
+- Sums and products compare up to the name of their index (`\\sum_i i^2` meets `\\sum_j j^2`) and up
+  to the order of commuting factors and terms (sympy's canonical order).
+- `x = 2` meets `2` in both directions when the left side is a single symbol, or when both sides are
+  numbers (`65 + 62 = 127` meets 127; `7 = 11a + c` is an equation and does not meet `11a + c`);
   two equations are equal when one is a non-zero multiple of the other, inequalities when by a
   positive multiple; a one-variable relation meets the interval or set it describes.
 - Multiple-choice letters meet only the same letter; text meets only the same text (case-insensitive).
@@ -17,6 +24,8 @@ Policies (each a deliberate choice against reward hacking, see reference/math-ch
 from __future__ import annotations
 
 import math
+from fractions import Fraction
+
 import sympy
 from sympy import Rational
 
@@ -45,11 +54,13 @@ def to_sympy(answer: Answer):
 
 
 def _bits(expr) -> float:
-    """An upper bound of log2 |value| for numeric subtrees (inf when it cannot tell cheaply)."""
+    """An upper bound of log2(|value| + 1) for numeric subtrees (inf when it cannot tell cheaply)."""
     if expr.is_Integer or expr.is_Rational:
-        return math.log2(max(abs(expr.p), abs(expr.q)) + 1)
+        return math.log2(abs(expr.p) / expr.q + 1)
     if expr.is_Pow:
         base, exponent = expr.args
+        if exponent.is_number and exponent.is_negative and base.is_Rational and abs(base) >= 1:
+            return 1.0  # |b^-e| <= 1
         exponent_bits = _bits(exponent)
         if exponent_bits > 64:
             return math.inf
@@ -57,7 +68,9 @@ def _bits(expr) -> float:
     if isinstance(expr, sympy.factorial):
         argument_bits = _bits(expr.args[0])
         return math.inf if argument_bits > 40 else (2 ** argument_bits) * argument_bits
-    if expr.is_Mul or expr.is_Add or isinstance(expr, sympy.Function):
+    if expr.is_Add:  # |a + b| <= 2 max(|a|, |b|)
+        return max(_bits(arg) for arg in expr.args) + 1
+    if expr.is_Mul or isinstance(expr, sympy.Function):
         return sum(_bits(arg) for arg in expr.args) + 1
     return 1.0
 
@@ -108,9 +121,31 @@ def _values_close(a, b, tol: float) -> bool | None:
     return _close(left, right, tol)
 
 
+def canonical(expr):
+    """`expr` with the index of each sum and product renamed by its depth, so that \\sum_i i^2 and
+    \\sum_j j^2 are the same tree."""
+    if not expr.has(sympy.Sum, sympy.Product):
+        return expr
+
+    def rename(node, depth):
+        if not node.args:
+            return node
+        args = [rename(arg, depth + isinstance(node, (sympy.Sum, sympy.Product))) for arg in node.args]
+        if isinstance(node, (sympy.Sum, sympy.Product)) and len(node.limits) == 1 and len(node.limits[0]) == 3:
+            index = sympy.Symbol(f"_index{depth}")
+            body, (variable, low, high) = args[0], args[1].args if isinstance(args[1], sympy.Tuple) else node.limits[0]
+            return node.func(body.xreplace({variable: index}), (index, low, high))
+        return node.func(*args)
+
+    try:
+        return rename(expr, 0)
+    except (TypeError, ValueError, AttributeError):
+        return expr
+
+
 def sympy_equal(a, b, tol: float = EXACT_TOL) -> bool:
     """Two sympy expressions: structure, then values at fixed points (exact ones at 1e-20)."""
-    if a == b:
+    if a == b or canonical(a) == canonical(b):
         return True
     if too_big(a) or too_big(b):
         return False
@@ -127,9 +162,19 @@ def sympy_equal(a, b, tol: float = EXACT_TOL) -> bool:
     return agreed >= (1 if not symbols else 3)
 
 
+def _rounds_to(decimal: Answer, other: Answer) -> bool:
+    """Is `decimal` the number `other` rounded or cut at its last written digit, written to at least
+    REL_TOL relative precision? ("0.0833333333333333" for 1/12: yes; "0.0833": too few digits.)"""
+    if not decimal.places or other.value == 0:
+        return False
+    ulp = Fraction(1, 10**decimal.places)
+    return abs(decimal.value - other.value) < ulp and ulp <= REL_TOL * abs(other.value)
+
+
 def _scalar_equal(gold: Answer, pred: Answer) -> bool:
     if gold.kind == "number" and pred.kind == "number":
-        return gold.value == pred.value  # Fractions: exact, "0.5" == "1/2", "0.333" != "1/3"
+        # Fractions: exact, "0.5" == "1/2"; a long decimal meets the rational it rounds
+        return gold.value == pred.value or _rounds_to(pred, gold) or _rounds_to(gold, pred)
     tol = EXACT_TOL if gold.exact and pred.exact else REL_TOL
     return sympy_equal(to_sympy(gold), to_sympy(pred), tol)
 
@@ -137,10 +182,21 @@ def _scalar_equal(gold: Answer, pred: Answer) -> bool:
 def _assigned(answer: Answer) -> Answer | None:
     """`x = 2` (or `2 + 3 = 5`) as its right side; None for any other answer."""
     if answer.kind == "relation" and isinstance(answer.value, tuple):
-        lhs = answer.value[1]
-        if lhs.kind == "expr" and (lhs.value.is_Symbol or not lhs.value.free_symbols) or lhs.kind == "number":
-            return answer.value[2]
+        lhs, rhs = answer.value[1:]
+        if lhs.kind == "expr" and lhs.value.is_Symbol:
+            return rhs
+        numeric = lambda side: side.kind == "number" or (side.kind == "expr" and not side.value.free_symbols)
+        if numeric(lhs) and numeric(rhs):  # 65 + 62 = 127; never 7 = 11a + c
+            return rhs
     return None
+
+
+def _distinct(items: tuple) -> tuple:
+    kept: list = []
+    for item in items:
+        if not any(equal(seen, item) for seen in kept):
+            kept.append(item)
+    return tuple(kept)
 
 
 def _matched(golds: tuple, preds: tuple, ordered: bool) -> bool:
@@ -157,12 +213,44 @@ def _matched(golds: tuple, preds: tuple, ordered: bool) -> bool:
     return True
 
 
+_BOUNDS = {"<": (True, False), "<=": (False, False), ">": (True, True), ">=": (False, True)}
+
+
+def _simple_set(relation):
+    """The set of `x < 3`, `-2 <= x <= 7`, `x != 1` (one symbol against numbers) built directly:
+    sympy's general `as_set` solves the inequality and costs about 0.1 s each."""
+    if isinstance(relation, sympy.And):
+        parts = [_simple_set(arg) for arg in relation.args]
+        return None if None in parts else sympy.Intersection(*parts)
+    if not isinstance(relation, sympy.core.relational.Relational) or relation.rel_op not in (*_BOUNDS, "!="):
+        return None
+    lhs, rhs = relation.lhs, relation.rhs
+    if rhs.is_Symbol and not lhs.free_symbols:
+        relation = relation.reversed
+        lhs, rhs = relation.lhs, relation.rhs
+    if not lhs.is_Symbol or rhs.free_symbols or not rhs.is_extended_real:
+        return None
+    if relation.rel_op == "!=":
+        return sympy.Union(sympy.Interval.open(-sympy.oo, rhs), sympy.Interval.open(rhs, sympy.oo))
+    open_end, lower = _BOUNDS[relation.rel_op]
+    return sympy.Interval(rhs, sympy.oo, open_end, True) if lower else sympy.Interval(-sympy.oo, rhs, True, open_end)
+
+
 def _as_set(relation):
     if isinstance(relation, tuple):
         relation = to_sympy(Answer("relation", relation))
+    calls = relation.atoms(sympy.core.function.AppliedUndef)
+    if len(calls) == 1:  # 0 < f(x) < 1 describes the values of f(x): a set in one unknown
+        relation = relation.xreplace({calls.pop(): sympy.Symbol("_value")})
     if len(relation.free_symbols) != 1:
         return None
-    return relation.as_set()
+    simple = _simple_set(relation)
+    if simple is not None:
+        return simple
+    try:
+        return relation.as_set()
+    except (NotImplementedError, TypeError, ValueError):  # sympy cannot solve it for its unknown
+        return None
 
 
 def _as_interval(answer: Answer):
@@ -173,6 +261,8 @@ def _as_interval(answer: Answer):
 
 
 def _relations_equal(gold, pred) -> bool:
+    if canonical(gold) == canonical(pred):  # also where values cannot be evaluated (sums, products)
+        return True
     if isinstance(gold, sympy.Eq) and isinstance(pred, sympy.Eq):
         left, right = gold.lhs - gold.rhs, pred.lhs - pred.rhs
         return _proportional(left, right, positive=False)
@@ -223,6 +313,8 @@ def equal(gold: Answer, pred: Answer) -> bool:
         ordered = "tuple" in kinds
         if "set" in kinds and "tuple" in kinds:
             return False
+        if "set" in kinds:  # a set has no repeated elements: {1, 2, 2} is {1, 2}
+            return _matched(_distinct(gold.value), _distinct(pred.value), False)
         return _matched(gold.value, pred.value, ordered)
     for one, other in ((gold, pred), (pred, gold)):  # {3} against 3
         if one.kind in ("set", "list") and len(one.value) == 1 and other.kind in ("number", "expr"):

@@ -1,20 +1,40 @@
-"""Finding the final answer in a completion, and normalising an answer's surface form.
+"""Finding the final answer in a completion, or in a gold written as a worked solution.
 
 Runs in the caller's process, so everything here is linear-time string work (no backtracking
 regexes over the whole completion); the sympy work happens in the worker pool (rewards/math_pool.py).
+Surface normalisation of the answer found lives in rewards/math_normal.py.
 """
 
 from __future__ import annotations
 
 import re
 
+from rewards.math_normal import normalise  # noqa: F401  (r1pipeline/evaluate.py imports it from here)
+
 # Where a prediction's answer may be, tried in this order; the first that finds one wins.
 EXTRACTORS = ("boxed", "answer_tag", "answer_is", "last_line")
 MAX_ANSWER_CHARS = 400
-MAX_BOX_TRIES = 4  # a longer "answer" is not an answer; it is compared as text only
+MAX_BOXES = 64  # boxes looked at per text; a text with more is graded on its last ones only
 
 _THINK_END = "</think>"
-_ANSWER_IS = re.compile(r"(?:(?:final answer|the answer|answer)\s*(?:is|:)\s*:?|####)\s*([^\n]*)", re.IGNORECASE)
+# A chat model's turn ends at its special tokens; what a sampler lets run on after them is not answer.
+_STOP_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<｜end▁of▁sentence｜>", "<|eot_id|>")
+# "The final answer is", "Answer:", "answer is", GSM8K's "####"; a bare "Answer" only before math.
+_ANSWER_IS = re.compile(r"(?:answer|answer\s+should\s+be)\s*(?:is|was|:)\s*:?|answer\s*(?=\$|\\\(|\\\[|\d)|####",
+                        re.IGNORECASE)
+_HOPE = re.compile(r"\.?\s*I hope it is correct\.?\s*$", re.IGNORECASE)
+# What may stand between two boxes (or two $…$ segments) that together form one answer.
+_JOINER = re.compile(r"(?:\s|[,;.&$]|\\[()\[\]]|\\q?quad|\\[,;! ]|\\text\{\s*(?:and|or|,)?\s*\}|\band\b|\bor\b|\b[A-Za-z](?:_\{?\w+\}?)?\s*=)*")
+# A number in prose: not glued to a word before it ("AZYUK2A" holds none), thousands or decimal comma.
+_PROSE_NUMBER = re.compile(r"(?<![A-Za-z0-9_.])-?\d+(?:,\d+)*(?:\.\d+)?(?:/\d+)?")
+_WORDS = re.compile(r"[A-Za-z]{3,}")
+# A short phrase that ends in "and" right before the next box joins it too: "\\boxed{1} papers and
+# \\boxed{2} bins", "\\boxed{(3,3)} \\text{ for part (a) and } \\boxed{(1,1)}".
+_AND_BEFORE = re.compile(r"[^\n]{0,40}\band\s*(?:\}|\$|\\[()\[\]]|\\q?quad|\s)*")
+_FINAL = re.compile(r"final answer\s*(?:is|:)", re.IGNORECASE)
+# LaTeX escaped twice (`\\\\frac` as it comes out of a JSON string written from a Python literal):
+# two backslashes before a letter are one command, not a row break followed by text.
+_ESCAPED = re.compile(r"(?<!\\)\\\\(?=[a-zA-Z])")
 
 
 def _braced(text: str, start: int) -> tuple[str, int] | None:
@@ -31,24 +51,98 @@ def _braced(text: str, start: int) -> tuple[str, int] | None:
     return None
 
 
-def last_boxed(text: str) -> str | None:
-    """The last \\boxed{…} or \\fbox{…}. One box only: a completion that revises its answer is graded
-    on the final box, never on the set of all its boxes (MV's nearby-box joining, issue #57)."""
-    best = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    for _ in range(MAX_BOX_TRIES):  # unclosed boxes: a bounded number of tries keeps this linear
-        if best == -1:
-            return None
-        start = best + (6 if text.startswith("\\boxed", best) else 5)
-        rest = text[start:]
+def _boxes(text: str) -> list[tuple[str, int, int]]:
+    """(content, start, end) of the outermost \\boxed{…} / \\fbox{…} groups, left to right."""
+    found, position = [], 0
+    while len(found) < MAX_BOXES:
+        start = min((i for i in (text.find("\\boxed", position), text.find("\\fbox", position)) if i != -1), default=-1)
+        if start == -1:
+            break
+        after = start + (6 if text.startswith("\\boxed", start) else 5)
+        rest = text[after:]
         stripped = rest.lstrip()
         if stripped.startswith("{"):
-            group = _braced(text, start + len(rest) - len(stripped))
-            if group is not None:
-                return group[0]
-        elif text.startswith("\\boxed ", best):  # \boxed 5
-            return stripped.split("$")[0].split()[0] if stripped else None
-        best = max(text.rfind("\\boxed", 0, best), text.rfind("\\fbox", 0, best))
-    return None
+            group = _braced(text, after + len(rest) - len(stripped))
+            if group is None:  # an unclosed box: nothing after it can close either
+                break
+            found.append((group[0], start, group[1]))
+            position = group[1]
+        elif text.startswith("\\boxed ", start) and stripped:  # \boxed 5
+            token = stripped.split("$")[0].split()[0]
+            found.append((token, start, after + len(rest) - len(stripped) + len(token)))
+            position = found[-1][2]
+        else:
+            position = after
+    return found
+
+
+def last_boxed(text: str) -> str | None:
+    """The final boxed answer. Boxes that stand together, separated only by commas, "and"/"or",
+    `\\quad` or math delimiters (`\\boxed{1}, \\boxed{2}`), form one answer, a list; a box followed by
+    any other words is a revised answer, and only the last one counts (`\\boxed{3}, no wait: \\boxed{4}`),
+    unless the words are a short phrase ending in "and" (`\\boxed{1} papers and \\boxed{2} bins`)."""
+    boxes = _boxes(text)
+    if not boxes:
+        return None
+    parts = [boxes[-1][0]]
+    for (content, _, end), (_, next_start, _) in zip(reversed(boxes[:-1]), reversed(boxes[1:])):
+        gap = text[end:next_start]
+        if not (_JOINER.fullmatch(gap) or _AND_BEFORE.fullmatch(gap)):
+            break
+        parts.append(content)
+    return ", ".join(part.strip() for part in reversed(parts))
+
+
+_OPENER = re.compile(r"(?<!\\)(?:\$\$|\$|\\\[|\\\()")
+_CLOSER = {"$$": "$$", "$": "$", "\\[": "\\]", "\\(": "\\)"}
+
+
+def _math_segments(text: str) -> list[tuple[str, int, int]]:
+    """(content, start, end) of $$…$$, $…$, \\[…\\] and \\(…\\) segments; an escaped \\$ is a dollar.
+    Inline segments ($, \\() do not cross a line break."""
+    found, i = [], 0
+    while True:
+        opener = _OPENER.search(text, i)
+        if opener is None:
+            return found
+        left = opener.group()
+        right, j = _CLOSER[left], opener.end()
+        while True:
+            j = text.find(right, j)
+            if j == -1 or right != "$" or text[j - 1] != "\\":
+                break
+            j += 1
+        if j == -1 or (left in ("$", "\\(") and "\n" in text[opener.end():j]):
+            i = opener.end()
+            continue
+        found.append((text[opener.end():j], opener.start(), j + len(right)))
+        i = j + len(right)
+
+
+def answer_in(segment: str, marked: bool = True) -> str | None:
+    """The answer inside an answer segment (an <answer> tag, the text after "the answer is", a last
+    line): its box; else its math, several $…$ joined like boxes; else, in a sentence that is
+    `marked` as the answer (not a bare last line: no hunting for a last number), its number."""
+    segment = _HOPE.sub("", segment).strip()
+    boxed = last_boxed(segment)
+    if boxed is not None:
+        return boxed
+    segments = _math_segments(segment)
+    if segments:
+        tail = segment[segments[-1][2]:]
+        number = _PROSE_NUMBER.findall(tail)
+        if marked and number and re.search(r"[A-Za-z]{2,}", tail[:tail.find(number[-1])]) and " or " not in tail:
+            return number[-1]  # the sentence goes on to state its value: "The volume of $V$ is 120."
+        gaps = [segment[:segments[0][1]]] + [segment[a[2]:b[1]] for a, b in zip(segments, segments[1:])]
+        if all(_JOINER.fullmatch(gap) for gap in gaps[1:]):
+            return ", ".join(content.strip() for content, _, _ in segments)
+        return segments[-1][0].strip()
+    words = set(_WORDS.findall(re.sub(r"\\[a-zA-Z]+|\{[^{}]*\}", " ", segment))) - {"and"}
+    if marked and words and " or " not in segment:
+        numbers = _PROSE_NUMBER.findall(segment)
+        if numbers:  # a sentence that states its answer as a number: "The final answer is 12,000,023."
+            return numbers[-1]
+    return segment.strip().rstrip(".").strip() or None
 
 
 def _answer_tag(text: str) -> str | None:
@@ -58,14 +152,29 @@ def _answer_tag(text: str) -> str | None:
 
 
 def _answer_is(text: str) -> str | None:
-    found = None
-    for found in _ANSWER_IS.finditer(text[-2000:]):
-        pass
-    return found.group(1) if found else None
+    """The text after the last answer marker that is followed by something: to the end of its line,
+    or through a display-math block that opens right after it. A last line in Minerva's format
+    ("… I hope it is correct.") is the answer's line whether or not it names the answer."""
+    tail = text[-2000:]
+    last = _last_line(tail)
+    if last is not None and _HOPE.search(last):
+        marker = list(_ANSWER_IS.finditer(last))
+        return last[marker[-1].end():] if marker else last
+    for match in reversed(list(_ANSWER_IS.finditer(tail))):
+        rest = tail[match.end():].lstrip(" \t:")
+        for left, right in (("$$", "$$"), ("\\[", "\\]")):
+            if rest.startswith(left) and rest.find(right, len(left)) != -1:
+                close = rest.find(right, len(left)) + len(right)
+                return rest[:close] + rest[close:].split("\n")[0]
+        line = rest.split("\n")[0]
+        if line.strip(" .$"):
+            return line
+    return None
 
 
 def _last_line(text: str) -> str | None:
-    lines = [line for line in text[-2000:].splitlines() if line.strip()]
+    # "\n" (and "\r") end a line; str.splitlines would also split at form feeds and other controls
+    lines = [line for line in text[-2000:].replace("\r", "\n").split("\n") if line.strip()]
     return lines[-1] if lines else None
 
 
@@ -74,66 +183,45 @@ _EXTRACT = {"boxed": last_boxed, "answer_tag": _answer_tag, "answer_is": _answer
 
 def extract_prediction(completion: str, extractors: tuple[str, ...] = EXTRACTORS) -> str | None:
     """The final answer of a completion (a bare answer is its own final line), read after the last
-    </think> when the completion has one, so that guesses inside the reasoning are never graded."""
+    </think> when the completion has one, so that guesses inside the reasoning are never graded.
+    A completion that opens <think> or <answer> and never closes it has no answer."""
     unknown = [name for name in extractors if name not in _EXTRACT]
     if unknown:
         raise ValueError(f"unknown answer extractor(s) {unknown}; valid: {list(_EXTRACT)}")
     end = completion.rfind(_THINK_END)
+    if end == -1 and "<think>" in completion:
+        return None  # the reasoning never ended (cut at the length limit): there is no final answer
     text = completion[end + len(_THINK_END):] if end != -1 else completion
+    if "<answer>" in text and "</answer>" not in text[text.rfind("<answer>"):]:
+        return None  # an answer cut off mid-way: its last number may be a prefix of the real one
+    stops = [i for i in (text.find(token) for token in _STOP_TOKENS) if i != -1]
+    text = _ESCAPED.sub(r"\\", text[:min(stops)] if stops else text)
+    boxes = _boxes(text) if "boxed" in extractors and "answer_is" in extractors else []
+    if boxes and _FINAL.search(text, boxes[-1][2]):  # "\boxed{255} … Final Answer: … is $10,455$."
+        extractors = ("answer_is",) + tuple(name for name in extractors if name != "answer_is")
     for name in extractors:
-        answer = _EXTRACT[name](text)
-        if answer is not None and answer.strip():
-            inner = last_boxed(answer) if name != "boxed" else None  # <answer>so \boxed{5}</answer>
-            return (inner if inner is not None else answer).strip()
+        found = _EXTRACT[name](text)
+        if found is not None and found.strip():
+            answer = found.strip() if name == "boxed" else answer_in(found, marked=name != "last_line")
+            if answer:
+                return answer
     return None
 
 
+_SOLUTION_MARKS = ("\\boxed", "\\fbox", "####", "<answer>", "\n")
+_ANSWER_WORD = re.compile(r"\banswer\b", re.IGNORECASE)
+
+
 def unwrap_gold(gold: str) -> str:
-    """A gold is always taken as the answer: `$…$` and `\\boxed{…}` are unwrapped, nothing is searched."""
-    gold = gold.strip()
+    """The gold's answer. A bare answer (`7/12`, `$x \\le 3$`, `\\{1, 2\\}`) is taken whole, never
+    searched for a number; a gold written as a worked solution (a box, GSM8K's `#### 18`, "the answer
+    is", several lines) or as math in prose (`$1$ and $2$`, `$125$ miles`) is read like a completion."""
+    gold = _ESCAPED.sub(r"\\", gold.strip())
     for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
-        if len(gold) > len(left) + len(right) and gold.startswith(left) and gold.endswith(right):
-            gold = gold[len(left):-len(right)].strip()
-    if gold.startswith(("\\boxed", "\\fbox")):
-        inner = last_boxed(gold)
-        if inner is not None and gold.endswith("}"):
-            gold = inner
+        inner = gold[len(left):-len(right)] if len(gold) > len(left) + len(right) else ""
+        if gold.startswith(left) and gold.endswith(right) and left not in inner and right not in inner:
+            gold = inner.strip()
+    if any(mark in gold for mark in _SOLUTION_MARKS) or _ANSWER_WORD.search(gold) or \
+            (("$" in gold or "\\(" in gold) and _math_segments(gold)):
+        return extract_prediction(gold) or gold
     return gold
-
-
-_UNITS = ("square units", "sq units", "units", "unit", "cm", "mm", "km", "m", "meters", "meter", "metres",
-          "inches", "inch", "feet", "foot", "ft", "miles", "mile", "mph", "seconds", "second", "sec", "minutes",
-          "minute", "min", "hours", "hour", "days", "day", "weeks", "years", "year", "dollars", "dollar",
-          "cents", "cent", "degrees", "degree", "kg", "grams", "gram", "g", "pounds", "lbs", "liters", "l",
-          "ml", "people", "students", "apples")
-_UNIT_TAIL = re.compile(r"(?<=[\d}.)])\s+(?:\^\{?[23]\}?)?\s*(?:" + "|".join(sorted(_UNITS, key=len, reverse=True))
-                        + r")(?:\^\{?[23]\}?)?\s*$")
-_TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mathit|mbox|operatorname)\s*\{([^{}]*)\}")
-_SPACING = re.compile(r"\\[,;:! ]|\\q?quad|~|\\displaystyle|\\limits")
-_THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
-_DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree")
-
-
-def normalise(answer: str) -> str:
-    """One surface form per answer: drops `$`, `\\left`/`\\right`, spacing, `\\text{}` wrappers, units,
-    degrees, percent signs and thousands separators; `\\dfrac`/`\\tfrac` become `\\frac`.
-    A percent sign is dropped, not divided out: "50\\%" equals "50", not "0.5" (no factor-100 leniency)."""
-    s = answer.strip()
-    s = s.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
-    s = re.sub(r"\\[dtc]frac", r"\\frac", s)
-    s = re.sub(r"\\(?:left|right|bigg|Bigg|big|Big)(?![a-zA-Z])\.?", "", s)
-    s = s.replace("\\{", "\x00").replace("\\}", "\x01")  # keep set braces apart from groups
-    s = _DEGREES.sub("", s)
-    s = re.sub(r"(\d)\\[,;: ](?=\d{3}\b)", r"\1", s)  # 4\,000
-    s = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", s)  # \frac12
-    s = re.sub(r"\\sqrt\s*(\d+|[a-zA-Z])(?![a-zA-Z])", r"\\sqrt{\1}", s)  # \sqrt3
-    s = _SPACING.sub(" ", s)
-    for _ in range(3):  # nested \text{\textbf{…}}
-        s = _TEXT_CMD.sub(lambda m: " " + m.group(1), s)
-    s = s.replace("{,}", "")
-    s = " ".join(s.split()).strip().rstrip(".").strip()
-    s = re.sub(r"^(?:[a-zA-Z]\s*\\in\s*)", "", s)  # x \in (1, 2]  ->  (1, 2]
-    if _THOUSANDS.fullmatch(s):
-        s = s.replace(",", "")
-    s = _UNIT_TAIL.sub("", s).strip()
-    return s.replace("\x00", "\\{").replace("\x01", "\\}")

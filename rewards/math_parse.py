@@ -34,7 +34,8 @@ _INT = r"[+-]?\d+"
 _NUMBER = re.compile(r"([+-]?)(\d*\.?\d+(?:[eE][+-]?\d+)?)(?:\s*(?:\\times|\\cdot|\*|x)\s*10\^\{?([+-]?\d+)\}?)?")
 _FRACTION = re.compile(rf"({_INT})\s*/\s*(\d+)")
 _LATEX_FRACTION = re.compile(r"([+-]?)(\d+)?\s*\\frac\s*(?:\{\s*([+-]?\d+)\s*\}|(\d))\s*(?:\{\s*(\d+)\s*\}|(\d))")
-_CHOICE = re.compile(r"\(?([A-J])\)?")
+_CHOICE = re.compile(r"\(?([A-J])\)?|\(([A-J])\)\s+\S.*")  # (C) 12: the letter is the answer
+_BASE = re.compile(r"([0-9A-Za-z]+)_\{?(\d+)\}?")  # 1011_2: a numeral in base 2, never the number 1011
 
 
 @dataclass(frozen=True)
@@ -42,10 +43,12 @@ class Answer:
     """`kind` is one of: number, expr, set, tuple, list, interval, matrix, relation, choice, text.
     `value`: a Fraction (number), a sympy object (expr, interval, matrix, relation), a tuple of
     Answers (set, tuple, list) or a str (choice, text). `exact` is False for numbers written as
-    decimals, so that they meet irrational values with a relative tolerance, never exactly."""
+    decimals, so that they meet irrational values with a relative tolerance, never exactly; `places`
+    is how many digits such a decimal has after its point (see math_equiv's rounding rule)."""
     kind: str
     value: object
     exact: bool = True
+    places: int = 0
 
 
 def parse_number(s: str) -> Answer | None:
@@ -59,7 +62,9 @@ def parse_number(s: str) -> Answer | None:
                 (power and abs(int(power)) > MAX_DIGITS):
             return None
         value = Fraction(digits) * (10 ** Fraction(int(power)) if power else 1)
-        return Answer("number", -value if sign == "-" else value, exact="." not in digits and "e" not in digits.lower())
+        decimal = "." in digits and "e" not in digits.lower() and not power
+        return Answer("number", -value if sign == "-" else value, exact="." not in digits and "e" not in digits.lower(),
+                      places=len(digits.split(".")[1]) if decimal else 0)
     match = _FRACTION.fullmatch(s)
     if match and int(match.group(2)) != 0:
         return Answer("number", Fraction(int(match.group(1)), int(match.group(2))))
@@ -90,7 +95,27 @@ def depth(s: str) -> int:
 
 
 def balanced(s: str) -> bool:
-    return s.count("{") == s.count("}") and s.count("(") + s.count("[") == s.count(")") + s.count("]")
+    """Brackets close in order (`}{` and `}}}2{{{` are not answers) and environments close."""
+    level = 0
+    for char in s:
+        level += char in "([{"
+        level -= char in ")]}"
+        if level < 0:
+            return False
+    return level == 0 and s.count("{") == s.count("}") and s.count("\\begin") == s.count("\\end")
+
+
+def wrapped(s: str) -> bool:
+    """Does the bracket opening s[0] close at s[-1]? ("(1,2)" yes, "(1,2),(3,4)" no)"""
+    if not s or s[0] not in "([" or s[-1] not in ")]":
+        return False
+    level = 0
+    for i, char in enumerate(s):
+        level += char in "([{"
+        level -= char in ")]}"
+        if level == 0:
+            return i == len(s) - 1
+    return False
 
 
 def split_top(s: str, separator: str = ",") -> list[str]:
@@ -114,7 +139,10 @@ def parse_cheap(s: str) -> Answer | None:
         return None
     choice = _CHOICE.fullmatch(s)
     if choice:
-        return Answer("choice", choice.group(1))
+        return Answer("choice", choice.group(1) or choice.group(2))
+    base = _BASE.fullmatch(s)
+    if base and base.group(2) != "10" and not base.group(1).isalpha():
+        return Answer("text", f"{base.group(1).casefold()}_{base.group(2)}")
     number = parse_number(s)
     if number is not None:
         return number
@@ -133,17 +161,22 @@ def parse(s: str) -> Answer | None:
         return None
     if is_text(s):
         return Answer("text", " ".join(s.casefold().split()))
+    matrix = _MATRIX.fullmatch(s)
+    if matrix and "\\begin" not in matrix.group(2):  # one matrix, not a sum or product of them
+        return _matrix(matrix.group(2))
+    if "\\cup" in s and len(split_top(s, "\\cup")) > 1:
+        return _union(split_top(s, "\\cup"))
     if s.startswith("\\{") and s.endswith("\\}") and "\\cup" not in s:
         items = [parse(item) for item in split_top(s[2:-2]) if item]
         return None if None in items else Answer("set", tuple(items))
     if "\\pm" not in s and "\\cup" not in s:
         items = split_top(s)
         if len(items) > 1:
-            if s[0] in "([" and s[-1] in ")]" and len(split_top(s[1:-1])) > 1:
+            if wrapped(s) and len(split_top(s[1:-1])) > 1:
                 return _bracketed(s)
             parsed = [parse(item) for item in items]
             return None if None in parsed else Answer("list", tuple(parsed))
-        if s[0] in "([" and s[-1] in ")]" and len(split_top(s[1:-1])) > 1:
+        if wrapped(s) and len(split_top(s[1:-1])) > 1:
             return _bracketed(s)
     sides = split_top(s, "=")
     if len(sides) == 2 and all(sides):
@@ -152,6 +185,45 @@ def parse(s: str) -> Answer | None:
             return None
         return Answer("relation", ("=", lhs, rhs))
     return _sympy(s)
+
+
+_MATRIX = re.compile(r"\\begin\{([pb]matrix)\}(.*)\\end\{\1\}", re.DOTALL)
+
+
+def _matrix(body: str) -> Answer | None:
+    """A pmatrix/bmatrix of parsed cells, without the LaTeX grammar (it is 20x slower on them)."""
+    from sympy import Matrix
+
+    from rewards.math_equiv import to_sympy
+    rows = [row for row in body.split("\\\\") if row.strip()]
+    cells = [[parse(cell.strip()) for cell in row.split("&")] for row in rows]
+    if not cells or len({len(row) for row in cells}) != 1:
+        return None
+    values = [[to_sympy(cell) if cell is not None and cell.kind in ("number", "expr") else None for cell in row]
+              for row in cells]
+    return None if any(v is None for row in values for v in row) else Answer("matrix", Matrix(values))
+
+
+def _union(parts: list[str]) -> Answer | None:
+    """(1,2) \\cup [3,4) \\cup \\{5\\}: the union of its intervals and finite sets."""
+    from sympy import FiniteSet, Interval, Union
+
+    from rewards.math_equiv import to_sympy
+    sets = []
+    for part in parts:
+        answer = parse(part)
+        if answer is None:
+            return None
+        if answer.kind == "tuple" and len(answer.value) == 2:
+            low, high = (to_sympy(item) for item in answer.value)
+            answer = None if low is None or high is None else Answer("interval", Interval.open(low, high))
+        elif answer.kind == "set":
+            items = [to_sympy(item) for item in answer.value]
+            answer = None if None in items else Answer("interval", FiniteSet(*items))
+        if answer is None or answer.kind != "interval":
+            return None
+        sets.append(answer.value)
+    return Answer("interval", Union(*sets))
 
 
 def _bracketed(s: str) -> Answer | None:
@@ -178,13 +250,22 @@ def _sympy(s: str) -> Answer | None:
     from sympy import Expr, FiniteSet, MatrixBase, Set
     from sympy.logic.boolalg import Boolean
 
+    from rewards.math_fastparse import parse_plain
+
     plain = re.sub(r"\*\*", "^", s)
     plain = re.sub(r"(?<!\\)\b(sqrt|sin|cos|tan|log|ln|exp|pi)\b", r"\\\1", plain)
     plain = re.sub(r"\\sqrt\s*\(([^()]*)\)", r"\\sqrt{\1}", plain)
-    try:
-        value = latex2sympy(plain)
-    except Exception:  # the grammar rejects malformed LaTeX with assorted exception types
-        return None
+    value = parse_plain(plain)  # plain algebra and relations without the ANTLR grammar (20x faster)
+    if value is None:
+        try:
+            value = latex2sympy(plain)
+        except Exception:  # the grammar rejects malformed LaTeX with assorted exception types
+            return None
+    if getattr(value, "is_Matrix", False) and not isinstance(value, MatrixBase):
+        try:  # a sum or product of explicit matrices: its entries (sizes are bounded by MAX_SYMPY_CHARS)
+            value = value.doit()
+        except Exception:  # shapes that do not match
+            return None
     if isinstance(value, MatrixBase):
         return Answer("matrix", value)
     if isinstance(value, FiniteSet):  # x = \pm 2, 1 \pm \sqrt{2}

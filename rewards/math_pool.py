@@ -20,6 +20,7 @@ import contextlib
 import multiprocessing
 import os
 import queue
+import resource
 import signal
 import sys
 import threading
@@ -27,6 +28,9 @@ import types
 from collections import deque
 
 GRACE_S = 0.5  # the caller's kill comes this long after the worker's own timer
+# A worker's address space: sympy on a hostile expression can grow by gigabytes within one timeout,
+# on machines shared with training; over the cap, allocation fails (MemoryError: the check is False).
+WORKER_MEMORY_BYTES = 4 << 30
 STARTUP_TIMEOUT_S = 120.0
 PRELOAD = ["rewards.math_warm"]  # imports the checker and warms it up, once, in the forkserver
 
@@ -47,6 +51,9 @@ def _serve(conn) -> None:
 
     signal.signal(signal.SIGALRM, _on_timer)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle
+    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard == resource.RLIM_INFINITY or hard > WORKER_MEMORY_BYTES:
+        resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY_BYTES, hard))
     conn.send("ready")
     while True:
         try:
@@ -207,7 +214,7 @@ class CheckPool:
 
     def close(self) -> None:
         for worker in self.workers:
-            if worker.process is not None:
+            if worker.process is not None and worker.conn is not None:
                 try:
                     worker.conn.send(None)
                     worker.process.join(0.2)

@@ -9,7 +9,8 @@ import pytest
 from data.synthetic import SYNTHETIC_KINDS, generate_problem
 from rewards import REGISTRY, resolve
 from rewards.math import accuracy_reward, verify, verify_many
-from rewards.math_extract import extract_prediction, normalise
+from rewards.math_extract import extract_prediction
+from rewards.math_normal import normalise
 
 PAIRS = [json.loads(line) for line in (Path(__file__).parent / "data" / "math_pairs.jsonl").read_text().splitlines()]
 
@@ -61,7 +62,7 @@ def test_extraction_policy():
     assert extract_prediction("<think>maybe \\boxed{5}</think><answer>6</answer>") == "6"  # reasoning never graded
     assert extract_prediction("\\boxed{3}, no wait: \\boxed{4}") == "4"  # the last box only
     assert extract_prediction("<answer>so \\boxed{9}</answer>") == "9"
-    assert extract_prediction("So the final answer is: 12.") == "12."
+    assert extract_prediction("So the final answer is: 12.") == "12"
     assert extract_prediction("lines\n\n  42  \n") == "42"
     assert verify("1", "\\boxed{" * 5000) is False  # unclosed boxes: linear time, no answer
     assert extract_prediction("7", extractors=("boxed",)) is None

@@ -14,10 +14,10 @@ from rewards import math_pool
 from rewards.math import stats, verify, verify_many
 
 ROOT = Path(__file__).resolve().parent.parent
-# A power tower at the parser's nesting limit: parsing and evaluating it against the gold takes over
-# a second (minutes without the checker's guards), far over a 0.3 s budget.
-TOWER = "x^{" * 8 + "x" + "}" * 8
-HOSTILE = TOWER + "+1"
+# The sine of x to a 14000-digit power: under the static guards' bound for numbers (it has a symbol),
+# and evaluating it at the checker's test points runs for minutes of pure CPU, far over a 0.3 s budget.
+GOLD = "x"
+HOSTILE = "\\sin(x^{10^{14000}})"
 TIMEOUT = 0.3
 
 
@@ -28,18 +28,18 @@ def _timed(fn, *args, **kwargs):
 
 
 def test_overrun_is_false_counted_and_bounded_from_the_main_thread():
-    verify("1", "1")  # pool started: the bound is on the check, not on the pool's start-up
+    verify("x+1", "1+x")  # pool started (a number is checked in the caller): the bound is on the check
     before = stats()["overruns"]
-    result, elapsed = _timed(verify, TOWER, HOSTILE, timeout=TIMEOUT)
+    result, elapsed = _timed(verify, GOLD, HOSTILE, timeout=TIMEOUT)
     assert result is False and elapsed < TIMEOUT + 1.0
     assert stats()["overruns"] == before + 1
 
 
 def test_overrun_is_bounded_from_a_worker_thread():
-    verify("1", "1")
+    verify("x+1", "1+x")
     box = {}
     thread = threading.Thread(target=lambda: box.update(zip(("result", "elapsed"),
-                                                            _timed(verify, TOWER, HOSTILE, timeout=TIMEOUT))))
+                                                            _timed(verify, GOLD, HOSTILE, timeout=TIMEOUT))))
     thread.start()
     thread.join(TIMEOUT + 5)
     assert box["result"] is False and box["elapsed"] < TIMEOUT + 1.0
@@ -53,7 +53,7 @@ def test_a_stuck_worker_is_killed_and_its_queued_checks_still_run():
         pool.map([("1", "1")], 5.0)
         worker = pool.workers[0]
         threading.Timer(0.2, os.kill, (worker.process.pid, signal.SIGSTOP)).start()
-        tasks = [(TOWER, HOSTILE), ("x^2-1", "(x-1)(x+1)"), ("\\{1,2\\}", "2, 1"), ("3", "4")]
+        tasks = [(GOLD, HOSTILE), ("x^2-1", "(x-1)(x+1)"), ("\\{1,2\\}", "2, 1"), ("3", "4")]
         results, elapsed = _timed(pool.map, tasks, 1.0)
         assert [r for r, _ in results] == [False, True, True, False]
         assert results[0] == (False, True) and pool.kills == 1 and pool.overruns == 1
@@ -67,7 +67,7 @@ def test_concurrent_threads_and_asyncio_get_their_own_answers():
 
     def worker(k, out):
         gold, pred, _ = cases[k % len(cases)]
-        out[k] = verify_many([(gold, pred)] * 3 + [(TOWER, HOSTILE)], timeout=TIMEOUT)
+        out[k] = verify_many([(gold, pred)] * 3 + [(GOLD, HOSTILE)], timeout=TIMEOUT)
 
     out = {}
     threads = [threading.Thread(target=worker, args=(k, out)) for k in range(6)]
@@ -87,7 +87,7 @@ def test_concurrent_threads_and_asyncio_get_their_own_answers():
 
 
 def _in_forked_child(queue):
-    queue.put((verify("\\sqrt{8}", "2\\sqrt{2}"), verify(TOWER, HOSTILE, timeout=TIMEOUT)))
+    queue.put((verify("\\sqrt{8}", "2\\sqrt{2}"), verify(GOLD, HOSTILE, timeout=TIMEOUT)))
 
 
 def test_works_in_a_forked_child_and_a_fresh_interpreter():

@@ -1,0 +1,171 @@
+"""The math checker on the answer classes of issue 18, each in both directions (equal and not equal),
+and the rules chosen where a class is ambiguous (rewards/math.py's docstring). Examples are written
+for these tests; none is copied from a benchmark file."""
+
+import pytest
+
+from rewards.math import verify, verify_many
+
+T = "<think>\nworking\n</think>\n<answer>\n{}\n</answer>".format
+
+CLASSES = {
+    "gold_is_a_worked_solution": [
+        ("Adding, $7+8=\\boxed{15}$ apples in all.", "15", True),
+        ("Adding, $7+8=\\boxed{15}$ apples in all.", "7", False),
+        ("so the range is \\[ \\boxed{[0,4)\\cup(4,9]} \\]", "[0,4)\\cup(4,9]", True),
+        ("so the range is \\[ \\boxed{[0,4)\\cup(4,9]} \\]", "[0,9]", False),
+        ("She pays 3*4 = <<3*4=12>>12 dollars.\n#### 12", T("12"), True),
+        ("She pays 3*4 = <<3*4=12>>12 dollars.\n#### 12", T("4"), False),
+        ("Checking both cases, the answer is $6$.", "6", True),
+        ("Checking both cases, the answer is $6$.", "8", False),
+        ("So the answer is: \\[ \\boxed{20461} \\]", "20,461", True),
+        ("So the answer is: \\[ \\boxed{20461} \\]", "20,416", False),
+    ],
+    "final_answer_phrasings": [
+        ("\\frac{2}{5}", "Final Answer: The final answer is $\\frac{2}{5}$. I hope it is correct.", True),
+        ("\\frac{2}{5}", "Final Answer: The final answer is $\\frac{5}{2}$. I hope it is correct.", False),
+        ("31", "Answer $ 31 $", True),
+        ("31", "Answer \\[ 13 \\]", False),
+        ("\\{4, 6, 8\\}", "so $\\boxed{4}, \\boxed{6}, \\boxed{8}$", True),
+        ("\\{4, 6, 8\\}", "so $\\boxed{4}, \\boxed{6}$", False),
+        ("(0,1),(2,3)", "$\\boxed{(0,1)}$ and $\\boxed{(2,3)}$", True),
+        ("(0,1),(2,3)", "$\\boxed{(0,1)}$ and $\\boxed{(3,2)}$", False),
+        ("42", "\\boxed{41}, hmm, that was wrong; recounting gives \\boxed{42}", True),
+        ("41", "\\boxed{41}, hmm, that was wrong; recounting gives \\boxed{42}", False),
+        ("42", "The product is 42. I hope it is correct. <|im_start|>user\nNext: 7", True),
+        ("3, 5", "\\boxed{3} red balls and \\boxed{5} blue balls", True),
+        ("5", "\\boxed{3} red balls and \\boxed{5} blue balls", False),
+        ("5", "\\boxed{3}, which I check again and find \\boxed{5}", True),
+    ],
+    "relations": [
+        ("y \\geq -3", "y >= -3", True),
+        ("y \\geq -3", "y > -3", False),
+        ("t < 9", "t \\lt 9", True),
+        ("t < 9", "t \\gt 9", False),
+        ("a \\neq 4", "a != 4", True),
+        ("a \\neq 4", "a = 4", False),
+        ("x \\le 2", "-x >= -2", True),
+        ("x \\le 2", "-x <= -2", False),
+        ("x \\in [1, 6]", "1 \\le x \\le 6", True),
+        ("1 \\le x \\le 6", "x \\in [1, 6]", True),
+        ("x \\in [1, 6]", "1 < x \\le 6", False),
+    ],
+    "numbers_as_written": [
+        ("\\frac{1}{3}", "0.333333333333333", True),
+        ("\\frac{1}{3}", "0.3333", False),
+        ("\\frac{5}{6}", "0.833333333333", True),
+        ("\\frac{5}{6}", "0.83", False),
+        ("1000001", "1000000.5", False),
+        ("2500.75", "2,500.75", True),
+        ("2500.75", "2,500.57", False),
+        ("45210", "45,\\!210", True),
+        ("45210", "45,\\!201", False),
+        ("12", "12 m²", True),
+        ("12", "21 m²", False),
+        ("8.40", "€8.40", True),
+        ("8.40", "€8.04", False),
+        ("65\\%", "65 percent", True),
+        ("65\\%", "56 percent", False),
+        ("\\frac{1}{4}", "\\frac{1}{4}\\%", False),
+        ("\\frac{1}{4}\\%", "0.25\\%", True),
+        ("0.25", "25\\%", False),
+        ("3.5", "3,5", True),
+        ("3, 5", "3.5", False),
+    ],
+    "labels_and_names": [
+        ("7", "g(t) = 7", True),
+        ("7", "g(t) = 8", False),
+        ("9", "|PQ| = 9", True),
+        ("9", "|PQ| = 3", False),
+        ("2:5", "A_1:A_2 = 2:5", True),
+        ("2:5", "A_1:A_2 = 5:2", False),
+        ("(3,1),(5,1)", "m=3,n=1;m=5,n=1", True),
+        ("(3,1),(5,1)", "m=3,n=1;m=5,n=2", False),
+        ("\\{3, 4, 4\\}", "\\{3, 4\\}", True),
+        ("\\{3, 4\\}", "\\{3, 4, 5\\}", False),
+        ("u = 1, v = 2", "v = 2, u = 1", True),
+        ("u = 1, v = 2", "v = 1, u = 2", False),
+        ("y = 3", "z = 3", False),
+        ("\\frac{x-3}{2}", "f^{-1}(x) = \\frac{x-3}{2}", True),
+        ("\\frac{x-3}{2}", "f^{-1}(x) = \\frac{x+3}{2}", False),
+    ],
+    "choices_with_text": [
+        ("\\text{(D)}", "\\textbf{(D) } 7", True),
+        ("\\text{(D)}", "\\textbf{(B) } 7", False),
+        ("E", "The answer is (E).", True),
+        ("E", "The answer is (A).", False),
+    ],
+    "commutation_and_function_pairs": [
+        ("\\sum_{j=1}^{m} a_j b_{m-j}", "\\sum_{j=1}^{m} b_{m-j} a_j", True),
+        ("\\sum_{j=1}^{m} a_j b_{m-j}", "\\sum_{j=1}^{m} a_j b_{m-j+1}", False),
+        ("\\prod_{k=1}^{n} (k + 1)", "\\prod_{i=1}^{n} (1 + i)", True),
+        ("\\prod_{k=1}^{n} (k + 1)", "\\prod_{i=1}^{n} (i - 1)", False),
+        ("p(x) = x^2 - 1, q(x) = x + 1", "q(x) = 1 + x, p(x) = (x-1)(x+1)", True),
+        ("p(x) = x^2 - 1, q(x) = x + 1", "p(x) = x + 1, q(x) = x^2 - 1", False),
+        ("y_1 = x^2 + 2x, y_2 = 3x", "$y_1 = \\boxed{(x+1)^2 - 1}$ and $y_2 = \\boxed{3x}$", True),
+        ("y_1 = x^2 + 2x, y_2 = 3x", "$y_1 = \\boxed{(x+1)^2}$ and $y_2 = \\boxed{3x}$", False),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(CLASSES))
+def test_answer_class_both_directions(name):
+    cases = CLASSES[name]
+    assert {expected for _, _, expected in cases} == {True, False}
+    verdicts = verify_many([(gold, pred) for gold, pred, _ in cases])
+    wrong = [(gold, pred, expected) for (gold, pred, expected), got in zip(cases, verdicts) if got is not expected]
+    assert wrong == []
+
+
+def test_ambiguous_equality_chain_is_graded_on_its_last_side():
+    assert verify("x = 11", "x = 5+5+1 = 7 = 11") is True
+    assert verify("11", "x = 5+5+1 = 11 = 12") is False
+    assert verify("127", T("65 + 62 = 127")) is True
+    assert verify("127", T("65 + 62 = 128")) is False
+
+
+def test_ambiguous_equation_with_a_number_on_the_left_is_an_equation():
+    assert verify("7 = 11a + c", "11a + c") is False
+    assert verify("2 + 3 = 5", "5") is True
+
+
+def test_ambiguous_hedges_and_lists_never_score():
+    assert verify("3", "\\boxed{3} or \\boxed{4}") is False
+    assert verify("4", "It is 3 or 4") is False
+    assert verify("3, 4", "$x = 3$ or $x = 4$") is True
+
+
+def test_ambiguous_percent_integer_rule():
+    assert verify("30", "30\\%") is True
+    assert verify("30\\%", "30") is True
+    assert verify("0.3", "30\\%") is False
+    assert verify("\\frac{3}{10}", "\\frac{3}{10}\\%") is False
+
+
+def test_ambiguous_bare_lists_keep_repeats_but_sets_do_not():
+    assert verify("1, 2, 2", "1, 2") is False
+    assert verify("\\{1, 2, 2\\}", "\\{1, 2\\}") is True
+
+
+def test_cut_off_reasoning_or_answer_has_no_answer():
+    assert verify("46", "<think>\n3 + 3 = 6\n40 + 6 = 46") is False
+    assert verify("46", "<think>\n40 + 6 = 46\n</think>\n<answer>\n46") is False
+    assert verify("46", T("46")) is True
+
+
+def test_numeral_in_another_base_is_not_the_decimal_number():
+    assert verify("1011_2", "1011_2") is True
+    assert verify("1011_2", "1011_{2}") is True
+    assert verify("1011_2", "1011") is False
+
+
+def test_relation_vs_interval_is_symmetric_unlike_math_verify():
+    assert verify("[-2, 7]", "-2 \\le x \\le 7") is True
+    assert verify("-2 \\le x \\le 7", "[-2, 7]") is True
+    assert verify("[-2, 7]", "-2 < x < 7") is False
+
+
+def test_only_newlines_end_a_line():
+    """A form feed (what "\\f" of "\\frac" becomes in a non-raw Python string) is no line break."""
+    pred = "$\\begin{pmatrix}\x0crac{7}{4} & 2\\end{pmatrix}$"
+    assert verify(pred, pred) is True

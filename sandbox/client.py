@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import os
 import queue
 import subprocess
@@ -24,12 +23,10 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sandbox.jail import LEVELS
+from sandbox.jail import LEVELS, MAX_SLOTS, check_limits
 
 ROOT = Path(__file__).resolve().parent.parent
 ISOLATION_ENV = "R1_SANDBOX_ISOLATION"  # the weakest level a user accepts: full | namespaces | none
-MAX_SLOTS = 256
-MAX_TIMEOUT_S, MAX_MEMORY_MB = 24 * 3600.0, 1 << 20
 START_TIMEOUT_S = 120.0   # the server's start-up and probe
 REPLY_MARGIN_S = 10.0     # beyond a job's own time limit, before its answer counts as lost
 
@@ -80,16 +77,6 @@ class Limits:
             value = getattr(self, name)
             if type(value) is not int or not low <= value <= high:
                 raise ValueError(f"Limits.{name}={value!r}: must be an integer in [{low}, {high}]")
-
-
-def check_limits(timeout_s, memory_mb) -> tuple[float, int]:
-    """A run's time and memory limits, or ValueError naming the bad one."""
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not math.isfinite(timeout_s) \
-            or not 0 < timeout_s <= MAX_TIMEOUT_S:
-        raise ValueError(f"timeout_s={timeout_s!r}: must be a number of seconds in (0, {MAX_TIMEOUT_S:g}]")
-    if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or not 16 <= memory_mb <= MAX_MEMORY_MB:
-        raise ValueError(f"memory_mb={memory_mb!r}: must be an integer number of MiB in [16, {MAX_MEMORY_MB}]")
-    return float(timeout_s), int(memory_mb)
 
 
 def _interpreter() -> tuple[str, list[str], list[str]]:

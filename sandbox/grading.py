@@ -25,7 +25,8 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from sandbox import asserts, values
-from sandbox.client import REPLY_MARGIN_S, START_TIMEOUT_S, RunResult, SandboxUnavailable, check_limits
+from sandbox.client import REPLY_MARGIN_S, START_TIMEOUT_S, RunResult, SandboxUnavailable
+from sandbox.jail import check_limits
 
 FORMATS = ("function_call", "stdio", "assert")
 DEFAULT_TIMEOUT_S = 10.0

@@ -27,10 +27,15 @@ OUTPUT_CAP = 1 << 20  # bytes of stdout kept per stdio test
 REPLY_CAP = 16 << 20  # bytes of one encoded return value from the candidate
 
 
-def emit(record: dict) -> None:
+def send(fd: int, record: dict) -> None:
+    """One JSON line, whole, to a pipe."""
     data = (json.dumps(record) + "\n").encode()
     while data:
-        data = data[os.write(RESULT_FD, data):]
+        data = data[os.write(fd, data):]
+
+
+def emit(record: dict) -> None:
+    send(RESULT_FD, record)
 
 
 def emit_value(index: int, thunk) -> None:
@@ -166,9 +171,7 @@ class _Candidate:
         return reply
 
     def __call__(self, *args, **kwargs):
-        data = (json.dumps({"args": values.encode(list(args)), "kwargs": values.encode(kwargs)}) + "\n").encode()
-        while data:
-            data = data[os.write(self.calls_fd, data):]
+        send(self.calls_fd, {"args": values.encode(list(args)), "kwargs": values.encode(kwargs)})
         reply = self.receive()
         if "value" in reply:
             return values.decode(reply["value"])
@@ -179,26 +182,21 @@ class _Candidate:
 
 
 def _serve_candidate(request: dict, calls_fd: int, replies_fd: int) -> None:
-    def send(record: dict) -> None:
-        data = (json.dumps(record) + "\n").encode()
-        while data:
-            data = data[os.write(replies_fd, data):]
-
     try:
         candidate = _load(request["source"], request["entry_point"])
     except BaseException as exc:
-        send({"load_error": _describe(exc)})
+        send(replies_fd, {"load_error": _describe(exc)})
         return
-    send({"ready": True})
+    send(replies_fd, {"ready": True})
     calls = os.fdopen(calls_fd, "rb")
     for line in calls:
         try:
             call = json.loads(line)
             value = values.encode(candidate(*values.decode(call["args"]), **values.decode(call["kwargs"])))
         except BaseException as exc:
-            send({"error": _describe(exc), "type": type(exc).__name__})
+            send(replies_fd, {"error": _describe(exc), "type": type(exc).__name__})
             continue
-        send({"value": value})
+        send(replies_fd, {"value": value})
 
 
 # --- stdio format -------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ kernel kills the whole namespace, so no process outlives the run."""
 
 import fcntl
 import json
+import math
 import os
 import resource
 import select
@@ -30,6 +31,18 @@ LEVELS = ("full", "namespaces", "none")  # strongest first
 RESULT_FD, STATUS_FD, REQUEST_FD, CHECK_FD, PARENT_PIDFD, NET_NS_FD, ROOT_NS_FD = 3, 4, 5, 6, 7, 8, 9
 STREAMS = ("stdin", "stdout", "stderr", "result", "status", "request", "check")
 DEVICES = ("null", "zero", "random", "urandom")
+MAX_SLOTS = 256  # runs at once per server; each server takes a block of MAX_SLOTS uids
+MAX_TIMEOUT_S, MAX_MEMORY_MB = 24 * 3600.0, 1 << 20
+
+
+def check_limits(timeout_s, memory_mb) -> tuple[float, int]:
+    """A run's time and memory limits, or ValueError naming the bad one."""
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not math.isfinite(timeout_s) \
+            or not 0 < timeout_s <= MAX_TIMEOUT_S:
+        raise ValueError(f"timeout_s={timeout_s!r}: must be a number of seconds in (0, {MAX_TIMEOUT_S:g}]")
+    if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or not 16 <= memory_mb <= MAX_MEMORY_MB:
+        raise ValueError(f"memory_mb={memory_mb!r}: must be an integer number of MiB in [16, {MAX_MEMORY_MB}]")
+    return float(timeout_s), int(memory_mb)
 
 
 def spawn(spec: dict, fds: dict[str, int], target) -> int:

@@ -16,7 +16,6 @@ import collections
 import fcntl
 import glob
 import json
-import math
 import os
 import resource
 import selectors
@@ -34,8 +33,6 @@ PRELOAD = ("ast", "bisect", "cmath", "collections", "copy", "dataclasses", "date
            "fractions", "functools", "hashlib", "heapq", "itertools", "math", "operator", "random", "re",
            "statistics", "string", "textwrap", "typing", "unicodedata")
 UID_BASE = 1_900_000
-MAX_SLOTS = 256  # each server gets its own block of MAX_SLOTS uids
-MAX_TIMEOUT_S, MAX_MEMORY_MB = 24 * 3600.0, 1 << 20
 ROOT_PREFIX = "r1sandbox-root-"
 
 
@@ -59,11 +56,10 @@ def validate(request) -> dict:
     """A request as the client sends it, or BadRequest naming what is wrong."""
     if type(request) is not dict or type(request.get("id")) is not str:
         raise BadRequest("a request is an object with a string 'id'")
-    timeout, memory = request.get("timeout_s"), request.get("memory_mb")
-    if type(timeout) not in (int, float) or not math.isfinite(timeout) or not 0 < timeout <= MAX_TIMEOUT_S:
-        raise BadRequest(f"timeout_s={timeout!r}: must be a number of seconds in (0, {MAX_TIMEOUT_S:g}]")
-    if type(memory) is not int or not 16 <= memory <= MAX_MEMORY_MB:
-        raise BadRequest(f"memory_mb={memory!r}: must be an integer in [16, {MAX_MEMORY_MB}]")
+    try:
+        jail.check_limits(request.get("timeout_s"), request.get("memory_mb"))
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
     kind = request.get("kind")
     if kind == "harness":
         job = request.get("request")
@@ -122,7 +118,7 @@ class Server:
         setup = {
             "root": self.root, "own_pid_ns": os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC),
             "root_ns": self.root_ns, "net_ns": self.slot_net_ns,
-            "uid_base": UID_BASE + (os.getpid() % 4096) * MAX_SLOTS,
+            "uid_base": UID_BASE + (os.getpid() % 4096) * jail.MAX_SLOTS,
             "slots": self.config["slots"], "cgroups": self.slot_cgroups,
             "workdir_mb": self.config["workdir_mb"], "processes": self.config["processes"],
             "landlock_abi": self.landlock_abi,

@@ -99,12 +99,23 @@ class R1MoEConfig(DeepseekV3Config):
 PRESETS: dict[str, dict] = {
     # CPU tests and the embedded default: ~3M parameters, every FP8 dimension a multiple of 128 so the
     # FP8 checkpoint loads in transformers (CPU dequantisation) and vLLM (reference §6.3). The MLA latent
-    # plus RoPE is 128 wide, which vLLM serves with TRITON_MLA.
+    # plus RoPE is 128 wide, which vLLM serves with TRITON_MLA on GPU; its CPU build needs "tiny-vllm".
     "tiny": dict(
         hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
         num_hidden_layers=2, first_k_dense_replace=1,
         num_attention_heads=4, num_key_value_heads=4,
         q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64,
+        n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+        routed_scaling_factor=2.5, num_nextn_predict_layers=1,
+        max_position_embeddings=512, tie_word_embeddings=False,
+    ),
+    # The tiny preset at the one MLA shape vLLM's CPU build serves (kv_lora_rank + qk_rope_head_dim =
+    # 576): the vLLM tests, and the embedded default with a vLLM rollout engine on CPU.
+    "tiny-vllm": dict(
+        hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+        num_hidden_layers=2, first_k_dense_replace=1,
+        num_attention_heads=4, num_key_value_heads=4,
+        q_lora_rank=128, kv_lora_rank=512, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64,
         n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
         routed_scaling_factor=2.5, num_nextn_predict_layers=1,
         max_position_embeddings=512, tie_word_embeddings=False,

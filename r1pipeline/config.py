@@ -57,11 +57,15 @@ KEY_TYPES = {
 # Keys of a stage section that are ours, not TRL's.
 _INIT_FROM = "'model', a stage name, or a checkpoint path / hub name"
 _REWARDS = "list of {name: <registered> | function: 'pkg.module:fn', weight: <float>, args: {...}}"
+_VLLM_SYNC = ("with use_vllm (colocate): mapping: verify (after every weight sync, read the engine's weights back "
+              "and compare them with the trainer's, tensor by tensor; default true), timeout (seconds a sync may take "
+              "before the run stops with an error; default 600)")
 STAGE_KEYS = {
     "sft": {"init_from": _INIT_FROM},
     "grpo": {"init_from": _INIT_FROM, "rewards": _REWARDS,
              "shuffle_rewards": "control runs: permute each group's rewards among its completions "
-                                "(same compute, no learning signal; default false)"},
+                                "(same compute, no learning signal; default false)",
+             "vllm_sync": _VLLM_SYNC},
     "rejection": {
         "init_from": _INIT_FROM + " to fine-tune (default 'model': R1 retrains the base)",
         "sample_from": "the stage name or checkpoint path to sample from (default 'grpo')",
@@ -75,6 +79,7 @@ STAGE_KEYS = {
         "init_from": _INIT_FROM,
         "rewards": _REWARDS + "; helpfulness/harmlessness without args.path use the stage's reward model",
         "general_ratio": "share of general (chat) prompts in the RL mixture (default 0.3)",
+        "vllm_sync": _VLLM_SYNC,
         "reward_model": "mapping: path (a sequence-classification checkpoint) or training settings "
                         "(num_pairs, max_steps, learning_rate, hidden_size, num_layers, seed)",
     },

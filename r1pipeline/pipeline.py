@@ -131,6 +131,20 @@ def check_model(model: dict) -> None:
         check_checkpoint_ref("model.name_or_path", model["name_or_path"])
 
 
+def check_vllm_model(model: dict, where: str) -> None:
+    """A preset policy that a stage will serve with vLLM must have an MLA shape the engine here serves
+    (the CPU build: kv_lora_rank + qk_rope_head_dim = 576). Checkpoints are checked when loaded."""
+    if "preset" not in model or importlib.util.find_spec("vllm") is None:
+        return
+    from r1pipeline import vllm_engine
+    from r1pipeline.model import PRESETS, R1MoEConfig
+
+    try:
+        vllm_engine.check_servable(R1MoEConfig(**{**PRESETS[model["preset"]], **(model.get("config") or {})}))
+    except ValueError as exc:
+        raise cfg.ConfigError(f"{where} with model.preset = {model['preset']!r}: {exc}") from None
+
+
 def check_checkpoint_ref(where: str, ref) -> None:
     if not isinstance(ref, str) or not ref:
         raise cfg.ConfigError(f"{where} = {ref!r} must be a checkpoint path or a hub name")
@@ -168,10 +182,19 @@ def check_stage_ref(planned: list, run_dir: Path, where: str, ref) -> None:
 
 def check_stage_options(name: str, own: dict) -> None:
     """Stage 3's and 4's own settings, by name and type."""
-    mappings = {"rejection": ("sampling", "filters"), "align": ("reward_model",)}.get(name, ())
+    mappings = {"rejection": ("sampling", "filters"), "align": ("reward_model", "vllm_sync"),
+                "grpo": ("vllm_sync",)}.get(name, ())
     for key in mappings:
         if key in own and not isinstance(own[key], dict):
             raise cfg.ConfigError(f"{name}.{key} = {own[key]!r} must be a mapping")
+    sync = own.get("vllm_sync") or {}
+    if set(sync) - {"verify", "timeout"}:
+        raise cfg.unknown_key_error(f"{name}.vllm_sync", sorted(set(sync) - {"verify", "timeout"})[0], ["verify", "timeout"])
+    if not isinstance(sync.get("verify", True), bool):
+        raise cfg.ConfigError(f"{name}.vllm_sync.verify = {sync['verify']!r} must be true or false")
+    timeout = sync.get("timeout", 600)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise cfg.ConfigError(f"{name}.vllm_sync.timeout = {timeout!r} must be a number of seconds > 0")
     if not isinstance(own.get("shuffle_rewards", False), bool):
         raise cfg.ConfigError(f"{name}.shuffle_rewards = {own['shuffle_rewards']!r} must be true or false")
     for key in ("chat_ratio", "general_ratio"):
@@ -219,6 +242,8 @@ def plan(recipe: dict, stages: list[str], run_dir: Path, world_size: int = 1) ->
             sample_from = own.get("sample_from", DEFAULT_SAMPLE_FROM)
             check_stage_ref(planned, run_dir, "rejection.sample_from", sample_from)
         check_stage_options(name, own)
+        if (own.get("sampling") or {}).get("backend") == "vllm":
+            check_vllm_model(recipe.get("model") or {}, f"{name}.sampling.backend = 'vllm'")
 
         rewards = []
         if "rewards" in cfg.STAGE_KEYS[name]:
@@ -236,8 +261,11 @@ def plan(recipe: dict, stages: list[str], run_dir: Path, world_size: int = 1) ->
             if "reward_weights" in trl_fields:
                 raise cfg.ConfigError(f"{name}.reward_weights is set from the weights in {name}.rewards; give them there")
             if trl_fields.get("use_vllm") and importlib.util.find_spec("vllm") is None:
-                raise cfg.ConfigError(f"{name}.use_vllm = true but vLLM is not installed: `pip install -e .[gpu]` on "
-                                      f"a GPU machine, or set {name}.use_vllm=false to generate with transformers")
+                raise cfg.ConfigError(f"{name}.use_vllm = true but vLLM is not installed: `make install` installs "
+                                      f"its CPU build, `pip install -e .[gpu]` the GPU one; or set {name}.use_vllm=false "
+                                      "to generate with transformers")
+            if trl_fields.get("use_vllm"):
+                check_vllm_model(recipe.get("model") or {}, f"{name}.use_vllm = true")
             if trl_fields.get("use_vllm") and trl_fields.get("vllm_importance_sampling_correction") is False:
                 raise cfg.ConfigError(
                     f"{name}.vllm_importance_sampling_correction = false with use_vllm: vLLM samples from slightly "
@@ -268,6 +296,8 @@ def plan_eval(recipe: dict, planned: list[Stage]):
 
     cfg.check_sections(recipe)
     check_eval_section(recipe.get("eval") or {})  # its ConfigError names eval.<key>
+    if (recipe.get("eval") or {}).get("backend") == "vllm":
+        check_vllm_model(recipe.get("model") or {}, "eval.backend = 'vllm'")
     if planned:
         return planned[0].datasets["heldout"]
     try:

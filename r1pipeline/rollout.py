@@ -1,8 +1,8 @@
 """Grouped rollouts outside the GRPO trainer: `num_samples` completions for every prompt, as rejection
 sampling (DeepSeek-R1 §2.3.3) and evaluation need them.
 
-Two engines: transformers `generate` (CPU, or any GPU box) and vLLM (GPU, installed with
-`pip install -e .[gpu]`). With `out_path`, every finished prompt is appended to a JSONL file that a
+Two engines: transformers `generate` and vLLM (its CPU build, installed by `make install`, or the
+CUDA one with `pip install -e .[gpu]`; r1pipeline/vllm_engine.py). With `out_path`, every finished prompt is appended to a JSONL file that a
 re-run resumes from, so a rollout of hours survives being killed.
 """
 
@@ -39,16 +39,26 @@ def rollout(rows: list[dict], *, model, tokenizer=None, num_samples: int, max_ne
     _check_arguments(rows, num_samples, max_new_tokens, temperature, top_p, batch_size, backend)
     done = _resume(Path(out_path), rows, num_samples) if out_path is not None else {}
     options = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-    generate = (_transformers_engine(model, tokenizer, **options) if backend == "transformers"
-                else _vllm_engine(model, **options))
+    generate, close = (_transformers_engine(model, tokenizer, **options), None) if backend == "transformers" \
+        else _vllm_engine(model, **options)
+    try:
+        _generate_all(rows, done, generate, seed, max(1, batch_size // num_samples), out_path, desc)
+    finally:
+        if close is not None:
+            close()
+    return [{**row, "completions": done[row["id"]]["completions"],
+             "completion_lengths": done[row["id"]]["completion_lengths"]} for row in rows]
 
+
+def _generate_all(rows, done, generate, seed, prompts_per_batch, out_path, desc) -> None:
+    """Generate every prompt not in `done`, batch by batch, appending each batch to `out_path`."""
     if out_path is not None:
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     with (
         open(out_path, "a", encoding="utf-8") if out_path is not None else nullcontext() as out,
         tqdm(total=len(rows), initial=len(done), desc=desc, unit="prompt") as progress,
     ):
-        for batch in _batches(rows, max(1, batch_size // num_samples)):
+        for batch in _batches(rows, prompts_per_batch):
             todo = [row for row in batch if row["id"] not in done]
             if not todo:
                 continue
@@ -61,8 +71,6 @@ def rollout(rows: list[dict], *, model, tokenizer=None, num_samples: int, max_ne
                 os.fsync(out.fileno())
             done.update((record["id"], record) for record in records)
             progress.update(len(todo))
-    return [{**row, "completions": done[row["id"]]["completions"],
-             "completion_lengths": done[row["id"]]["completion_lengths"]} for row in rows]
 
 
 def read_samples(path) -> list[dict]:
@@ -199,13 +207,20 @@ def _length(ids: list[int], eos: int | None) -> int:
 
 
 def _vllm_engine(model, *, num_samples, max_new_tokens, temperature, top_p):
-    """generate(prompts, seeds) -> [(texts, lengths)] with vLLM's offline `LLM.generate`."""
+    """(generate(prompts, seeds) -> [(texts, lengths)], close) with vLLM's offline `LLM.generate`;
+    close() frees an engine built here from a checkpoint path (None for a given `vllm.LLM`)."""
     try:
         import vllm
     except ImportError as error:
-        raise ImportError("backend='vllm' needs vLLM, a GPU-only extra: pip install -e .[gpu] "
-                          "(or use backend='transformers')") from error
-    llm = vllm.LLM(model=str(model)) if isinstance(model, (str, Path)) else model
+        raise ImportError("backend='vllm' needs vLLM: `make install` installs its CPU build, "
+                          "`pip install -e .[gpu]` the CUDA one (or use backend='transformers')") from error
+    from r1pipeline import vllm_engine
+
+    if isinstance(model, (str, Path)):
+        llm = vllm_engine.build_llm(str(model), seed=0)
+        close = lambda: vllm_engine.shutdown(llm)  # noqa: E731
+    else:
+        llm, close = model, None
 
     def generate(prompts: list[str], seeds: list[int]) -> list[tuple[list[str], list[int]]]:
         # A seed per prompt: vLLM seeds each request's own generator, so one seed shared by the batch
@@ -216,4 +231,4 @@ def _vllm_engine(model, *, num_samples, max_new_tokens, temperature, top_p):
         return [([sample.text for sample in request.outputs], [len(sample.token_ids) for sample in request.outputs])
                 for request in outputs]
 
-    return generate
+    return generate, close

@@ -4,8 +4,9 @@ Everything that builds an engine goes through `engine_kwargs` (offline `LLM`, TR
 engine), so the CPU settings live in one place:
 
 - `enforce_eager`, and vLLM's CPU `rotary_embedding` op switched off (`custom_ops: -rotary_embedding`).
-  With `is_neox_style=False`, DeepSeek-V3's interleaved RoPE, the CPU op rotates every query head
-  but the first wrongly (q error 4.6-6.9 at 4 heads; one head is exact), so the engine disagreed
+  With `is_neox_style=False`, DeepSeek-V3's interleaved RoPE, and the query as MLA passes it
+  ([tokens, heads, rope dim], several heads), the CPU op rotates every query head wrongly (error
+  2.7-4.4 on unit-normal inputs; flattened or with one head it is right), so the engine disagreed
   with our model and with transformers by up to 0.13 in logprob. The op's `forward_native` is
   exact; with it the engine matches our model to ~1e-6 (tests/test_vllm_engine.py).
 - the engine runs in the calling process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`: a 5 s start instead

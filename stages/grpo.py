@@ -1,13 +1,18 @@
 """Stage 2, GRPO with rule-based rewards: TRL's GRPOTrainer, groups of `num_generations`
 completions per prompt, the recipe's rewards and weights. Rollouts come from transformers
-`generate` on CPU, or vLLM when `use_vllm: true` and vLLM is installed."""
+`generate`, or vLLM (its CPU build here, CUDA on GPU) with `use_vllm: true`."""
 
+import contextlib
+import contextvars
 import hashlib
 import random
+import threading
 from pathlib import Path
+from unittest import mock
 
 import torch
 from trl import GRPOConfig, GRPOTrainer
+from trl.generation import vllm_generation
 from trl.generation.vllm_generation import VLLMGeneration, empty_cache
 
 from data import render_prompt
@@ -17,13 +22,27 @@ from rewards.text import completion_text
 from stages.common import ExactResumeMixin, callbacks, load_policy, read_metrics, system_prompt, train_and_save, trainer_args
 
 
+class WeightSyncError(RuntimeError):
+    """A weight sync into the rollout engine failed, timed out, or left the engine's weights unequal to
+    the trainer's. The engine may hold a mix of old and new weights; nothing generates from it again."""
+
+
 class CheckpointFormatVLLM(VLLMGeneration):
-    """TRL's vLLM backend, fed our MoE policy's weights as its checkpoint holds them.
+    """TRL's vLLM backend, fed our MoE policy's weights as its checkpoint holds them, and checked.
 
     TRL streams `named_parameters()`. vLLM's DeepseekV3 `load_weights` reads checkpoint names: fused
     experts (`experts.gate_up_proj`) are a KeyError there, and the routing bias, a buffer, would never
     arrive. `vllm_weights()` yields per-expert tensors, the bias, and with FP8 on, e4m3 `weight` plus
-    `weight_scale_inv` blocks, which is what the engine loaded from the FP8 checkpoint."""
+    `weight_scale_inv` blocks, which is what the engine loaded from the FP8 checkpoint.
+
+    A colocated sync runs under `sync_timeout` seconds and, with `verify_sync`, ends by reading the
+    engine's weights back and comparing them with the trainer's tensor by tensor (exact in fp32). A
+    sync that raises, overruns or verifies unequal raises WeightSyncError, and the engine refuses to
+    generate after it: a run stops rather than go on sampling from stale or half-loaded weights."""
+
+    sync_timeout: float = 600.0
+    verify_sync: bool = True
+    _sync_failed: str | None = None
 
     def _iter_named_params(self):
         # Replaces trl/generation/vllm_generation.py L435-479. Every rank iterates: gathering ZeRO-3
@@ -38,13 +57,77 @@ class CheckpointFormatVLLM(VLLMGeneration):
         # the model runner's checkpoint-format `reload_weights` is the colocated equivalent.
         if self.mode == "server":
             return super().sync_weights()
+        from r1pipeline import vllm_engine
+
+        self._check_not_failed()
         if self.enable_sleep_mode:
             empty_cache()
             self.llm.wake_up(tags=["weights"])
             self._llm_weights_sleeping = False
-        runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
-        runner.reload_weights(weights_iterator=self._iter_named_params(), is_checkpoint_format=True)
-        self.llm.reset_prefix_cache()
+        self._sync_failed = "a weight sync that never finished"
+        self._within_timeout(lambda: vllm_engine.reload_weights(self.llm, self._iter_named_params()))
+        if self.verify_sync:
+            with self._dist.gather_params(list(self.model.parameters())):
+                problems = vllm_engine.sync_mismatches(self.llm, self.model)
+            if problems:
+                self._sync_failed = f"a weight sync after which {len(problems)} tensors differ"
+                raise WeightSyncError(f"after the weight sync the engine differs from the trainer in {len(problems)} "
+                                      "tensors: " + "; ".join(problems[:5]))
+        self._sync_failed = None
+
+    def _within_timeout(self, work) -> None:
+        """Run `work` in a helper thread (with this context's variables), raising WeightSyncError if it
+        raises or is not done in `sync_timeout` s. A hung sync cannot be killed from Python; the
+        raise ends the run, and the thread, a daemon, goes with the process."""
+        failure: list[BaseException] = []
+
+        def target():
+            try:
+                work()
+            except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+                failure.append(error)
+
+        context = contextvars.copy_context()
+        thread = threading.Thread(target=context.run, args=(target,), name="vllm-weight-sync", daemon=True)
+        thread.start()
+        thread.join(self.sync_timeout)
+        if thread.is_alive():
+            raise WeightSyncError(f"the weight sync into vLLM did not finish within {self.sync_timeout:g} s "
+                                  "(vllm_sync.timeout); the engine may hold partly updated weights")
+        if failure:
+            raise WeightSyncError(f"the weight sync into vLLM failed: {failure[0]!r}; the engine may hold partly "
+                                  "updated weights") from failure[0]
+
+    def _check_not_failed(self) -> None:
+        if self._sync_failed:
+            raise WeightSyncError(f"the vLLM engine is unusable after {self._sync_failed}; restart the stage "
+                                  "(it resumes from its last checkpoint)")
+
+    def generate(self, *args, **kwargs):
+        self._check_not_failed()
+        return super().generate(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def colocated_engine_settings(args, model):
+    """While GRPOTrainer builds its colocated `vllm.LLM`: this machine's engine settings
+    (r1pipeline.vllm_engine: on CPU native RoPE, eager, in-process), the policy's dtype, and a clear
+    error for a model the engine here cannot serve."""
+    if not (args.use_vllm and args.vllm_mode == "colocate"):
+        yield
+        return
+    import vllm
+
+    from r1pipeline import vllm_engine
+
+    vllm_engine.check_servable(model.config)
+    dtype = str(getattr(model, "dtype", torch.float32)).removeprefix("torch.")
+
+    def build(**kwargs):
+        return vllm.LLM(**vllm_engine.engine_kwargs(dtype=dtype, **kwargs))
+
+    with vllm_engine.cpu_process_settings(), mock.patch.object(vllm_generation, "LLM", build):
+        yield
 
 
 class ResumableGRPOTrainer(ExactResumeMixin, GRPOTrainer):
@@ -56,8 +139,9 @@ class ResumableGRPOTrainer(ExactResumeMixin, GRPOTrainer):
     train on different completions than the uninterrupted run; saving the buffer and TRL's step
     counter makes resume exact."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, vllm_sync: dict | None = None, **kwargs):
+        with colocated_engine_settings(kwargs["args"], kwargs["model"]):
+            super().__init__(*args, **kwargs)
         if self.use_vllm and isinstance(self.vllm_generation.model, policy.POLICY_CLASS):
             if self.vllm_generation._dist.is_fsdp:
                 raise ValueError("use_vllm with our MoE policy under FSDP: the checkpoint-format weight sync "
@@ -65,6 +149,22 @@ class ResumableGRPOTrainer(ExactResumeMixin, GRPOTrainer):
             # GRPOTrainer.__init__ builds its VLLMGeneration (grpo_trainer.py L1107) with no hook for the
             # class; the subclass only overrides methods, so switching the instance's class is safe.
             self.vllm_generation.__class__ = CheckpointFormatVLLM
+            self.vllm_generation.verify_sync = (vllm_sync or {}).get("verify", True)
+            self.vllm_generation.sync_timeout = (vllm_sync or {}).get("timeout", 600.0)
+
+    def _generate_and_score_completions(self, inputs):
+        """TRL's, plus `sampling/kl_k3`: the k3 estimate (r - 1 - log r, r = π_train / π_rollout per
+        sampled token) of KL(π_rollout ‖ π_train), from the same per-token logprobs that TRL's
+        `sampling/sampling_logp_difference/{mean,max}` and its importance-sampling correction use."""
+        output = super()._generate_and_score_completions(inputs)
+        rollout, train = output.get("sampling_per_token_logps"), output.get("old_per_token_logps")
+        if self.use_vllm and rollout is not None and train is not None:
+            log_ratio = (train - rollout)[output["completion_mask"].bool()]
+            log_ratio = log_ratio[~torch.isnan(log_ratio)]
+            k3 = (torch.expm1(log_ratio) - log_ratio).mean() if log_ratio.numel() else torch.zeros((), device=train.device)
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["sampling/kl_k3"].append(self.accelerator.gather(k3).mean().item())
+        return output
 
     def _state_file(self, checkpoint: str) -> Path:
         return Path(checkpoint) / f"grpo_state_rank{self.accelerator.process_index}.pt"
@@ -136,6 +236,7 @@ def train(stage: Stage, dataset) -> dict:
         log(f"{stage.name}: control run, rewards shuffled within each group of {args.num_generations}")
         reward_funcs = [shuffled_within_groups(fn, args.num_generations) for fn in reward_funcs]
     trainer = ResumableGRPOTrainer(
+        vllm_sync=stage.section.get("vllm_sync"),
         model=model,
         reward_funcs=reward_funcs,
         args=args,

@@ -3,7 +3,6 @@ policy of our MoE (CPU, seconds), resume after a kill, argument checks, and vLLM
 
 import json
 import sys
-import types
 
 import pytest
 import torch
@@ -155,58 +154,6 @@ def test_vllm_backend_without_vllm_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` fail
     with pytest.raises(ImportError, match=r"pip install -e \.\[gpu\]"):
         rollout(rows(1), model="some/model", num_samples=2, max_new_tokens=4, backend="vllm")
-
-
-def fake_vllm():
-    """A stand-in for the parts of vLLM's documented offline API that rollout uses."""
-    module = types.ModuleType("vllm")
-
-    class SamplingParams:
-        def __init__(self, *, n=1, temperature=1.0, top_p=1.0, max_tokens=16, seed=None):
-            self.n, self.temperature, self.top_p, self.max_tokens, self.seed = n, temperature, top_p, max_tokens, seed
-
-    class LLM:
-        instances = []
-
-        def __init__(self, model):
-            self.model, self.calls = model, []
-            LLM.instances.append(self)
-
-        def generate(self, prompts, sampling_params, use_tqdm=True):
-            self.calls.append((list(prompts), list(sampling_params)))
-            completion = types.SimpleNamespace
-            return [types.SimpleNamespace(prompt=prompt, outputs=[
-                completion(text=f"{prompt[-3:]}#{j}", token_ids=list(range(j + 1)), finish_reason="stop")
-                for j in range(params.n)]) for prompt, params in zip(prompts, sampling_params)]
-
-    module.LLM, module.SamplingParams = LLM, SamplingParams
-    return module
-
-
-def test_vllm_backend_follows_the_llm_generate_contract(monkeypatch):
-    """Test double: vLLM cannot be installed on these machines, so a fake `vllm` module checks the
-    documented API that rollout relies on: `LLM(model=path)`, `LLM.generate(prompts, params)` with
-    `SamplingParams(n, temperature, top_p, max_tokens, seed)`, and `RequestOutput.outputs[j].text`
-    and `.token_ids` mapped to completions and their lengths. Not an integration test."""
-    vllm = fake_vllm()
-    monkeypatch.setitem(sys.modules, "vllm", vllm)
-    data = rows(5)
-    out = rollout(data, model="ckpt/final", num_samples=3, max_new_tokens=9, temperature=0.6, top_p=0.9,
-                  batch_size=6, backend="vllm", seed=4)
-    [llm] = vllm.LLM.instances
-    assert llm.model == "ckpt/final" and len(llm.calls) == 3  # 2 prompts a batch
-    params = [p for _, batch in llm.calls for p in batch]
-    assert {(p.n, p.temperature, p.top_p, p.max_tokens) for p in params} == {(3, 0.6, 0.9, 9)}
-    assert len({p.seed for p in params}) == 5  # one seed per prompt
-    assert [r["id"] for r in out] == [r["id"] for r in data]
-    for row, record in zip(data, out):
-        assert record["completions"] == [f"{row['prompt'][-3:]}#{j}" for j in range(3)]
-        assert record["completion_lengths"] == [1, 2, 3]
-
-    again = rollout(data, model=llm, num_samples=3, max_new_tokens=9, backend="vllm", seed=4)
-    assert len(vllm.LLM.instances) == 1  # an existing LLM is used as is
-    assert [p.seed for _, batch in llm.calls[3:] for p in batch] == [p.seed for p in params]
-    assert again == out
 
 
 def test_generates_with_kv_cache_from_a_trainer_checkpoint(monkeypatch, tmp_path, model, tokenizer):

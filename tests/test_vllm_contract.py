@@ -1,7 +1,11 @@
-"""vLLM weight sync in GRPO (stages 2 and 4): contract tests, not integration tests. vLLM cannot be
-installed on these machines, so a real ResumableGRPOTrainer is built with `use_vllm=True` and only the
-vLLM engine (colocated `LLM`) or its client (server mode) is replaced by a recording test double.
-What reaches the double is what TRL's own sync path (`VLLMGeneration.sync_weights`) would hand vLLM."""
+"""vLLM weight sync in GRPO (stages 2 and 4): contract tests for what the CPU engine here cannot run.
+The real engine's sync is tested in tests/test_vllm_grpo.py; it needs the MLA shape vLLM's CPU build
+serves (kv_lora_rank + rope = 576), which FP8's 128-multiples exclude, and server mode's NCCL weight
+transfer needs GPUs. So a real ResumableGRPOTrainer is built with `use_vllm=True` on the tiny preset
+(FP8-capable) and only the vLLM engine (colocated `LLM`) or its client (server mode) is replaced by a
+recording test double. What reaches the double is what TRL's own sync path would hand vLLM."""
+
+import contextlib
 
 import pytest
 import torch
@@ -13,6 +17,7 @@ from trl.generation.vllm_generation import VLLMGeneration
 
 from data import build_tokenizer
 from r1pipeline.model import PRESETS, R1MoEConfig, R1MoEForCausalLM
+from stages import grpo
 from stages.grpo import CheckpointFormatVLLM, ResumableGRPOTrainer
 
 TEXTS = [f"{a} + {b} = {a + b}" for a in range(10) for b in range(10)]
@@ -36,7 +41,8 @@ class FakeLLM:
 
     def __init__(self):
         self.reloaded, self.loaded, self.prefix_cache_resets = [], [], 0
-        model = type("Model", (), {"load_weights": lambda _, weights: self.loaded.extend(weights)})()
+        model = torch.nn.Module()
+        model.load_weights = lambda weights: self.loaded.extend(weights)
         runner = type("Runner", (), {"model": model, "reload_weights": self._reload_weights})()
         worker = type("Worker", (), {"model_runner": runner})()
         self.llm_engine = type("Engine", (), {"model_executor": type("Executor", (), {"driver_worker": worker})()})()
@@ -77,6 +83,8 @@ def fake_init_vllm(self):
 
 def grpo_trainer(tmp_path, monkeypatch, tokenizer, model, vllm_mode):
     monkeypatch.setattr(VLLMGeneration, "_init_vllm", fake_init_vllm)
+    # No real engine starts, so none of its settings (nor its CPU shape check) apply.
+    monkeypatch.setattr(grpo, "colocated_engine_settings", lambda args, model: contextlib.nullcontext())
     args = GRPOConfig(output_dir=str(tmp_path), use_vllm=True, vllm_mode=vllm_mode, use_cpu=True, report_to=[],
                       num_generations=4, per_device_train_batch_size=4, max_completion_length=8, max_steps=1)
     return ResumableGRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions),
@@ -91,8 +99,8 @@ def tokenizer():
 
 @pytest.mark.parametrize("fp8", [False, True])
 def test_synced_tensors_are_the_checkpoint_vllm_reads(tmp_path, monkeypatch, tokenizer, fp8):
-    """Test double for vLLM, which cannot run here. vLLM's DeepSeek-V3 loader reads the tensors of the
-    saved checkpoint; the sync must push exactly those names, shapes and dtypes (FP8: e4m3 weights
+    """Test double for vLLM (FP8 and the tiny preset do not run on its CPU build). vLLM's DeepSeek-V3
+    loader reads the tensors of the saved checkpoint; the sync must push exactly those names, shapes and dtypes (FP8: e4m3 weights
     plus fp32 `weight_scale_inv`), less the MTP layer, which vLLM skips unless speculating."""
     model = build(tokenizer, fp8=fp8)
     trainer = grpo_trainer(tmp_path, monkeypatch, tokenizer, model, "colocate")
@@ -111,13 +119,14 @@ def test_synced_tensors_are_the_checkpoint_vllm_reads(tmp_path, monkeypatch, tok
 
 
 def test_colocate_sync_reloads_vllm_weights_in_checkpoint_format(tmp_path, monkeypatch, tokenizer):
-    """Test double for vLLM, which cannot run here: a fake `LLM` whose model runner records
-    `reload_weights`. The colocated engine must get `vllm_weights()`'s pairs, tensors equal, through
+    """Test double for vLLM (the tiny preset does not run on its CPU build): a fake `LLM` whose model
+    runner records `reload_weights`. The colocated engine must get `vllm_weights()`'s pairs, tensors equal, through
     the checkpoint-format reload (not the plain `load_weights` TRL uses, which would leave MLA's
     absorbed matrices stale), then a prefix-cache reset."""
     model = build(tokenizer)
     trainer = grpo_trainer(tmp_path, monkeypatch, tokenizer, model, "colocate")
     assert type(trainer.vllm_generation) is CheckpointFormatVLLM
+    trainer.vllm_generation.verify_sync = False  # nothing to read back from a double
     with torch.no_grad():  # a trained step's worth of change, so that the sync is seen to send current values
         model.model.layers[1].mlp.experts.down_proj.add_(0.5)
     trainer.vllm_generation.sync_weights()
@@ -129,8 +138,8 @@ def test_colocate_sync_reloads_vllm_weights_in_checkpoint_format(tmp_path, monke
 
 
 def test_server_sync_streams_vllm_weights_then_resets_prefix_cache(tmp_path, monkeypatch, tokenizer):
-    """Test double for vLLM, which cannot run here: a fake TRL `VLLMClient` records the metadata the
-    server is told to expect, the streamed tensors and the prefix-cache reset. TRL's own server path
+    """Test double for vLLM (the tiny preset does not run on its CPU build): a fake TRL `VLLMClient`
+    records the metadata the server is told to expect, the streamed tensors and the prefix-cache reset. TRL's own server path
     runs unchanged, only over `vllm_weights()`'s pairs."""
     model = build(tokenizer, fp8=True)
     trainer = grpo_trainer(tmp_path, monkeypatch, tokenizer, model, "server")
@@ -144,8 +153,8 @@ def test_server_sync_streams_vllm_weights_then_resets_prefix_cache(tmp_path, mon
 
 
 def test_other_models_keep_trls_sync(tmp_path, monkeypatch, tokenizer):
-    """Test double for vLLM, which cannot run here. A model that is not our policy (transformers'
-    own DeepseekV3ForCausalLM) keeps TRL's VLLMGeneration and its `named_parameters()` stream."""
+    """Test double for vLLM (the tiny preset does not run on its CPU build). A model that is not our
+    policy (transformers' own DeepseekV3ForCausalLM) keeps TRL's VLLMGeneration and its `named_parameters()` stream."""
     torch.manual_seed(0)
     model = DeepseekV3ForCausalLM(DeepseekV3Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                                    **PRESETS["tiny"]))

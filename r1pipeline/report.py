@@ -21,7 +21,11 @@ RL_STAGES = ("grpo", "align")
 BEFORE_RL, AFTER_RL = ("sft",), ("grpo", "align")
 # metrics.jsonl keys (TRL's GRPOTrainer names) drawn as curves, in this order, when logged.
 CURVES = ("reward", r"rewards/.+/mean", "accuracy", "completions/mean_length", "kl", "entropy",
-          "clip_ratio/region_mean", "frac_reward_zero_std")
+          "clip_ratio/region_mean", "frac_reward_zero_std", "sampling/sampling_logp_difference/mean",
+          "sampling/kl_k3")
+# Rollout engine (vLLM) against the trainer, on the sampled tokens, when rollouts came from vLLM.
+MISMATCH = {"sampling/sampling_logp_difference/mean": "mean |Δlogp|", "sampling/sampling_logp_difference/max": "max |Δlogp|",
+            "sampling/kl_k3": "k3 KL"}
 SAMPLES_PER_STAGE = 2
 SAMPLE_CHARS = 1500
 
@@ -88,7 +92,25 @@ def training_curves(run_dir: Path, plots: Path) -> list[str]:
         lines.append(_save(fig, plots, re.sub(r"\W+", "_", key) + ".png"))
     if "kl" not in logged:
         lines += ["", "- kl: not logged, so not drawn (TRL computes it only with beta > 0)"]
-    return lines + [""]
+    return lines + [""] + mismatch_table(series)
+
+
+def mismatch_table(series: dict) -> list[str]:
+    """Per RL stage that sampled with vLLM: the engine's logprobs of its sampled tokens against the
+    trainer's, averaged over logged steps (max |Δlogp|: the largest of any step)."""
+    rows = []
+    for stage, metrics in series.items():
+        values = {key: [row[key] for row in metrics if isinstance(row.get(key), (int, float))] for key in MISMATCH}
+        if values["sampling/sampling_logp_difference/mean"]:
+            cells = [_fmt(max(v) if key.endswith("/max") else sum(v) / len(v), 5) if v else "–"
+                     for key, v in values.items()]
+            rows.append(f"| {stage} | {len(values['sampling/sampling_logp_difference/mean'])} | {' | '.join(cells)} |")
+    if not rows:
+        return []
+    return ["## Rollout engine vs trainer", "",
+            "The rollout engine's logprobs of the tokens it sampled against the trainer's recomputed ones "
+            "(k3: r - 1 - log r, r = π_train / π_rollout, per token).", "",
+            "| stage | steps | " + " | ".join(MISMATCH.values()) + " |", "|---|---|---|---|---|", *rows, ""]
 
 
 def pass_at_k_curves(evals: dict, plots: Path) -> list[str]:

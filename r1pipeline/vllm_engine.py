@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import time
 
 import torch
 
@@ -92,7 +93,24 @@ def build_llm(model: str, **overrides):
 
     check_servable(AutoConfig.from_pretrained(model))
     with cpu_process_settings():
-        return vllm.LLM(model=str(model), **engine_kwargs(**overrides))
+        return started(vllm.LLM, model=str(model), **engine_kwargs(**overrides))
+
+
+def started(build, **kwargs):
+    """build(**kwargs), an engine, logged with what it runs on and how long it took to start."""
+    from r1pipeline.pipeline import log
+
+    start = time.monotonic()
+    llm = build(**kwargs)
+    where = "CPU build, in this process" if on_cpu() else "GPU"
+    log(f"vLLM {vllm_version()} engine ({where}) up in {time.monotonic() - start:.1f} s for {kwargs['model']}")
+    return llm
+
+
+def vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__
 
 
 def shutdown(llm) -> None:

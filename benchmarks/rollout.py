@@ -2,7 +2,9 @@
 `generate`, through the same `r1pipeline.rollout.rollout` call, on the same tiny-vllm checkpoint.
 
 Settings: the embedded default's GRPO step (16 prompts x G = 8, 96 new tokens, its rendered addition
-prompts) and a longer one (4 prompts x 8, 384 new tokens). The checkpoint is freshly initialised, so
+prompts) and a longer one (4 prompts x 8, 384 new tokens). A third column, `transformers_tiny`, runs
+transformers on the `tiny` preset (MLA latent 64 instead of 512), the embedded default's policy: what
+switching the default to tiny-vllm + vLLM would be measured against. The checkpoint is freshly initialised, so
 completions rarely stop early; throughput counts the tokens each engine actually generated. The two
 engines alternate within the run and each figure is the median of the repetitions, so machine load
 hits both alike. vLLM's start-up is timed apart (it is paid once per stage or eval, not per batch).
@@ -35,6 +37,7 @@ from r1pipeline import policy, vllm_engine  # noqa: E402
 from r1pipeline.rollout import rollout  # noqa: E402
 
 SYSTEM = "Think step by step inside <think> </think>, then give the answer inside <answer> </answer>."
+BACKENDS = {"transformers": "transformers", "vllm": "vllm", "transformers_tiny": "transformers"}  # column: engine
 SETTINGS = {  # name: (prompts, G, new tokens)
     "embedded_default_grpo_step": (16, 8, 96),
     "long_completions": (4, 8, 384),
@@ -68,20 +71,21 @@ def main() -> None:
         model.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
         model = policy.load_pretrained(directory).eval()
+        tiny = policy.build_from_preset("tiny", {}, tokenizer, seed=0).eval()
         start = time.perf_counter()
         llm = vllm_engine.build_llm(directory, seed=0)
         engine_start_s = time.perf_counter() - start
         results = {}
         for name, (count, samples, new_tokens) in SETTINGS.items():
             batch = rows[:count]
-            engines = {"transformers": model, "vllm": llm}
-            for backend, engine in engines.items():  # warm-up: first-call allocations, oneDNN primitives
-                timed(batch[:1], model=engine, tokenizer=tokenizer, backend=backend, samples=2, new_tokens=4)
-            runs = {backend: [] for backend in engines}
+            engines = {"transformers": model, "vllm": llm, "transformers_tiny": tiny}
+            for column, engine in engines.items():  # warm-up: first-call allocations, oneDNN primitives
+                timed(batch[:1], model=engine, tokenizer=tokenizer, backend=BACKENDS[column], samples=2, new_tokens=4)
+            runs = {column: [] for column in engines}
             for _ in range(args.reps):
-                for backend, engine in engines.items():
-                    runs[backend].append(timed(batch, model=engine, tokenizer=tokenizer, backend=backend,
-                                               samples=samples, new_tokens=new_tokens))
+                for column, engine in engines.items():
+                    runs[column].append(timed(batch, model=engine, tokenizer=tokenizer, backend=BACKENDS[column],
+                                             samples=samples, new_tokens=new_tokens))
             speed = {backend: statistics.median(tokens / seconds for seconds, tokens in reps)
                      for backend, reps in runs.items()}
             results[name] = {
@@ -90,10 +94,12 @@ def main() -> None:
                 "generated_tokens": {backend: [tokens for _, tokens in reps] for backend, reps in runs.items()},
                 "seconds": {backend: [round(seconds, 2) for seconds, _ in reps] for backend, reps in runs.items()},
                 "vllm_over_transformers": round(speed["vllm"] / speed["transformers"], 2),
-                "faster": max(speed, key=speed.get),
+                "vllm_over_transformers_tiny": round(speed["vllm"] / speed["transformers_tiny"], 2),
+                "faster": max(("vllm", "transformers"), key=speed.get),
             }
-            print(f"{name}: vLLM {speed['vllm']:.0f} tok/s, transformers {speed['transformers']:.0f} tok/s, "
-                  f"ratio {speed['vllm'] / speed['transformers']:.2f}", flush=True)
+            print(f"{name}: vLLM {speed['vllm']:.0f} tok/s, transformers {speed['transformers']:.0f} tok/s "
+                  f"(tiny preset: {speed['transformers_tiny']:.0f}), ratio {speed['vllm'] / speed['transformers']:.2f}",
+                  flush=True)
         vllm_engine.shutdown(llm)
     record = {
         "benchmark": "grouped rollouts, vLLM vs transformers generate (benchmarks/rollout.py)",
@@ -109,5 +115,5 @@ def main() -> None:
     print(f"-> {args.out}")
 
 
-if __name__ == "__main__":
+if __column_ == "__main__":
     main()

@@ -4,13 +4,14 @@ stage 3's sampling and every evaluation with `backend: vllm`, run as `python -m 
 the way `make all` runs it."""
 
 import json
+import signal
 
 import pytest
 
 from r1pipeline.rollout import read_samples
 
 from conftest import FAST_ALIGN, FAST_DATA, FAST_EVAL, FAST_GRPO, FAST_REJECTION, FAST_SFT
-from test_stages import pipeline
+from test_stages import assert_same_weights, pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -41,3 +42,23 @@ def test_all_stages_and_eval_on_the_vllm_engine(tmp_path):
                                                                          for e in evals.values())
     report = (run / "report.md").read_text()
     assert "## Rollout engine vs trainer" in report and "| grpo | 3 |" in report and "| align | 2 |" in report
+
+
+def test_grpo_on_vllm_killed_then_resumed_equals_uninterrupted(tmp_path):
+    """Exact resume holds with vLLM rollouts too: the colocated engine runs in the trainer's process
+    and samples from its torch RNG, which the checkpoint saves and a resume restores, and the resumed
+    run's first sync loads the checkpoint's weights."""
+    runs = tmp_path / "runs"
+    code, out = pipeline(runs, "base", "sft", *FAST_DATA, *FAST_SFT, "model.preset=tiny-vllm")
+    assert code == 0, out
+    args = [*FAST_DATA, *FAST_GRPO, f"grpo.init_from={runs / 'base' / 'sft' / 'final'}", "grpo.save_steps=3",
+            "grpo.use_vllm=true", "model.preset=tiny-vllm"]
+    code, out = pipeline(runs, "straight", "grpo", *args)
+    assert code == 0, out
+    stage = runs / "killed" / "grpo"
+    code, _ = pipeline(runs, "killed", "grpo", *args, kill_when=lambda: (stage / "checkpoint-3" / "COMPLETE").exists())
+    assert code == -signal.SIGKILL and not (stage / "manifest.json").exists()
+    code, out = pipeline(runs, "killed", "grpo", *args)
+    assert code == 0, out
+    assert f"grpo: resuming from {stage / 'checkpoint-3'} (step 3)" in out
+    assert_same_weights(runs / "straight" / "grpo", stage)

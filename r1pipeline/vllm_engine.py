@@ -226,20 +226,22 @@ def engine_weights(llm, config) -> dict[str, torch.Tensor]:
     return out
 
 
-def _engine_experts(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused expert weights [E, 2I, H] and [E, H, I] in the layout the engine computes with: the CPU
-    build prepacks them for its grouped GEMM (a permutation, so packed equality is weight equality)."""
-    if on_cpu():
+def _engine_layout(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A fused expert weight ([E, 2I, H] or [E, H, I]) in the layout the engine computes with: the CPU
+    build prepacks them for its grouped GEMM, per dtype (a permutation, so packed equality is weight
+    equality). Other tensors as they are."""
+    if on_cpu() and name.endswith(("experts.w13_weight", "experts.w2_weight")):
         from vllm._custom_ops import cpu_prepack_moe_weight
 
-        return cpu_prepack_moe_weight(gate_up.contiguous(), "vec"), cpu_prepack_moe_weight(down.contiguous(), "vec")
-    return gate_up, down
+        return cpu_prepack_moe_weight(tensor.contiguous(), "vec")
+    return tensor
 
 
 def expected_engine_weights(policy) -> dict[str, torch.Tensor]:
     """`engine_weights`' names and values as the trainer's `policy` (our R1MoEForCausalLM) has them:
-    its checkpoint-format weights less the MTP layer (vLLM skips it unless speculating), experts fused
-    as the engine holds them, and the absorbed MLA matrices derived from each layer's kv_b_proj."""
+    its checkpoint-format weights less the MTP layer (vLLM skips it unless speculating), routed experts
+    fused ([E, 2I, H] and [E, H, I], before the CPU build's packing), and the absorbed MLA matrices
+    derived from each layer's kv_b_proj."""
     config = policy.config
     mtp = f"model.layers.{config.num_hidden_layers}."
     out = {name: tensor.detach().float() for name, tensor in policy.vllm_weights() if not name.startswith(mtp)}
@@ -249,7 +251,7 @@ def expected_engine_weights(policy) -> dict[str, torch.Tensor]:
         gate_up = torch.stack([torch.cat([out.pop(f"{prefix}.{e}.gate_proj.weight"),
                                           out.pop(f"{prefix}.{e}.up_proj.weight")]) for e in experts])
         down = torch.stack([out.pop(f"{prefix}.{e}.down_proj.weight") for e in experts])
-        out[f"{prefix}.w13_weight"], out[f"{prefix}.w2_weight"] = _engine_experts(gate_up, down)
+        out[f"{prefix}.w13_weight"], out[f"{prefix}.w2_weight"] = gate_up, down
     heads, nope, v = config.num_attention_heads, config.qk_nope_head_dim, config.v_head_dim
     for layer in range(config.num_hidden_layers):
         prefix = f"model.layers.{layer}.self_attn"
@@ -260,13 +262,15 @@ def expected_engine_weights(policy) -> dict[str, torch.Tensor]:
 
 
 def sync_mismatches(llm, policy, atol: float = 0.0) -> list[str]:
-    """Every tensor where the engine differs from the trainer by more than `atol` (0: bit-exact, the
-    fp32 case), as 'name: reason' lines; [] when the engine holds exactly the trainer's weights."""
+    """Every tensor where the engine differs from the trainer's, cast to the engine's dtype, by more
+    than `atol` (0: bit-exact), as 'name: reason' lines; [] when the engine holds exactly the
+    trainer's weights. An fp32 trainer and a bf16 engine compare exactly after the same rounding."""
     got, want = engine_weights(llm, policy.config), expected_engine_weights(policy)
     problems = [f"{name}: missing in the engine" for name in want.keys() - got.keys()]
     problems += [f"{name}: in the engine, not in the trainer" for name in got.keys() - want.keys()]
     for name in sorted(want.keys() & got.keys()):
-        a, b = got[name].float(), want[name].float().to(got[name].device)
+        a, b = got[name], _engine_layout(name, want[name].to(got[name].device, got[name].dtype))
+        a, b = a.float(), b.float()
         if name.endswith(("embed_tokens.weight", "lm_head.weight")):
             a = a[:b.shape[0]]  # the engine pads the vocabulary (to a multiple of 64); the padding is never sampled
         if a.shape != b.shape:

@@ -115,5 +115,5 @@ def main() -> None:
     print(f"-> {args.out}")
 
 
-if __column_ == "__main__":
+if __name__ == "__main__":
     main()

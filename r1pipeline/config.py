@@ -58,8 +58,8 @@ KEY_TYPES = {
 _INIT_FROM = "'model', a stage name, or a checkpoint path / hub name"
 _REWARDS = "list of {name: <registered> | function: 'pkg.module:fn', weight: <float>, args: {...}}"
 _VLLM_SYNC = ("with use_vllm (colocate): mapping: verify (after every weight sync, read the engine's weights back "
-              "and compare them with the trainer's, tensor by tensor; default true), timeout (seconds a sync may take "
-              "before the run stops with an error; default 600)")
+              "and compare them with the trainer's, tensor by tensor; default true on vLLM's CPU build, false on GPU "
+              "and for FP8 policies), timeout (seconds a sync may take before the run stops with an error; default 600)")
 STAGE_KEYS = {
     "sft": {"init_from": _INIT_FROM},
     "grpo": {"init_from": _INIT_FROM, "rewards": _REWARDS,

@@ -191,7 +191,7 @@ def check_stage_options(name: str, own: dict) -> None:
     sync = own.get("vllm_sync") or {}
     if set(sync) - {"verify", "timeout"}:
         raise cfg.unknown_key_error(f"{name}.vllm_sync", sorted(set(sync) - {"verify", "timeout"})[0], ["verify", "timeout"])
-    if not isinstance(sync.get("verify", True), bool):
+    if not isinstance(sync.get("verify", False), bool):
         raise cfg.ConfigError(f"{name}.vllm_sync.verify = {sync['verify']!r} must be true or false")
     timeout = sync.get("timeout", 600)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:

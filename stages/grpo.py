@@ -41,7 +41,7 @@ class CheckpointFormatVLLM(VLLMGeneration):
     generate after it: a run stops rather than go on sampling from stale or half-loaded weights."""
 
     sync_timeout: float = 600.0
-    verify_sync: bool = True
+    verify_sync: bool = True  # the trainer sets it (verify_default)
     _sync_failed: str | None = None
 
     def _iter_named_params(self):
@@ -108,6 +108,25 @@ class CheckpointFormatVLLM(VLLMGeneration):
         return super().generate(*args, **kwargs)
 
 
+def verify_default(model, asked: bool | None) -> bool:
+    """Whether each sync is read back and compared. The read-back knows the CPU build's kernels
+    (tested); on GPU, kernels may keep experts in other layouts and FP8 engines requantise, so there it
+    is off unless asked for, and FP8 cannot ask."""
+    from r1pipeline import vllm_engine
+
+    if getattr(model.config, "fp8", False):
+        if asked:
+            raise ValueError("vllm_sync.verify = true with an FP8 policy: the engine's FP8 weights are not read back; "
+                             "set it false")
+        return False
+    if asked is None:
+        asked = vllm_engine.on_cpu()
+        if not asked:
+            log("vllm_sync.verify: off by default on GPU (the read-back is tested on vLLM's CPU build only); "
+                "set it true to compare the engine's weights with the trainer's after every sync")
+    return asked
+
+
 @contextlib.contextmanager
 def colocated_engine_settings(args, model):
     """While GRPOTrainer builds its colocated `vllm.LLM`: this machine's engine settings
@@ -149,7 +168,7 @@ class ResumableGRPOTrainer(ExactResumeMixin, GRPOTrainer):
             # GRPOTrainer.__init__ builds its VLLMGeneration (grpo_trainer.py L1107) with no hook for the
             # class; the subclass only overrides methods, so switching the instance's class is safe.
             self.vllm_generation.__class__ = CheckpointFormatVLLM
-            self.vllm_generation.verify_sync = (vllm_sync or {}).get("verify", True)
+            self.vllm_generation.verify_sync = verify_default(self.model, (vllm_sync or {}).get("verify"))
             self.vllm_generation.sync_timeout = (vllm_sync or {}).get("timeout", 600.0)
 
     def _generate_and_score_completions(self, inputs):

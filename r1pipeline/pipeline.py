@@ -243,6 +243,9 @@ def plan(recipe: dict, stages: list[str], run_dir: Path, world_size: int = 1) ->
             sample_from = own.get("sample_from", DEFAULT_SAMPLE_FROM)
             check_stage_ref(planned, run_dir, "rejection.sample_from", sample_from)
         check_stage_options(name, own)
+        if (own.get("vllm_sync") or {}).get("verify") and ((recipe.get("model") or {}).get("config") or {}).get("fp8"):
+            raise cfg.ConfigError(f"{name}.vllm_sync.verify = true with model.config.fp8: an FP8 engine's weights are "
+                                  "not read back; set it false")
         if (own.get("sampling") or {}).get("backend") == "vllm":
             check_vllm_model(recipe.get("model") or {}, f"{name}.sampling.backend = 'vllm'")
 

@@ -97,7 +97,8 @@ def training_curves(run_dir: Path, plots: Path) -> list[str]:
 
 def mismatch_table(series: dict) -> list[str]:
     """Per RL stage that sampled with vLLM: the engine's logprobs of its sampled tokens against the
-    trainer's, averaged over logged steps (max |Δlogp|: the largest of any step)."""
+    trainer's, averaged over the logged rows (max |Δlogp|: the largest logged; with logging_steps > 1
+    TRL logs each window's average)."""
     rows = []
     for stage, metrics in series.items():
         values = {key: [row[key] for row in metrics if isinstance(row.get(key), (int, float))] for key in MISMATCH}
@@ -110,7 +111,7 @@ def mismatch_table(series: dict) -> list[str]:
     return ["## Rollout engine vs trainer", "",
             "The rollout engine's logprobs of the tokens it sampled against the trainer's recomputed ones "
             "(k3: r - 1 - log r, r = π_train / π_rollout, per token).", "",
-            "| stage | steps | " + " | ".join(MISMATCH.values()) + " |", "|---|---|---|---|---|", *rows, ""]
+            "| stage | logged steps | " + " | ".join(MISMATCH.values()) + " |", "|---|---|---|---|---|", *rows, ""]
 
 
 def pass_at_k_curves(evals: dict, plots: Path) -> list[str]:

@@ -2,8 +2,9 @@
 sampling (DeepSeek-R1 §2.3.3) and evaluation need them.
 
 Two engines: transformers `generate` and vLLM (its CPU build, installed by `make install`, or the
-CUDA one with `pip install -e .[gpu]`; r1pipeline/vllm_engine.py). With `out_path`, every finished prompt is appended to a JSONL file that a
-re-run resumes from, so a rollout of hours survives being killed.
+CUDA one with `pip install -e .[gpu]`; r1pipeline/vllm_engine.py). With `out_path`, every finished
+prompt is appended to a JSONL file that a re-run resumes from, so a rollout of hours survives being
+killed.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ engine), so the CPU settings live in one place:
 - the engine runs in the calling process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`: a 5 s start instead
   of ~25 s for a spawned engine core on 2 cores) with a `VLLM_CPU_KVCACHE_SPACE` of 1 GiB unless set.
 - vLLM's CPU worker replaces `torch.set_num_threads` for the whole process and drops torch to one
-  thread unless OMP_NUM_THREADS says otherwise; `cpu_engine` keeps the caller's threads.
+  thread unless OMP_NUM_THREADS says otherwise; `cpu_process_settings` keeps the caller's threads.
 
 The CPU MLA backend serves only `kv_lora_rank + qk_rope_head_dim == 576`; `check_servable` says so
 before an engine is started (the `tiny-vllm` preset has that shape).
@@ -24,13 +24,46 @@ sync can be checked tensor by tensor (`sync_mismatches`).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import gc
 import os
+import threading
 import time
 
 import torch
 
 CPU_MLA_WIDTH = 576  # kv_lora_rank + qk_rope_head_dim the CPU MLA backend serves (512 + 64)
+
+
+class WeightSyncError(RuntimeError):
+    """A weight sync into the rollout engine failed, timed out, or left the engine's weights unequal to
+    the trainer's. The engine may hold a mix of old and new weights; nothing generates from it again."""
+
+
+def within_timeout(work, timeout: float, what: str) -> None:
+    """Run `work()` in a helper thread (with this thread's context variables and CUDA device), raising
+    WeightSyncError if it raises or is not done in `timeout` s. A hung sync cannot be killed from
+    Python; the raise ends the run, and the thread, a daemon, goes with the process."""
+    failure: list[BaseException] = []
+    device = torch.cuda.current_device() if torch.cuda.is_available() else None
+
+    def target():
+        try:
+            if device is not None:
+                torch.cuda.set_device(device)
+            work()
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+            failure.append(error)
+
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(target,), name="vllm-weight-sync",
+                              daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise WeightSyncError(f"{what} did not finish within {timeout:g} s (vllm_sync.timeout); the engine may hold "
+                              "partly updated weights")
+    if failure:
+        raise WeightSyncError(f"{what} failed: {failure[0]!r}; the engine may hold partly updated weights") from failure[0]
 
 
 def on_cpu() -> bool:
@@ -92,8 +125,11 @@ def build_llm(model: str, **overrides):
     from transformers import AutoConfig
 
     check_servable(AutoConfig.from_pretrained(model))
+    owns_process_group = not torch.distributed.is_initialized()
     with cpu_process_settings():
-        return started(vllm.LLM, model=str(model), **engine_kwargs(**overrides))
+        llm = started(vllm.LLM, model=str(model), **engine_kwargs(**overrides))
+    llm.r1_owns_process_group = owns_process_group  # else a trainer's (DDP), which `shutdown` leaves alone
+    return llm
 
 
 def started(build, **kwargs):
@@ -114,14 +150,16 @@ def vllm_version() -> str:
 
 
 def shutdown(llm) -> None:
-    """Free an in-process engine and the process group vLLM set up for it, so that a trainer (or the
-    next engine) in this process starts clean."""
+    """Free an in-process engine and vLLM's parallel groups, and the default process group when vLLM
+    started it (not a trainer's), so that a trainer or the next engine in this process starts clean."""
     from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
 
+    owns_process_group = getattr(llm, "r1_owns_process_group", True)
     llm.llm_engine.engine_core.shutdown()
     del llm
     destroy_model_parallel()
-    destroy_distributed_environment()
+    if owns_process_group:
+        destroy_distributed_environment()
     gc.collect()
 
 
@@ -226,15 +264,34 @@ def engine_weights(llm, config) -> dict[str, torch.Tensor]:
     return out
 
 
-def _engine_layout(name: str, tensor: torch.Tensor) -> torch.Tensor:
+def _engine_layout(name: str, tensor: torch.Tensor, kernels: dict) -> torch.Tensor:
     """A fused expert weight ([E, 2I, H] or [E, H, I]) in the layout the engine computes with: the CPU
-    build prepacks them for its grouped GEMM, per dtype (a permutation, so packed equality is weight
-    equality). Other tensors as they are."""
-    if on_cpu() and name.endswith(("experts.w13_weight", "experts.w2_weight")):
-        from vllm._custom_ops import cpu_prepack_moe_weight
+    build pads the intermediate size to its kernel's alignment and prepacks for its ISA, per dtype (a
+    zero pad and a permutation, so equality there is weight equality). Other tensors as they are."""
+    experts = kernels.get(name.rsplit(".", 1)[0])
+    if experts is None or not on_cpu() or getattr(experts, "_use_zentorch", False):
+        return tensor
+    from vllm._custom_ops import cpu_prepack_moe_weight
 
-        return cpu_prepack_moe_weight(tensor.contiguous(), "vec")
-    return tensor
+    size = tensor.shape[1] // 2 if name.endswith("w13_weight") else tensor.shape[2]
+    padded = experts._padded_intermediate_size(experts.moe_config)
+    if padded != size and name.endswith("w13_weight"):
+        out = tensor.new_zeros(tensor.shape[0], 2 * padded, tensor.shape[2])
+        out[:, :size], out[:, padded:padded + size] = tensor[:, :size], tensor[:, size:]
+        tensor = out
+    elif padded != size:
+        tensor = torch.nn.functional.pad(tensor, (0, padded - size))
+    return cpu_prepack_moe_weight(tensor.contiguous(), experts.isa)
+
+
+def _experts_kernels(llm) -> dict:
+    """{'model.layers.N.mlp.experts': the engine's fused-experts kernel object} for each MoE layer."""
+    kernels = {}
+    for name, module in model_runner(llm).model.named_modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        if kernel is not None and name.endswith("routed_experts"):
+            kernels[name.removesuffix(".routed_experts")] = kernel.fused_experts
+    return kernels
 
 
 def expected_engine_weights(policy) -> dict[str, torch.Tensor]:
@@ -265,11 +322,11 @@ def sync_mismatches(llm, policy, atol: float = 0.0) -> list[str]:
     """Every tensor where the engine differs from the trainer's, cast to the engine's dtype, by more
     than `atol` (0: bit-exact), as 'name: reason' lines; [] when the engine holds exactly the
     trainer's weights. An fp32 trainer and a bf16 engine compare exactly after the same rounding."""
-    got, want = engine_weights(llm, policy.config), expected_engine_weights(policy)
+    got, want, kernels = engine_weights(llm, policy.config), expected_engine_weights(policy), _experts_kernels(llm)
     problems = [f"{name}: missing in the engine" for name in want.keys() - got.keys()]
     problems += [f"{name}: in the engine, not in the trainer" for name in got.keys() - want.keys()]
     for name in sorted(want.keys() & got.keys()):
-        a, b = got[name], _engine_layout(name, want[name].to(got[name].device, got[name].dtype))
+        a, b = got[name], _engine_layout(name, want[name].to(got[name].device, got[name].dtype), kernels)
         a, b = a.float(), b.float()
         if name.endswith(("embed_tokens.weight", "lm_head.weight")):
             a = a[:b.shape[0]]  # the engine pads the vocabulary (to a multiple of 64); the padding is never sampled

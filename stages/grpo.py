@@ -3,12 +3,9 @@ completions per prompt, the recipe's rewards and weights. Rollouts come from tra
 `generate`, or vLLM (its CPU build here, CUDA on GPU) with `use_vllm: true`."""
 
 import contextlib
-import contextvars
 import hashlib
 import random
-import threading
 from pathlib import Path
-from unittest import mock
 
 import torch
 from trl import GRPOConfig, GRPOTrainer
@@ -18,13 +15,9 @@ from trl.generation.vllm_generation import VLLMGeneration, empty_cache
 from data import render_prompt
 from r1pipeline import policy
 from r1pipeline.pipeline import Stage, log
+from r1pipeline.vllm_engine import WeightSyncError
 from rewards.text import completion_text
 from stages.common import ExactResumeMixin, callbacks, load_policy, read_metrics, system_prompt, train_and_save, trainer_args
-
-
-class WeightSyncError(RuntimeError):
-    """A weight sync into the rollout engine failed, timed out, or left the engine's weights unequal to
-    the trainer's. The engine may hold a mix of old and new weights; nothing generates from it again."""
 
 
 class CheckpointFormatVLLM(VLLMGeneration):
@@ -65,7 +58,8 @@ class CheckpointFormatVLLM(VLLMGeneration):
             self.llm.wake_up(tags=["weights"])
             self._llm_weights_sleeping = False
         self._sync_failed = "a weight sync that never finished"
-        self._within_timeout(lambda: vllm_engine.reload_weights(self.llm, self._iter_named_params()))
+        vllm_engine.within_timeout(lambda: vllm_engine.reload_weights(self.llm, self._iter_named_params()),
+                                   self.sync_timeout, "the weight sync into vLLM")
         if self.verify_sync:
             with self._dist.gather_params(list(self.model.parameters())):
                 problems = vllm_engine.sync_mismatches(self.llm, self.model)
@@ -74,29 +68,6 @@ class CheckpointFormatVLLM(VLLMGeneration):
                 raise WeightSyncError(f"after the weight sync the engine differs from the trainer in {len(problems)} "
                                       "tensors: " + "; ".join(problems[:5]))
         self._sync_failed = None
-
-    def _within_timeout(self, work) -> None:
-        """Run `work` in a helper thread (with this context's variables), raising WeightSyncError if it
-        raises or is not done in `sync_timeout` s. A hung sync cannot be killed from Python; the
-        raise ends the run, and the thread, a daemon, goes with the process."""
-        failure: list[BaseException] = []
-
-        def target():
-            try:
-                work()
-            except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
-                failure.append(error)
-
-        context = contextvars.copy_context()
-        thread = threading.Thread(target=context.run, args=(target,), name="vllm-weight-sync", daemon=True)
-        thread.start()
-        thread.join(self.sync_timeout)
-        if thread.is_alive():
-            raise WeightSyncError(f"the weight sync into vLLM did not finish within {self.sync_timeout:g} s "
-                                  "(vllm_sync.timeout); the engine may hold partly updated weights")
-        if failure:
-            raise WeightSyncError(f"the weight sync into vLLM failed: {failure[0]!r}; the engine may hold partly "
-                                  "updated weights") from failure[0]
 
     def _check_not_failed(self) -> None:
         if self._sync_failed:
@@ -132,21 +103,33 @@ def colocated_engine_settings(args, model):
     """While GRPOTrainer builds its colocated `vllm.LLM`: this machine's engine settings
     (r1pipeline.vllm_engine: on CPU native RoPE, eager, in-process), the policy's dtype, and a clear
     error for a model the engine here cannot serve."""
-    if not (args.use_vllm and args.vllm_mode == "colocate"):
+    if not (args is not None and args.use_vllm and args.vllm_mode == "colocate"):
         yield
         return
     import vllm
 
     from r1pipeline import vllm_engine
 
-    vllm_engine.check_servable(model.config)
-    dtype = str(getattr(model, "dtype", torch.float32)).removeprefix("torch.")
+    if vllm_engine.on_cpu():
+        if not isinstance(model, policy.POLICY_CLASS):
+            raise ValueError("use_vllm on vLLM's CPU build serves our MoE policy only: TRL's own sync loads weights "
+                             "the CPU kernels have repacked; use_vllm=false generates with transformers")
+        vllm_engine.check_servable(model.config)
+    # On CPU the engine computes in the policy's dtype (float32 by default); on GPU vLLM's "auto" stands.
+    cpu_dtype = {"dtype": str(model.dtype).removeprefix("torch.")} if vllm_engine.on_cpu() else {}
 
     def build(**kwargs):
-        return vllm_engine.started(vllm.LLM, **vllm_engine.engine_kwargs(dtype=dtype, **kwargs))
+        return vllm_engine.started(vllm.LLM, **vllm_engine.engine_kwargs(**cpu_dtype, **kwargs))
 
-    with vllm_engine.cpu_process_settings(), mock.patch.object(vllm_generation, "LLM", build):
-        yield
+    # GRPOTrainer builds its engine inside __init__ with `LLM(...)`, a name of TRL's module: that name is
+    # the one hook there is, so it points at `build` for the duration and back after.
+    trl_llm = vllm_generation.LLM
+    vllm_generation.LLM = build
+    try:
+        with vllm_engine.cpu_process_settings():
+            yield
+    finally:
+        vllm_generation.LLM = trl_llm
 
 
 class ResumableGRPOTrainer(ExactResumeMixin, GRPOTrainer):
@@ -159,7 +142,7 @@ class ResumableGRPOTrainer(ExactResumeMixin, GRPOTrainer):
     counter makes resume exact."""
 
     def __init__(self, *args, vllm_sync: dict | None = None, **kwargs):
-        with colocated_engine_settings(kwargs["args"], kwargs["model"]):
+        with colocated_engine_settings(kwargs.get("args"), kwargs.get("model")):
             super().__init__(*args, **kwargs)
         if self.use_vllm and isinstance(self.vllm_generation.model, policy.POLICY_CLASS):
             if self.vllm_generation._dist.is_fsdp:
@@ -178,7 +161,8 @@ class ResumableGRPOTrainer(ExactResumeMixin, GRPOTrainer):
         output = super()._generate_and_score_completions(inputs)
         rollout, train = output.get("sampling_per_token_logps"), output.get("old_per_token_logps")
         if self.use_vllm and rollout is not None and train is not None:
-            log_ratio = (train - rollout)[output["completion_mask"].bool()]
+            mask = output["completion_mask"] * output.get("tool_mask", 1)  # the tokens TRL's own metrics use
+            log_ratio = (train - rollout)[mask.bool()]
             log_ratio = log_ratio[~torch.isnan(log_ratio)]
             k3 = (torch.expm1(log_ratio) - log_ratio).mean() if log_ratio.numel() else torch.zeros((), device=train.device)
             mode = "train" if self.model.training else "eval"

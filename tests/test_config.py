@@ -115,7 +115,12 @@ def test_vllm_requested_but_not_installed(capsys, runs_dir, monkeypatch):
     assert_rejected(capsys, runs_dir, ["grpo.use_vllm=true"], "grpo.use_vllm", "not installed", stage="all")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM not installed (a GPU machine)")
 def test_a_model_shape_the_cpu_engine_cannot_serve_is_rejected_before_work(capsys, runs_dir):
+    from r1pipeline import vllm_engine
+
+    if not vllm_engine.on_cpu():
+        pytest.skip("about vLLM's CPU build")
     assert_rejected(capsys, runs_dir, ["grpo.use_vllm=true"], "grpo.use_vllm = true with model.preset = 'tiny'",
                     "kv_lora_rank + qk_rope_head_dim = 576 only", stage="all")
     assert_rejected(capsys, runs_dir, ["eval.backend=vllm"], "eval.backend = 'vllm'", "tiny-vllm", stage="all")

@@ -1,5 +1,6 @@
 """r1pipeline.rollout: grouped generation with transformers `generate` on a small randomly initialised
-policy of our MoE (CPU, seconds), resume after a kill, argument checks, and vLLM's API contract."""
+policy of our MoE (CPU, seconds), resume after a kill, argument checks. The vLLM backend runs on the
+real engine in tests/test_vllm_engine.py."""
 
 import json
 import sys

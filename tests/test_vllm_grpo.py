@@ -8,6 +8,8 @@ import threading
 import time
 
 import pytest
+
+pytest.importorskip("vllm")  # `make install` installs it on CPU machines; GPU ones add the gpu extra
 import torch
 from datasets import Dataset
 from trl import GRPOConfig
@@ -71,9 +73,9 @@ def test_engine_equals_trainer_after_every_sync_of_a_grpo_run(trainer, monkeypat
 
     logged = [row for row in trainer.state.log_history if "sampling/kl_k3" in row]
     assert len(logged) == 3
-    for row in logged:
-        assert row["sampling/kl_k3"] >= 0 and row["sampling/sampling_logp_difference/mean"] >= 0
-        assert row["sampling/sampling_logp_difference/max"] >= row["sampling/sampling_logp_difference/mean"]
+    for row in logged:  # fp32 engine and trainer: the sampled tokens' logprobs agree, so k3 is ~0
+        assert 0 <= row["sampling/kl_k3"] < 1e-6
+        assert 0 < row["sampling/sampling_logp_difference/mean"] <= row["sampling/sampling_logp_difference/max"] < 1e-3
 
 
 def failing_weights(model, after: int, failure):

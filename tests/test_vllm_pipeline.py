@@ -8,6 +8,8 @@ import signal
 
 import pytest
 
+pytest.importorskip("vllm")  # `make install` installs it on CPU machines; GPU ones add the gpu extra
+
 from r1pipeline.rollout import read_samples
 
 from conftest import FAST_ALIGN, FAST_DATA, FAST_EVAL, FAST_GRPO, FAST_REJECTION, FAST_SFT

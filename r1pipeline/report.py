@@ -25,7 +25,7 @@ CURVES = ("reward", r"rewards/.+/mean", "accuracy", "completions/mean_length", "
           "sampling/kl_k3")
 # Rollout engine (vLLM) against the trainer, on the sampled tokens, when rollouts came from vLLM.
 MISMATCH = {"sampling/sampling_logp_difference/mean": "mean |Δlogp|", "sampling/sampling_logp_difference/max": "max |Δlogp|",
-            "sampling/kl_k3": "k3 KL"}
+            "sampling/kl_k3": "k3 KL", "sampling/frac_dlogp_gt_ln2": "tokens with |Δlogp| > ln 2"}
 SAMPLES_PER_STAGE = 2
 SAMPLE_CHARS = 1500
 
@@ -111,7 +111,8 @@ def mismatch_table(series: dict) -> list[str]:
     return ["## Rollout engine vs trainer", "",
             "The rollout engine's logprobs of the tokens it sampled against the trainer's recomputed ones "
             "(k3: r - 1 - log r, r = π_train / π_rollout, per token).", "",
-            "| stage | logged steps | " + " | ".join(MISMATCH.values()) + " |", "|---|---|---|---|---|", *rows, ""]
+            "| stage | logged steps | " + " | ".join(MISMATCH.values()) + " |", "|---" * (2 + len(MISMATCH)) + "|",
+            *rows, ""]
 
 
 def pass_at_k_curves(evals: dict, plots: Path) -> list[str]:

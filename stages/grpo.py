@@ -4,6 +4,7 @@ completions per prompt, the recipe's rewards and weights. Rollouts come from tra
 
 import contextlib
 import hashlib
+import math
 import random
 from pathlib import Path
 
@@ -156,17 +157,22 @@ class ResumableGRPOTrainer(ExactResumeMixin, GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         """TRL's, plus `sampling/kl_k3`: the k3 estimate (r - 1 - log r, r = π_train / π_rollout per
-        sampled token) of KL(π_rollout ‖ π_train), from the same per-token logprobs that TRL's
-        `sampling/sampling_logp_difference/{mean,max}` and its importance-sampling correction use."""
+        sampled token) of KL(π_rollout ‖ π_train), and `sampling/frac_dlogp_gt_ln2`: the share of
+        sampled tokens whose probabilities differ by more than a factor 2, from the same per-token
+        logprobs that TRL's `sampling/sampling_logp_difference/{mean,max}` and its importance-sampling
+        correction use."""
         output = super()._generate_and_score_completions(inputs)
         rollout, train = output.get("sampling_per_token_logps"), output.get("old_per_token_logps")
         if self.use_vllm and rollout is not None and train is not None:
             mask = output["completion_mask"] * output.get("tool_mask", 1)  # the tokens TRL's own metrics use
             log_ratio = (train - rollout)[mask.bool()]
             log_ratio = log_ratio[~torch.isnan(log_ratio)]
-            k3 = (torch.expm1(log_ratio) - log_ratio).mean() if log_ratio.numel() else torch.zeros((), device=train.device)
+            zero = torch.zeros((), device=train.device)
+            k3 = (torch.expm1(log_ratio) - log_ratio).mean() if log_ratio.numel() else zero
+            far = (log_ratio.abs() > math.log(2)).float().mean() if log_ratio.numel() else zero
             mode = "train" if self.model.training else "eval"
             self._metrics[mode]["sampling/kl_k3"].append(self.accelerator.gather(k3).mean().item())
+            self._metrics[mode]["sampling/frac_dlogp_gt_ln2"].append(self.accelerator.gather(far).mean().item())
         return output
 
     def _state_file(self, checkpoint: str) -> Path:

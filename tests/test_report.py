@@ -72,12 +72,13 @@ def test_missing_pieces(tmp_path):
 
 def test_vllm_runs_report_the_engine_trainer_mismatch(tmp_path):
     run_dir = tmp_path / "run"
-    mismatch = ("sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max", "sampling/kl_k3")
+    mismatch = ("sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max", "sampling/kl_k3",
+                "sampling/frac_dlogp_gt_ln2")
     write_stage(run_dir, "grpo", 4, (*GRPO_KEYS, *mismatch))   # steps 1-4 log 0.1 ... 0.4
     write_stage(run_dir, "align", 2, GRPO_KEYS)                # transformers rollouts: no mismatch logged
     text = write_report(run_dir).read_text()
     assert "## Rollout engine vs trainer" in text
-    assert "| grpo | 4 | 0.25000 | 0.40000 | 0.25000 |" in text  # means, and the largest max
+    assert "| grpo | 4 | 0.25000 | 0.40000 | 0.25000 | 0.25000 |" in text  # means, and the largest max
     assert "| align |" not in text.split("## Rollout engine vs trainer")[1]
     assert {"sampling_sampling_logp_difference_mean.png", "sampling_kl_k3.png"} <= {
         path.name for path in (run_dir / "plots").glob("*.png")}

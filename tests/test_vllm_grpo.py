@@ -74,7 +74,7 @@ def test_engine_equals_trainer_after_every_sync_of_a_grpo_run(trainer, monkeypat
     logged = [row for row in trainer.state.log_history if "sampling/kl_k3" in row]
     assert len(logged) == 3
     for row in logged:  # fp32 engine and trainer: the sampled tokens' logprobs agree, so k3 is ~0
-        assert 0 <= row["sampling/kl_k3"] < 1e-6
+        assert 0 <= row["sampling/kl_k3"] < 1e-6 and row["sampling/frac_dlogp_gt_ln2"] == 0
         assert 0 < row["sampling/sampling_logp_difference/mean"] <= row["sampling/sampling_logp_difference/max"] < 1e-3
 
 

@@ -120,10 +120,8 @@ def check_model(model: dict) -> None:
         if key not in known:
             raise cfg.unknown_key_error("model.config (R1MoEConfig fields)", key, known)
     if "preset" in model:
-        from r1pipeline.model import R1MoEConfig
-
         try:  # the config's own checks (group sizes, FP8 block multiples, ...)
-            R1MoEConfig(**{**PRESETS[model["preset"]], **overrides})
+            preset_config(model)
         except (ValueError, TypeError) as exc:
             raise cfg.ConfigError(f"model.config: {exc}") from None
     if model.get("dtype", "float32") not in DTYPES:
@@ -132,16 +130,22 @@ def check_model(model: dict) -> None:
         check_checkpoint_ref("model.name_or_path", model["name_or_path"])
 
 
+def preset_config(model: dict):
+    """The R1MoEConfig of a `model` section that names a preset: the preset under model.config."""
+    from r1pipeline.model import PRESETS, R1MoEConfig
+
+    return R1MoEConfig(**{**PRESETS[model["preset"]], **(model.get("config") or {})})
+
+
 def check_vllm_model(model: dict, where: str) -> None:
     """A preset policy that a stage will serve with vLLM must have an MLA shape the engine here serves
     (the CPU build: kv_lora_rank + qk_rope_head_dim = 576). Checkpoints are checked when loaded."""
     if "preset" not in model or importlib.util.find_spec("vllm") is None:
         return
     from r1pipeline import vllm_engine
-    from r1pipeline.model import PRESETS, R1MoEConfig
 
     try:
-        vllm_engine.check_servable(R1MoEConfig(**{**PRESETS[model["preset"]], **(model.get("config") or {})}))
+        vllm_engine.check_servable(preset_config(model))
     except ValueError as exc:
         raise cfg.ConfigError(f"{where} with model.preset = {model['preset']!r}: {exc}") from None
 

@@ -174,11 +174,18 @@ def reload_weights(llm, weights) -> None:
     with unpacked expert weights (|Δlogp| 0.23 after one sync, tests/test_vllm_engine.py)."""
     model_runner(llm).reload_weights(weights_iterator=weights, is_checkpoint_format=True)
     if on_cpu():
-        for module in model_runner(llm).model.modules():
-            kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
-            if kernel is not None and hasattr(module, "w13_weight"):
-                kernel.fused_experts.process_weights_after_loading(module)
+        for _, module, experts in _moe_layers(llm):
+            experts.process_weights_after_loading(module)
     llm.reset_prefix_cache()
+
+
+def _moe_layers(llm):
+    """(name, module, its fused-experts kernel object) for each routed-experts layer of the engine,
+    named as in `engine_weights` ('model.layers.N.mlp.experts')."""
+    for name, module in model_runner(llm).model.named_modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        if kernel is not None and name.endswith("routed_experts"):
+            yield name.removesuffix(".routed_experts"), module, kernel.fused_experts
 
 
 def model_runner(llm):
@@ -284,16 +291,6 @@ def _engine_layout(name: str, tensor: torch.Tensor, kernels: dict) -> torch.Tens
     return cpu_prepack_moe_weight(tensor.contiguous(), experts.isa)
 
 
-def _experts_kernels(llm) -> dict:
-    """{'model.layers.N.mlp.experts': the engine's fused-experts kernel object} for each MoE layer."""
-    kernels = {}
-    for name, module in model_runner(llm).model.named_modules():
-        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
-        if kernel is not None and name.endswith("routed_experts"):
-            kernels[name.removesuffix(".routed_experts")] = kernel.fused_experts
-    return kernels
-
-
 def expected_engine_weights(policy) -> dict[str, torch.Tensor]:
     """`engine_weights`' names and values as the trainer's `policy` (our R1MoEForCausalLM) has them:
     its checkpoint-format weights less the MTP layer (vLLM skips it unless speculating), routed experts
@@ -322,7 +319,8 @@ def sync_mismatches(llm, policy, atol: float = 0.0) -> list[str]:
     """Every tensor where the engine differs from the trainer's, cast to the engine's dtype, by more
     than `atol` (0: bit-exact), as 'name: reason' lines; [] when the engine holds exactly the
     trainer's weights. An fp32 trainer and a bf16 engine compare exactly after the same rounding."""
-    got, want, kernels = engine_weights(llm, policy.config), expected_engine_weights(policy), _experts_kernels(llm)
+    got, want = engine_weights(llm, policy.config), expected_engine_weights(policy)
+    kernels = {name: experts for name, _, experts in _moe_layers(llm)}
     problems = [f"{name}: missing in the engine" for name in want.keys() - got.keys()]
     problems += [f"{name}: in the engine, not in the trainer" for name in got.keys() - want.keys()]
     for name in sorted(want.keys() & got.keys()):

@@ -14,7 +14,7 @@ from trl.generation import vllm_generation
 from trl.generation.vllm_generation import VLLMGeneration, empty_cache
 
 from data import render_prompt
-from r1pipeline import policy
+from r1pipeline import policy, vllm_engine
 from r1pipeline.pipeline import Stage, log
 from r1pipeline.vllm_engine import WeightSyncError
 from rewards.text import completion_text
@@ -51,8 +51,6 @@ class CheckpointFormatVLLM(VLLMGeneration):
         # the model runner's checkpoint-format `reload_weights` is the colocated equivalent.
         if self.mode == "server":
             return super().sync_weights()
-        from r1pipeline import vllm_engine
-
         self._check_not_failed()
         if self.enable_sleep_mode:
             empty_cache()
@@ -84,8 +82,6 @@ def verify_default(model, asked: bool | None) -> bool:
     """Whether each sync is read back and compared. The read-back knows the CPU build's kernels
     (tested); on GPU, kernels may keep experts in other layouts and FP8 engines requantise, so there it
     is off unless asked for, and FP8 cannot ask."""
-    from r1pipeline import vllm_engine
-
     if getattr(model.config, "fp8", False):
         if asked:
             raise ValueError("vllm_sync.verify = true with an FP8 policy: the engine's FP8 weights are not read back; "
@@ -108,8 +104,6 @@ def colocated_engine_settings(args, model):
         yield
         return
     import vllm
-
-    from r1pipeline import vllm_engine
 
     if vllm_engine.on_cpu():
         if not isinstance(model, policy.POLICY_CLASS):

@@ -8,7 +8,10 @@
 2. benchmarks/data/math_verify_suite.jsonl, math-verify's own public test suite (converted once by
    benchmarks/data/convert_math_verify_tests.py), per test file. math-verify is called exactly as each
    of its tests calls it (`own`: extraction targets, precision, strict, allow_set_relation_comp) and,
-   for reference, the boxed-gold way. Ours is called the one way it has: verify(gold, pred).
+   for reference, the boxed-gold way. Ours is called two ways: with its defaults, verify(gold, pred),
+   and `own`: with the options the test passes math-verify explicitly, under the same names
+   (rewards.math_equiv.Options: precision as float_rounding, strict, allow_set_relation_comp); where
+   a test leaves an option at math-verify's default, ours keeps its own default.
 
 Speed is measured on set 1, which holds pathological inputs (the `hostile` category): checks/s over
 the whole set (ours: verify_many, its worker pool; math-verify: a pool of one process per core, each
@@ -101,6 +104,27 @@ def _mv_pool(tasks: list, cores: int) -> tuple[list[bool], list[float], float]:
     return [v for v, _ in results], [t for _, t in results], wall
 
 
+def _ours_as_called(suite: list[dict], verify_many) -> list:
+    """Ours on the suite with the options each test passes math-verify explicitly (same names)."""
+    from rewards.math_equiv import Options
+
+    def options(call) -> Options:
+        call = call if isinstance(call, dict) else {}
+        return Options(float_rounding=call.get("precision"), strict=call.get("strict", True),
+                       allow_set_relation_comp=call.get("allow_set_relation_comp", True))
+
+    verdicts: list = [None] * len(suite)
+    groups: dict = {}
+    for i, row in enumerate(suite):
+        groups.setdefault(options(row["call"]), []).append(i)
+    for group_options, indices in groups.items():
+        found = verify_many([(suite[i]["gold"], suite[i]["pred"]) for i in indices], timeout=TIMEOUT_S,
+                            options=group_options)
+        for i, verdict in zip(indices, found):
+            verdicts[i] = verdict
+    return verdicts
+
+
 def _start_up(method: str) -> float:
     """Seconds for a fresh pool to answer its first checks (math_pool.py's choice of forkserver)."""
     from rewards.math_pool import CheckPool
@@ -147,6 +171,7 @@ def main() -> None:
         verify(*pair, timeout=TIMEOUT_S)
         ours_latency.append(time.perf_counter() - start)
     ours_suite = verify_many([(r["gold"], r["pred"]) for r in suite], timeout=TIMEOUT_S)
+    ours_suite_own = _ours_as_called(suite, verify_many)
 
     mv_suite_own, _, _ = _mv_pool([(r["gold"], r["pred"], r["call"]) for r in suite], cores)
     mv_suite_boxed, _, _ = _mv_pool([(r["gold"], r["pred"], "boxed") for r in suite], cores)
@@ -180,12 +205,16 @@ def main() -> None:
         "math_verify_suite": {
             "file": str(SUITE.relative_to(ROOT)),
             "ours": {**_score(suite, ours_suite), "by_file": _grouped(suite, ours_suite, "file")},
+            "ours_own_calls": {**_score(suite, ours_suite_own), "by_file": _grouped(suite, ours_suite_own, "file")},
             "math_verify_own_calls": {**_score(suite, mv_suite_own), "by_file": _grouped(suite, mv_suite_own, "file")},
             "math_verify_boxed_gold": {**_score(suite, mv_suite_boxed),
                                        "by_file": _grouped(suite, mv_suite_boxed, "file")},
             "ours_wrong": [{"file": r["file"], "test": r["test"], "gold": r["gold"][-80:], "pred": r["pred"][-80:],
                             "label": r["equivalent"], "ours": v}
                            for r, v in zip(suite, ours_suite) if v is not r["equivalent"]],
+            "ours_own_calls_wrong": [{"file": r["file"], "test": r["test"], "gold": r["gold"][-80:],
+                                      "pred": r["pred"][-80:], "call": r["call"], "label": r["equivalent"], "ours": v}
+                                     for r, v in zip(suite, ours_suite_own) if v is not r["equivalent"]],
         },
         "machine": {"cpu_count": cores, "python": platform.python_version(), "platform": platform.platform(),
                     **{name: version(name) for name in ("sympy", "latex2sympy2_extended", "math-verify",
@@ -198,7 +227,7 @@ def main() -> None:
     for name in ("ours", "math_verify_boxed_gold"):
         summary[f"grown/{name}"] = {k: grown[name][k] for k in ("pairs", "accuracy", "false_positives",
                                                                 "false_negatives", "checks_per_s", "latency_p99_ms")}
-    for name in ("ours", "math_verify_own_calls", "math_verify_boxed_gold"):
+    for name in ("ours", "ours_own_calls", "math_verify_own_calls", "math_verify_boxed_gold"):
         summary[f"suite/{name}"] = {k: mv_suite[name][k] for k in ("pairs", "accuracy", "false_positives",
                                                                    "false_negatives")}
     print(json.dumps(summary, indent=2))

@@ -20,10 +20,14 @@ Where an answer could be read more than one way, the rule (each tested in tests/
 - Where the answer is: after the last `</think>`, cut at a chat special token (`<|im_start|>`…);
   then the last `\\boxed{}`; else the `<answer>` tag; else the text after the last "answer is",
   "Final Answer: The final answer is … I hope it is correct.", "Answer:", "Answer $…$" or `####`;
-  else the last line. Within that segment: its box, else its math (`$…$`), else, in a sentence
-  after an answer marker (never on a bare last line), its last number ("The final answer is
-  12,000,023."), unless the sentence hedges with "or". A completion that opens `<think>` or
-  `<answer>` and never closes it (cut at the length limit) has no answer.
+  else the last line. Within that segment: its box, else its math (`$…$`) unless a sentence after
+  the math states a number ("Dividing, $60/5$ gives 12."), else, in prose, its last number ("The
+  final answer is 12,000,023.", "so the total is 42", "2,74 €" as a decimal comma), unless the
+  sentence hedges with "or". Minerva's "I hope it is correct." ends the answer even mid-line. A
+  completion that opens `<think>` or `<answer>` and never closes it (cut at the length limit) has
+  no answer.
+- A rule drawn with one symbol between boxes (`\\boxed{4} ++++ \\boxed{9}`) divides the parts of one
+  answer. A list of tuples is a solution set: a repeated tuple counts once.
 - Several boxes (or `$…$` segments) separated only by commas, "and", "or", `\\quad` form one answer,
   a list: `\\boxed{1}, \\boxed{2}, \\boxed{3}` is {1, 2, 3}. Boxes with other words between them are
   revisions: the last one is the answer. A list never meets a single value, so hedging with
@@ -35,6 +39,9 @@ Where an answer could be read more than one way, the rule (each tested in tests/
   variable makes an equation, which meets its right side (`x = 2` meets 2, but not `y = 2`).
 - A relation meets the interval or set it describes, in both directions (`x \\in [-2, 7]` meets
   `-2 \\le x \\le 7`; math-verify accepts this only when the relation is the gold's).
+- `options` (rewards.math_equiv.Options) are math-verify's switches under its names
+  (`float_rounding`, `strict`, `allow_set_relation_comp`), for running its suite the way its tests
+  call it; the defaults are the rules above.
 - Percent: `28\\%` meets 28 (an integer) and `28 percent`; `\\frac{1}{2}\\%` is 1/200; `50\\%` never
   meets 0.5. Decimal commas: `1,22` meets `1.22` only when the other side is that decimal.
 """
@@ -44,7 +51,7 @@ from __future__ import annotations
 import functools
 import re
 
-from rewards.math_equiv import equal
+from rewards.math_equiv import DEFAULT_OPTIONS, OPTIONS, Options, equal
 from rewards.math_extract import EXTRACTORS, MAX_ANSWER_CHARS, extract_prediction, unwrap_gold
 from rewards.math_normal import normalise, relabel
 from rewards.math_parse import balanced, parse_cheap
@@ -84,10 +91,14 @@ def _prepare(gold, pred, extractors) -> tuple[str | None, str | None]:
     return _decimal_comma(gold_written, pred_written), _decimal_comma(pred_written, gold_written)
 
 
-def verify_many(pairs, timeout: float = 5.0, *, extractors: tuple[str, ...] = EXTRACTORS) -> list[bool | None]:
-    """Check (gold, pred) pairs; the ones that need sympy go to the worker pool in one round trip."""
+def verify_many(pairs, timeout: float = 5.0, *, extractors: tuple[str, ...] = EXTRACTORS,
+                options: Options = DEFAULT_OPTIONS) -> list[bool | None]:
+    """Check (gold, pred) pairs; the ones that need sympy go to the worker pool in one round trip.
+    `options` (math_equiv.Options) are math-verify's comparison switches; the defaults are ours."""
     if not timeout > 0:
         raise ValueError(f"timeout = {timeout!r} must be a positive number of seconds")
+    if not isinstance(options, Options):
+        raise TypeError(f"options must be rewards.math_equiv.Options, not {type(options).__name__}")
     results: list[bool | None] = []
     pooled: list[tuple[int, str, str | None]] = []
     for gold, pred in pairs:
@@ -102,22 +113,32 @@ def verify_many(pairs, timeout: float = 5.0, *, extractors: tuple[str, ...] = EX
         pred_cheap = parse_cheap(pred_text) if pred_text else None
         if gold_cheap is not None and gold_cheap.kind in _CHEAP_KINDS and \
                 (pred_text is None or (pred_cheap is not None and pred_cheap.kind in _CHEAP_KINDS)):
-            results.append(pred_cheap is not None and equal(gold_cheap, pred_cheap))
+            results.append(pred_cheap is not None and _equal(gold_cheap, pred_cheap, options))
             continue
         results.append(False)
         pooled.append((len(results) - 1, gold_text, pred_text))
     if pooled:
         # A GRPO group often repeats one answer: each distinct (gold, answer) is checked once.
         distinct = list(dict.fromkeys((gold, pred) for _, gold, pred in pooled))
-        verdicts = dict(zip(distinct, (result for result, _overran in get_pool().map(distinct, timeout))))
+        tasks = distinct if options == DEFAULT_OPTIONS else [(gold, pred, options) for gold, pred in distinct]
+        verdicts = dict(zip(distinct, (result for result, _overran in get_pool().map(tasks, timeout))))
         for index, gold, pred in pooled:
             results[index] = verdicts[(gold, pred)]
     return results
 
 
-def verify(gold: str, pred: str, timeout: float = 5.0, *, extractors: tuple[str, ...] = EXTRACTORS) -> bool | None:
+def verify(gold: str, pred: str, timeout: float = 5.0, *, extractors: tuple[str, ...] = EXTRACTORS,
+           options: Options = DEFAULT_OPTIONS) -> bool | None:
     """Is `pred` (a whole completion or a bare answer) equivalent to `gold`? None: the gold is no answer."""
-    return verify_many([(gold, pred)], timeout, extractors=extractors)[0]
+    return verify_many([(gold, pred)], timeout, extractors=extractors, options=options)[0]
+
+
+def _equal(gold, pred, options: Options) -> bool:
+    token = OPTIONS.set(options)
+    try:
+        return equal(gold, pred)
+    finally:
+        OPTIONS.reset(token)
 
 
 def stats() -> dict[str, int]:

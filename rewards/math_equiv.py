@@ -9,8 +9,9 @@ Policies (each a deliberate choice against reward hacking, see reference/math-ch
 - Expressions: structural equality, else numeric agreement at 30 digits on every one of several
   fixed points (both sides must have the same free symbols). No unbounded `simplify`.
 - Sets are sets (`\\{1,2,2\\}` meets `\\{1,2\\}`); bare lists are unordered multisets (`1, 2, 2` does
-  not meet `1, 2`); tuples are ordered; intervals compare endpoints and open/closed ends; matrices
-  compare shape and entries; a one-element collection meets its item.
+  not meet `1, 2`), except lists of tuples, which are solution sets (a repeated `(3, 7)` is one);
+  tuples are ordered; intervals compare endpoints and open/closed ends; matrices compare shape and
+  entries; a one-element collection meets its item.
 - Sums and products compare up to the name of their index (`\\sum_i i^2` meets `\\sum_j j^2`) and up
   to the order of commuting factors and terms (sympy's canonical order).
 - `x = 2` meets `2` in both directions when the left side is a single symbol, or when both sides are
@@ -23,7 +24,9 @@ Policies (each a deliberate choice against reward hacking, see reference/math-ch
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from contextvars import ContextVar
 from fractions import Fraction
 
 import sympy
@@ -36,6 +39,33 @@ EXACT_TOL = 1e-20  # two exact values evaluated at 30 digits
 MAX_NODES = 400
 MAX_BITS = 50_000  # a value above 2**MAX_BITS is never evaluated
 MAX_DIGITS = 2_000  # most digits used to tell two exact values apart
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """math-verify's comparison options under its own names, so that its test suite can be run the
+    way its tests call it; the defaults are this checker's rules.
+    - `float_rounding`: two numbers meet when they agree rounded to this many decimal places (None:
+      the decimal rule above).
+    - `strict`: False renames the prediction's free symbols to the gold's, in sorted order (`f(y)`
+      meets `f(x)`), and lets a set meet a tuple of the same elements.
+    - `allow_set_relation_comp`: False is math-verify's asymmetry: a gold interval or set does not
+      meet a relation (`x \\in [-2, 7]` against `-2 \\le x \\le 7`); a gold relation still meets the
+      interval it describes."""
+
+    float_rounding: int | None = None
+    strict: bool = True
+    allow_set_relation_comp: bool = True
+
+    def __post_init__(self):
+        if self.float_rounding is not None and (isinstance(self.float_rounding, bool) or
+                                                not isinstance(self.float_rounding, int) or self.float_rounding < 0):
+            raise ValueError(f"float_rounding = {self.float_rounding!r} must be None or a whole number of places >= 0")
+
+
+DEFAULT_OPTIONS = Options()
+OPTIONS: ContextVar[Options] = ContextVar("math_check_options", default=DEFAULT_OPTIONS)
+
 _POINTS = (Rational(-37, 27), Rational(61, 100), Rational(229, 100), Rational(37, 10), Rational(-1, 7))
 
 
@@ -147,6 +177,11 @@ def sympy_equal(a, b, tol: float = EXACT_TOL) -> bool:
     """Two sympy expressions: structure, then values at fixed points (exact ones at 1e-20)."""
     if a == b or canonical(a) == canonical(b):
         return True
+    places = OPTIONS.get().float_rounding
+    if places is not None and not a.free_symbols and not b.free_symbols and not (too_big(a) or too_big(b)):
+        rounded = [_numeric(side) for side in (a, b)]
+        return None not in rounded and all(value.is_real for value in rounded) and \
+            rounded[0].round(places) == rounded[1].round(places)
     if too_big(a) or too_big(b):
         return False
     if a.has(sympy.Float) or b.has(sympy.Float):
@@ -172,7 +207,7 @@ def _rounds_to(decimal: Answer, other: Answer) -> bool:
 
 
 def _scalar_equal(gold: Answer, pred: Answer) -> bool:
-    if gold.kind == "number" and pred.kind == "number":
+    if gold.kind == "number" and pred.kind == "number" and OPTIONS.get().float_rounding is None:
         # Fractions: exact, "0.5" == "1/2"; a long decimal meets the rational it rounds
         return gold.value == pred.value or _rounds_to(pred, gold) or _rounds_to(gold, pred)
     tol = EXACT_TOL if gold.exact and pred.exact else REL_TOL
@@ -312,8 +347,11 @@ def equal(gold: Answer, pred: Answer) -> bool:
     if kinds <= {"set", "list", "tuple"}:
         ordered = "tuple" in kinds
         if "set" in kinds and "tuple" in kinds:
-            return False
-        if "set" in kinds:  # a set has no repeated elements: {1, 2, 2} is {1, 2}
+            if OPTIONS.get().strict:
+                return False
+            ordered = False
+        solutions = kinds == {"list"} and all(item.kind == "tuple" for item in gold.value + pred.value)
+        if "set" in kinds or solutions:  # {1, 2, 2} is {1, 2}; a list of tuples is a solution set
             return _matched(_distinct(gold.value), _distinct(pred.value), False)
         return _matched(gold.value, pred.value, ordered)
     for one, other in ((gold, pred), (pred, gold)):  # {3} against 3
@@ -325,6 +363,8 @@ def equal(gold: Answer, pred: Answer) -> bool:
             return equal(assigned_gold, assigned_pred)
         return _relations_equal(to_sympy(gold), to_sympy(pred))
     if kinds <= {"relation", "interval", "tuple"} and kinds != {"tuple"}:
+        if gold.kind != "relation" and pred.kind == "relation" and not OPTIONS.get().allow_set_relation_comp:
+            return False
         sets = [_as_interval(answer) for answer in (gold, pred)]
         return None not in sets and _set_equal(*sets)
     if kinds == {"matrix"}:
@@ -335,7 +375,7 @@ def equal(gold: Answer, pred: Answer) -> bool:
     return False
 
 
-def check(gold: str, pred: str | None) -> bool | None:
+def check(gold: str, pred: str | None, options: Options = DEFAULT_OPTIONS) -> bool | None:
     """The whole check for normalised strings; None when the gold is not an answer."""
     from rewards.math_parse import parse
 
@@ -345,7 +385,23 @@ def check(gold: str, pred: str | None) -> bool | None:
     pred_answer = parse(pred) if pred else None
     if pred_answer is None:
         return False
-    return equal(gold_answer, pred_answer)
+    token = OPTIONS.set(options)
+    try:
+        if not options.strict:
+            pred_answer = _renamed(pred_answer, gold_answer)
+        return equal(gold_answer, pred_answer)
+    finally:
+        OPTIONS.reset(token)
+
+
+def _renamed(pred: Answer, gold: Answer) -> Answer:
+    """Non-strict mode: the prediction's free symbols take the gold's names, matched in sorted order."""
+    if pred.kind != "expr" or gold.kind != "expr":
+        return pred
+    names = [sorted(answer.value.free_symbols, key=str) for answer in (pred, gold)]
+    if len(names[0]) != len(names[1]) or names[0] == names[1]:
+        return pred
+    return dataclasses.replace(pred, value=pred.value.xreplace(dict(zip(*names))))
 
 
 _GOLD_CACHE: dict[str, Answer | None] = {}

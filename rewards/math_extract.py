@@ -23,10 +23,12 @@ _STOP_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<｜end▁of▁s
 _ANSWER_IS = re.compile(r"(?:answer|answer\s+should\s+be)\s*(?:is|was|:)\s*:?|answer\s*(?=\$|\\\(|\\\[|\d)|####",
                         re.IGNORECASE)
 _HOPE = re.compile(r"\.?\s*I hope it is correct\.?\s*$", re.IGNORECASE)
-# What may stand between two boxes (or two $…$ segments) that together form one answer.
-_JOINER = re.compile(r"(?:\s|[,;.&$]|\\[()\[\]]|\\q?quad|\\[,;! ]|\\text\{\s*(?:and|or|,)?\s*\}|\band\b|\bor\b|\b[A-Za-z](?:_\{?\w+\}?)?\s*=)*")
+_HOPE_INSIDE = re.compile(r"\.?\s*I hope it is correct", re.IGNORECASE)
+# What may stand between two boxes (or two $…$ segments) that together form one answer; a rule
+# drawn with one symbol (`++++++`, `---`) divides parts, it does not revise them.
+_JOINER = re.compile(r"(?:\s|[,;.&$]|([-+=*~])\1{2,}|\\[()\[\]]|\\q?quad|\\[,;! ]|\\text\{\s*(?:and|or|,)?\s*\}|\band\b|\bor\b|\b[A-Za-z](?:_\{?\w+\}?)?\s*=)*")
 # A number in prose: not glued to a word before it ("AZYUK2A" holds none), thousands or decimal comma.
-_PROSE_NUMBER = re.compile(r"(?<![A-Za-z0-9_.])-?\d+(?:,\d+)*(?:\.\d+)?(?:/\d+)?")
+_PROSE_NUMBER = re.compile(r"(?<![A-Za-z0-9_.])-?\d+(?:,\d+)*(?:\.\d+)?(?:/\d+)?(?:\s?\\?%)?")
 _WORDS = re.compile(r"[A-Za-z]{3,}")
 # A short phrase that ends in "and" right before the next box joins it too: "\\boxed{1} papers and
 # \\boxed{2} bins", "\\boxed{(3,3)} \\text{ for part (a) and } \\boxed{(1,1)}".
@@ -119,10 +121,12 @@ def _math_segments(text: str) -> list[tuple[str, int, int]]:
         i = j + len(right)
 
 
-def answer_in(segment: str, marked: bool = True) -> str | None:
+def answer_in(segment: str) -> str | None:
     """The answer inside an answer segment (an <answer> tag, the text after "the answer is", a last
-    line): its box; else its math, several $…$ joined like boxes; else, in a sentence that is
-    `marked` as the answer (not a bare last line: no hunting for a last number), its number."""
+    line): its box; else its math, several $…$ joined like boxes, unless a sentence after the math
+    goes on to state its value ("The volume of $V$ is 120."); else, in prose, its last number ("The
+    final answer is 12,000,023.", "so the total is 42"). A sentence that hedges with "or" states no
+    number."""
     segment = _HOPE.sub("", segment).strip()
     boxed = last_boxed(segment)
     if boxed is not None:
@@ -131,14 +135,14 @@ def answer_in(segment: str, marked: bool = True) -> str | None:
     if segments:
         tail = segment[segments[-1][2]:]
         number = _PROSE_NUMBER.findall(tail)
-        if marked and number and re.search(r"[A-Za-z]{2,}", tail[:tail.find(number[-1])]) and " or " not in tail:
+        if number and re.search(r"[A-Za-z]{2,}", tail[:tail.find(number[-1])]) and " or " not in tail:
             return number[-1]  # the sentence goes on to state its value: "The volume of $V$ is 120."
         gaps = [segment[:segments[0][1]]] + [segment[a[2]:b[1]] for a, b in zip(segments, segments[1:])]
         if all(_JOINER.fullmatch(gap) for gap in gaps[1:]):
             return ", ".join(content.strip() for content, _, _ in segments)
         return segments[-1][0].strip()
     words = set(_WORDS.findall(re.sub(r"\\[a-zA-Z]+|\{[^{}]*\}", " ", segment))) - {"and"}
-    if marked and words and " or " not in segment:
+    if words and " or " not in segment:
         numbers = _PROSE_NUMBER.findall(segment)
         if numbers:  # a sentence that states its answer as a number: "The final answer is 12,000,023."
             return numbers[-1]
@@ -155,18 +159,17 @@ def _answer_is(text: str) -> str | None:
     """The text after the last answer marker that is followed by something: to the end of its line,
     or through a display-math block that opens right after it. A last line in Minerva's format
     ("… I hope it is correct.") is the answer's line whether or not it names the answer."""
-    tail = text[-2000:]
-    last = _last_line(tail)
+    last = _last_line(text)
     if last is not None and _HOPE.search(last):
         marker = list(_ANSWER_IS.finditer(last))
         return last[marker[-1].end():] if marker else last
-    for match in reversed(list(_ANSWER_IS.finditer(tail))):
-        rest = tail[match.end():].lstrip(" \t:")
+    for match in reversed(list(_ANSWER_IS.finditer(text))):
+        rest = text[match.end():].lstrip(" \t:")
         for left, right in (("$$", "$$"), ("\\[", "\\]")):
             if rest.startswith(left) and rest.find(right, len(left)) != -1:
                 close = rest.find(right, len(left)) + len(right)
                 return rest[:close] + rest[close:].split("\n")[0]
-        line = rest.split("\n")[0]
+        line = _HOPE_INSIDE.split(rest.split("\n")[0])[0]  # Minerva's sentence closes the answer
         if line.strip(" .$"):
             return line
     return None
@@ -202,7 +205,7 @@ def extract_prediction(completion: str, extractors: tuple[str, ...] = EXTRACTORS
     for name in extractors:
         found = _EXTRACT[name](text)
         if found is not None and found.strip():
-            answer = found.strip() if name == "boxed" else answer_in(found, marked=name != "last_line")
+            answer = found.strip() if name == "boxed" else answer_in(found)
             if answer:
                 return answer
     return None

@@ -61,7 +61,7 @@ def normalise(answer: str) -> str:
     s = re.sub(r"\\(?:left|right|bigg|Bigg|big|Big)(?![a-zA-Z])\.?", "", s)
     s = s.replace("\\{", "\x00").replace("\\}", "\x01")  # keep set braces apart from groups
     s = _DEGREES.sub("", s)
-    s = re.sub(r"(\d)(?:\{,\}|,\\!|,\s*\\!\s*)(?=\d{3}(?!\d))", r"\1,", s)  # 32,\!349 and 14{,}916
+    s = re.sub(r"(\d)(?:\s*\{\s*,\s*\}\s*|,\\!|,\s*\\!\s*)(?=\d{3}(?!\d))", r"\1,", s)  # 32,\!349, 14{,}916, 14 {, }916
     s = re.sub(r"(\d)\\[,;: ](?=\d{3}\b)", r"\1", s)  # 4\,000
     s = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", s)  # \frac12
     s = re.sub(r"\\sqrt\s*(\d+|[a-zA-Z])(?![a-zA-Z])", r"\\sqrt{\1}", s)  # \sqrt3

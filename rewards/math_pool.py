@@ -45,7 +45,8 @@ def _on_timer(signum, frame):
 
 
 def _serve(conn) -> None:
-    """A worker's main loop: batches of (index, gold, pred, timeout) in, (index, result, overran) out."""
+    """A worker's main loop: batches of (index, gold, pred[, options], timeout) in, (index, result,
+    overran) out."""
     import rewards.math_warm  # noqa: F401  (already imported, and warm, in a forkserver's child)
     from rewards.math_equiv import check
 
@@ -62,11 +63,11 @@ def _serve(conn) -> None:
             return
         if batch is None:
             return
-        for index, gold, pred, timeout in batch:
+        for index, *task, timeout in batch:  # task: (gold, pred) or (gold, pred, options)
             try:
                 signal.setitimer(signal.ITIMER_REAL, timeout)
                 try:
-                    result, overran = check(gold, pred), False
+                    result, overran = check(*task), False
                 finally:
                     signal.setitimer(signal.ITIMER_REAL, 0)
             except _Overrun:
@@ -173,10 +174,10 @@ class CheckPool:
         self.lock = threading.Lock()
         self.checks = self.overruns = self.kills = 0
 
-    def map(self, tasks: list[tuple[str, str | None]], timeout: float) -> list[tuple[bool | None, bool]]:
+    def map(self, tasks: list[tuple], timeout: float) -> list[tuple[bool | None, bool]]:
         results: list = [None] * len(tasks)
         chunk = max(1, min(32, len(tasks) // (self.size * 4)))
-        numbered = [(i, gold, pred, timeout) for i, (gold, pred) in enumerate(tasks)]
+        numbered = [(i, *task, timeout) for i, task in enumerate(tasks)]
         pending = deque(numbered[i:i + chunk] for i in range(0, len(numbered), chunk))
         errors: list[BaseException] = []
 

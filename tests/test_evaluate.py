@@ -65,7 +65,8 @@ def test_cons_at_k_majority_ties_and_missing_answers():
     ("", None),
     ("<think>thinking, and nothing after it</think>", None),
     ("Adding the two:\n3 + 4 = 7\n7", "7"),                                    # a bare last line is the answer
-    ("so the total is 42", "so the total is 42"),                              # no hunting for a last number
+    ("so the total is 42", "42"),                                              # prose: its last number
+    ("it is 42 or 43", "it is 42, 43"),                                        # a hedge: no single number
     ("<answer>" + "9" * (MAX_ANSWER_CHARS + 1) + "</answer>", None),           # too long to be an answer
 ])
 def test_answer_extraction(completion, answer):

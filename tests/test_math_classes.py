@@ -5,6 +5,7 @@ for these tests; none is copied from a benchmark file."""
 import pytest
 
 from rewards.math import verify, verify_many
+from rewards.math_equiv import Options
 
 T = "<think>\nworking\n</think>\n<answer>\n{}\n</answer>".format
 
@@ -95,6 +96,37 @@ CLASSES = {
         ("E", "The answer is (E).", True),
         ("E", "The answer is (A).", False),
     ],
+    "prose_last_number": [
+        ("36", "Adding the three boxes, the shelf holds 36 books.", True),
+        ("36", "Adding the three boxes, the shelf holds 34 books.", False),
+        ("1234.5", "so she was paid 1,234.5€ in total", True),
+        ("1234.5", "so she was paid 1,234.5€ after the 3 weeks", False),
+        ("3/7", "Hence the chance of a red marble is 3/7.", True),
+        ("3/7", "Hence the chance of a red marble is 7/3.", False),
+        ("0.125", "The price rose by 12.5% over the year.", True),
+        ("45", "The price rose by 45% over the year.", True),
+        ("0.45", "The price rose by 45% over the year.", False),  # the percent rule: 50% never meets 0.5
+        ("6.25", "La réponse : 6,25 mètres", True),
+        ("6.25", "La réponse : 62,5 mètres", False),
+        ("\\frac{1}{4}", "We find $\\frac{x}{y} = \\frac{1}{4}$ as shown, so the ratio halves to 1/8.", False),
+        ("12", "Dividing, $\\frac{60}{5}$ gives the count, which is 12.", True),
+        ("12", "It could be 12 or 13 depending on rounding.", False),
+    ],
+    "divider_between_boxes": [
+        ("4 \\text{ cm}, 9", "\\boxed{4 cm} ------ \\boxed{9}", True),
+        ("9", "\\boxed{4 cm} ------ \\boxed{9}", False),
+        ("4, 9", "\\boxed{4} +++ \\boxed{9}", True),
+        ("9", "\\boxed{4} then, correcting myself, \\boxed{9}", True),
+    ],
+    "minerva_sentence_mid_line": [
+        ("2,045", "Final Answer: The final answer is $2 {, }045$. I hope it is correct. [Note: 17 more words]", True),
+        ("2,045", "Final Answer: The final answer is $2 {, }054$. I hope it is correct. [Note: 2045 again]", False),
+    ],
+    "solution_lists_of_tuples": [
+        ("(1,2),(2,1)", "\\boxed{(2, 1), (1, 2), (2, 1)}", True),
+        ("(1,2),(2,1)", "\\boxed{(2, 1), (2, 1)}", False),
+        ("(1,2),(2,1)", "\\boxed{(1, 2), (2, 1), (3, 3)}", False),
+    ],
     "commutation_and_function_pairs": [
         ("\\sum_{j=1}^{m} a_j b_{m-j}", "\\sum_{j=1}^{m} b_{m-j} a_j", True),
         ("\\sum_{j=1}^{m} a_j b_{m-j}", "\\sum_{j=1}^{m} a_j b_{m-j+1}", False),
@@ -169,3 +201,33 @@ def test_only_newlines_end_a_line():
     """A form feed (what "\\f" of "\\frac" becomes in a non-raw Python string) is no line break."""
     pred = "$\\begin{pmatrix}\x0crac{7}{4} & 2\\end{pmatrix}$"
     assert verify(pred, pred) is True
+
+
+def test_math_verify_options_under_its_names():
+    """Options exist so that math-verify's suite runs the way its tests call it; defaults are ours."""
+    assert verify("\\frac{1}{3}", "0.33") is False
+    assert verify("\\frac{1}{3}", "0.33", options=Options(float_rounding=2)) is True
+    assert verify("\\frac{1}{3}", "0.34", options=Options(float_rounding=2)) is False
+    matrix = ("\\begin{pmatrix}\\frac{2}{3}\\\\ \\frac{1}{5}\\end{pmatrix}", "\\begin{pmatrix}0.67\\\\0.2\\end{pmatrix}")
+    assert verify(*matrix) is False
+    assert verify(*matrix, options=Options(float_rounding=2)) is True
+    assert verify("(\\frac{1}{3}, 2]", "(0.333, 2]", options=Options(float_rounding=3)) is True
+    assert verify("g(a)", "g(b)") is False
+    assert verify("g(a)", "g(b)", options=Options(strict=False)) is True
+    assert verify("a + 2b", "c + 2a", options=Options(strict=False)) is False, "renamed in sorted order: a+2c"
+    assert verify("\\{1, 2\\}", "(2, 1)", options=Options(strict=False)) is True
+    assert verify("\\{1, 2\\}", "(2, 1)") is False
+    relaxed = Options(allow_set_relation_comp=False)
+    assert verify("[-2, 7]", "-2 \\le x \\le 7", options=relaxed) is False
+    assert verify("-2 \\le x \\le 7", "[-2, 7]", options=relaxed) is True
+
+
+@pytest.mark.parametrize("bad", [-1, 2.0, True, "2"])
+def test_bad_float_rounding_is_refused(bad):
+    with pytest.raises(ValueError, match="float_rounding"):
+        Options(float_rounding=bad)
+
+
+def test_options_must_be_an_options_object():
+    with pytest.raises(TypeError, match="Options"):
+        verify("1", "1", options={"strict": False})

@@ -7,6 +7,7 @@ Surface normalisation of the answer found lives in rewards/math_normal.py.
 
 from __future__ import annotations
 
+import functools
 import re
 
 from rewards.math_normal import normalise  # noqa: F401  (r1pipeline/evaluate.py imports it from here)
@@ -20,7 +21,7 @@ _THINK_END = "</think>"
 # A chat model's turn ends at its special tokens; what a sampler lets run on after them is not answer.
 _STOP_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<｜end▁of▁sentence｜>", "<|eot_id|>")
 # "The final answer is", "Answer:", "answer is", GSM8K's "####"; a bare "Answer" only before math.
-_ANSWER_IS = re.compile(r"(?:answer|answer\s+should\s+be)\s*(?:is|was|:)\s*:?|answer\s*(?=\$|\\\(|\\\[|\d)|####",
+_ANSWER_IS = re.compile(r"(?:answer|answer\s+should\s+be|correct\s+value)\s*(?:is|was|:)\s*:?|answer\s*(?=\$|\\\(|\\\[|\d)|####",
                         re.IGNORECASE)
 _HOPE = re.compile(r"\.?\s*I hope it is correct\.?\s*$", re.IGNORECASE)
 _HOPE_INSIDE = re.compile(r"\.?\s*I hope it is correct", re.IGNORECASE)
@@ -33,7 +34,11 @@ _WORDS = re.compile(r"[A-Za-z]{3,}")
 # A short phrase that ends in "and" right before the next box joins it too: "\\boxed{1} papers and
 # \\boxed{2} bins", "\\boxed{(3,3)} \\text{ for part (a) and } \\boxed{(1,1)}".
 _AND_BEFORE = re.compile(r"[^\n]{0,40}\band\s*(?:\}|\$|\\[()\[\]]|\\q?quad|\s)*")
-_FINAL = re.compile(r"final answer\s*(?:is|:)", re.IGNORECASE)
+# Markdown bold around words or an answer, never Python's power (`x**2`): no word character outside.
+_BOLD = re.compile(r"(?<![\w*])\*\*(?=\S)([^*\n]{1,200}?)(?<=\S)\*\*(?![\w*])")
+# After the last box, these restate the answer, and win over the box ("… \\boxed{12}, a misprint; the
+# correct value is 15").
+_FINAL = re.compile(r"final answer\s*(?:is|:)|correct\s+(?:value|answer)\s+(?:is|was)", re.IGNORECASE)
 # LaTeX escaped twice (`\\\\frac` as it comes out of a JSON string written from a Python literal):
 # two backslashes before a letter are one command, not a row break followed by text.
 _ESCAPED = re.compile(r"(?<!\\)\\\\(?=[a-zA-Z])")
@@ -121,32 +126,116 @@ def _math_segments(text: str) -> list[tuple[str, int, int]]:
         i = j + len(right)
 
 
-def answer_in(segment: str) -> str | None:
+def answer_in(segment: str, marked: bool = False) -> str | None:
     """The answer inside an answer segment (an <answer> tag, the text after "the answer is", a last
     line): its box; else its math, several $…$ joined like boxes, unless a sentence after the math
-    goes on to state its value ("The volume of $V$ is 120."); else, in prose, its last number ("The
-    final answer is 12,000,023.", "so the total is 42"). A sentence that hedges with "or" states no
-    number."""
+    goes on to state its value ("The volume of $V$ is 120."); else the number prose states (see
+    `_prose_answer`). `marked`: the segment follows an answer marker, so it opens with the answer."""
     segment = _HOPE.sub("", segment).strip()
     boxed = last_boxed(segment)
     if boxed is not None:
         return boxed
-    segments = _math_segments(segment)
+    # `$` before a number in prose is a currency sign: "$35.00 (or $25 with the coupon)" holds no math
+    segments = [found for found in _math_segments(segment) if not _is_prose(found[0], words=2)]
     if segments:
         tail = segment[segments[-1][2]:]
-        number = _PROSE_NUMBER.findall(tail)
-        if number and re.search(r"[A-Za-z]{2,}", tail[:tail.find(number[-1])]) and " or " not in tail:
-            return number[-1]  # the sentence goes on to state its value: "The volume of $V$ is 120."
+        stated = _prose_answer(tail) if re.search(r"[A-Za-z]{2,}", tail) else None
+        if stated is not None:
+            return stated  # the sentence goes on to state its value: "The volume of $V$ is 120."
         gaps = [segment[:segments[0][1]]] + [segment[a[2]:b[1]] for a, b in zip(segments, segments[1:])]
         if all(_JOINER.fullmatch(gap) for gap in gaps[1:]):
             return ", ".join(content.strip() for content, _, _ in segments)
         return segments[-1][0].strip()
-    words = set(_WORDS.findall(re.sub(r"\\[a-zA-Z]+|\{[^{}]*\}", " ", segment))) - {"and"}
-    if words and " or " not in segment:
-        numbers = _PROSE_NUMBER.findall(segment)
-        if numbers:  # a sentence that states its answer as a number: "The final answer is 12,000,023."
-            return numbers[-1]
+    if _is_prose(segment):
+        stated = _prose_answer(segment, marked)
+        if stated is not None:
+            return stated or None
     return segment.strip().rstrip(".").strip() or None
+
+
+def _is_prose(text: str, words: int = 1) -> bool:
+    """More than `words - 1` words outside LaTeX commands and braces: a sentence, not a formula."""
+    return len(set(_WORDS.findall(re.sub(r"\\[a-zA-Z]+|\{[^{}]*\}", " ", text))) - {"and"}) >= words
+
+
+def _prose_answer(text: str, marked: bool = False) -> str | None:
+    """The number a sentence states as its answer, with number words read as numerals where it writes
+    no numeral ("two more cupcakes", "$1.5 million"): after an answer marker, a number that opens it ("The answer is 150
+    minutes, which is 2.5 hours"); else its last number, or the enumeration that ends it ("x = 2 or
+    x = -3", "7, 5, and 3": a list, which never meets a single value, so hedging scores nothing).
+    "" when the sentence denies its number ("the answer is not 7"); None when it states none."""
+    text = _numerals(text)
+    numbers = list(_PROSE_NUMBER.finditer(text))
+    if not numbers:
+        return None
+    if marked and not text[:numbers[0].start()].strip(" \t:$*"):
+        listed = numbers[:1]
+        for after in numbers[1:]:
+            if not _ENUMERATION_GAP.fullmatch(text[listed[-1].end():after.start()]):
+                break
+            listed.append(after)
+        return ", ".join(match.group() for match in listed)
+    last = numbers[-1]
+    if _NEGATION.search(text[:last.start()]):
+        return ""
+    listed = [last]
+    for before in reversed(numbers[:-1]):
+        if not _ENUMERATION_GAP.fullmatch(text[before.end():listed[0].start()]):
+            break
+        listed.insert(0, before)
+    if len(listed) > 1:
+        return ", ".join(match.group() for match in listed)
+    return None if " or " in text else last.group()
+
+
+# Between the items of an enumeration in prose: "1, 2, 3", "7, 5, and 3", "2 or x = -3".
+_ENUMERATION_GAP = re.compile(r"\s*(?:,\s*(?:(?:and|or)\s+)?|\s(?:and|or)\s+)(?:[a-zA-Z]\s*=\s*)?")
+_NEGATION = re.compile(r"\b(?:not|isn't|is\s+never|cannot\s+be)\s*\$?\s*$", re.IGNORECASE)
+_SMALL = {word: value for value, word in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen".split())}
+_TENS = {word: 10 * (i + 2) for i, word in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split())}
+_SCALES = {"hundred": 100, "thousand": 10**3, "million": 10**6, "billion": 10**9}
+_NUMBER_WORDS = re.compile(
+    r"(?<![\w.,])(?:(\d+(?:\.\d+)?)|(?:%s)(?:[\s-]+(?:%s))*)(?:[\s-]+(?:%s|and))*(?:[\s-]+(?:%s))?(?![\w-])"
+    % ("|".join([*_SMALL, *_TENS, "a"]), "|".join([*_SMALL, *_TENS]), "|".join([*_SMALL, *_TENS, *_SCALES]),
+       "|".join(_SCALES)), re.IGNORECASE)
+
+
+def _numerals(text: str) -> str:
+    """English number words as numerals: "two" -> 2, "one thousand" -> 1000, "1.5 million" -> 1500000;
+    words only in a sentence that writes no numeral ("12 sequences meet the three conditions")."""
+    return "".join(_NUMBER_WORDS.sub(functools.partial(_number_value, words_too=not re.search(r"\d", sentence)),
+                                     sentence) for sentence in re.split(r"(?<=[.!?;])(?=\s)", text))
+
+
+def _number_value(match, words_too: bool) -> str:
+    """A number-word match as a numeral (or unchanged); see _numerals."""
+    words = re.split(r"[\s-]+", match.group().lower())
+    if match.group(1) is None and not words_too:
+        return match.group()
+    if match.group(1) is not None:  # digits followed by scale words only: "1.5 million"
+        if len(words) == 1 or not all(word in _SCALES for word in words[1:]):
+            return match.group()
+        number = float(words[0])
+        for word in words[1:]:
+            number *= _SCALES[word]
+        return str(int(number)) if number == int(number) else str(number)
+    if words[0] == "a" and (len(words) == 1 or words[1] not in _SCALES):
+        return match.group()  # the article, not "a hundred"
+    if words == ["one"] and match.string[match.end():].strip(" .!)*") != "":
+        return match.group()  # the pronoun ("as one might think"), unless it ends the sentence
+    total = current = 0
+    for word in words:
+        if word == "and":
+            continue
+        if word in _SCALES:
+            current = max(current, 1) * _SCALES[word]
+            if _SCALES[word] > 100:
+                total, current = total + current, 0
+        else:
+            current += _SMALL.get(word, _TENS.get(word, 1 if word == "a" else 0))
+    return str(total + current)
 
 
 def _answer_tag(text: str) -> str | None:
@@ -199,13 +288,14 @@ def extract_prediction(completion: str, extractors: tuple[str, ...] = EXTRACTORS
         return None  # an answer cut off mid-way: its last number may be a prefix of the real one
     stops = [i for i in (text.find(token) for token in _STOP_TOKENS) if i != -1]
     text = _ESCAPED.sub(r"\\", text[:min(stops)] if stops else text)
+    text = _BOLD.sub(r"\1", text)  # Markdown: "**Answer: 3**", "**72**"
     boxes = _boxes(text) if "boxed" in extractors and "answer_is" in extractors else []
     if boxes and _FINAL.search(text, boxes[-1][2]):  # "\boxed{255} … Final Answer: … is $10,455$."
         extractors = ("answer_is",) + tuple(name for name in extractors if name != "answer_is")
     for name in extractors:
         found = _EXTRACT[name](text)
         if found is not None and found.strip():
-            answer = found.strip() if name == "boxed" else answer_in(found)
+            answer = found.strip() if name == "boxed" else answer_in(found, marked=name == "answer_is")
             if answer:
                 return answer
     return None

@@ -6,7 +6,8 @@ The rules that decide a value (see rewards/math.py's docstring for the policy as
   other `X\\%` is X/100, so `\\frac{1}{2}\\%` is 1/200 and never meets `\\frac{1}{2}`; there is no
   factor-100 rule (`50\\%` does not meet `0.5`).
 - An equality chain `x = 5+5+1 = 7 = 11` is its first and last sides, `x = 11`: the last side is
-  the value the chain arrives at; the sides between are working and are not graded. `a \\approx b`
+  the value the chain arrives at; the sides between are working and are not graded. An equation
+  between two different integers (`4 = 5`) is false and states no answer. `a \\approx b`
   after a value is dropped (the exact value precedes it).
 - A label is a name on the left of `=`: `f(x) = 1`, `|AB| = 1`, `V_1:V_2 = 11:21`, `(p, q) = (3, 2)`,
   `AB = 4`. A single label is dropped (the value is the answer); a single-letter variable (`x = 2`)
@@ -116,6 +117,9 @@ def _percent(value: str) -> str:
 
 def _chain(s: str) -> str:
     sides = split_top(s, "=")
+    if len(sides) == 2 and all(re.fullmatch(r"-?\d+", side.strip()) for side in sides) and \
+            int(sides[0]) != int(sides[1]):
+        return ""  # `4 = 5` is false, not an answer of 5
     if len(sides) > 2 and all(sides) and not any(op in s for op in ("<", ">", "\\le", "\\ge")):
         return f"{sides[0]} = {sides[-1]}"
     return s

@@ -3,6 +3,7 @@
 #                                 done), then eval and report
 #   make sft RUN=x ARGS="sft.learning_rate=1e-4 grpo.max_steps=50"
 #   make grpo ACCELERATE_CONFIG=recipes/accelerate/ddp.yaml
+#   make plan RECIPE=x            validates the recipe and prints the plan (--dry-run): no training
 #   make test                     installs what it needs, then runs the tests
 
 SYSTEM_PYTHON ?= python3
@@ -15,7 +16,7 @@ export ACCELERATE_CONFIG
 
 PIPELINE := $(PYTHON) -m r1pipeline --recipe $(RECIPE) --run $(RUN)
 
-.PHONY: install all sft grpo rejection align eval report test test-fast bench clean-runs
+.PHONY: install all plan sft grpo rejection align eval report test test-fast bench clean-runs
 
 install: $(VENV)/.installed
 
@@ -34,6 +35,9 @@ $(VENV)/.installed: pyproject.toml
 
 all: install
 	$(PIPELINE) all $(ARGS)
+
+plan: install
+	$(PIPELINE) all --dry-run $(ARGS)
 
 sft grpo rejection align eval report: install
 	$(PIPELINE) $@ $(ARGS)

@@ -34,9 +34,10 @@ CHAT_TEMPLATE = (
 
 _BYTE_ALPHABET = len(pre_tokenizers.ByteLevel.alphabet())
 MIN_VOCAB_SIZE = _BYTE_ALPHABET + 2 + len(TAG_TOKENS)
+VOCAB_SIZE = 384  # the embedded default's: a preset's embeddings have at most this many rows
 
 
-def build_tokenizer(corpus: Iterable[str], vocab_size: int = 384) -> PreTrainedTokenizerFast:
+def build_tokenizer(corpus: Iterable[str], vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on `corpus`; len(result) <= vocab_size.
 
     The BPE may stop short of vocab_size on a small corpus, so size model

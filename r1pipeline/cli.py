@@ -2,7 +2,7 @@
 
 STAGE is one of the stages (sft, grpo, rejection, align), `eval` (every finished stage on the
 held-out problems), `report` (runs/<run>/report.md and plots), or `all` (the four stages, then eval
-and report). With ACCELERATE_CONFIG=<file> (or --accelerate-config) the stages run under
+and report). `--dry-run` validates and prints the plan without running it. With ACCELERATE_CONFIG=<file> (or --accelerate-config) the stages run under
 `accelerate launch` with that config; the recipe is validated once here first, so a bad recipe fails
 before any process starts. Evaluation and the report run in this process.
 """
@@ -32,6 +32,9 @@ def parse_args(argv):
     parser.add_argument("--run", default="default", help="run name: outputs go to <runs-dir>/<run>/")
     parser.add_argument("--runs-dir", default="runs")
     parser.add_argument("--accelerate-config", default=os.environ.get("ACCELERATE_CONFIG") or None)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate everything the run would (config, data, rewards, batches) and print the "
+                             "plan with parameter and memory estimates; train, download and write nothing")
     return parser.parse_intermixed_args(argv)
 
 
@@ -49,6 +52,11 @@ def main(argv=None) -> int:
         recipe = apply_overrides(load_recipe(args.recipe), args.overrides)
         planned = plan(recipe, stages, run_dir, world_size_of(args.accelerate_config))
         heldout = plan_eval(recipe, planned) if evaluates else None
+        if args.dry_run:
+            from r1pipeline.dryrun import describe
+
+            print(describe(recipe, planned, heldout, args.accelerate_config))
+            return 0
     except ConfigError as exc:
         print(f"r1pipeline: error: {exc}", file=sys.stderr)
         return 2

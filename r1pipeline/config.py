@@ -28,6 +28,8 @@ MODEL_KEYS = {
     "tokenizer": "hub name or path of the tokenizer (default: the model's; built offline for a preset)",
     "dtype": "float32 | bfloat16 | float16",
     "seed": "seed of a preset's random initialisation",
+    "lora": "train LoRA adapters instead of every weight: peft.LoraConfig fields (r, lora_alpha or alpha, "
+            "lora_dropout, target_modules (default 'all-linear'), ...); each stage's final/ is the merged model",
 }
 DATA_KEYS = {
     "source": "synthetic | coding | hub | json | jsonl | parquet | csv",
@@ -48,7 +50,7 @@ DATA_KEYS = {
 }
 KEY_TYPES = {
     "model.name_or_path": str, "model.preset": str, "model.config": dict, "model.tokenizer": str,
-    "model.dtype": str, "model.seed": int,
+    "model.dtype": str, "model.seed": int, "model.lora": dict,
     "data.source": str, "data.path": str, "data.name": str | None, "data.split": str, "data.heldout_split": str,
     "data.heldout_path": str, "data.heldout_fraction": float, "data.columns": dict, "data.seed": int,
     "data.num_train": int, "data.num_heldout": int, "data.kinds": list[str] | None, "data.max_operand": int,

@@ -128,6 +128,16 @@ def check_model(model: dict) -> None:
         raise cfg.ConfigError(f"model.dtype = {model['dtype']!r}; allowed: {sorted(DTYPES)}")
     if "name_or_path" in model:
         check_checkpoint_ref("model.name_or_path", model["name_or_path"])
+    if model.get("lora"):
+        from r1pipeline.policy import lora_config
+
+        if (model.get("config") or {}).get("fp8"):
+            raise cfg.ConfigError("model.lora with model.config.fp8: LoRA wraps nn.Linear layers, and FP8 training "
+                                  "replaces them; train one or the other")
+        try:
+            lora_config(model["lora"])
+        except (ValueError, TypeError) as exc:
+            raise cfg.ConfigError(f"model.lora: {exc}") from None
 
 
 def preset_config(model: dict):

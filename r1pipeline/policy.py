@@ -40,3 +40,26 @@ def load_pretrained(name_or_path: str, dtype: str = "float32"):
     if AutoConfig.from_pretrained(name_or_path).model_type == "deepseek_v3":
         return POLICY_CLASS.from_pretrained(name_or_path, dtype=DTYPES[dtype])
     return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype])
+
+
+LORA_ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
+
+
+def lora_config(settings: dict | None):
+    """`model.lora` as a peft.LoraConfig for TRL's `peft_config` (None: full fine-tuning). Keys are
+    LoraConfig's fields (`r`, `lora_alpha`, `lora_dropout`, `target_modules`, ...); `alpha` and
+    `dropout` are accepted for `lora_alpha` and `lora_dropout`. Raises ValueError naming a bad key."""
+    if not settings:
+        return None
+    import dataclasses
+
+    from peft import LoraConfig
+
+    fields = {LORA_ALIASES.get(key, key): value for key, value in settings.items()}
+    known = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+    for key in fields:
+        if key not in known or key in ("task_type", "peft_type"):
+            raise ValueError(f"unknown key {key!r}; LoraConfig fields: r, lora_alpha (alpha), lora_dropout "
+                             "(dropout), target_modules, bias, use_rslora, modules_to_save, ...")
+    fields.setdefault("target_modules", "all-linear")
+    return LoraConfig(task_type="CAUSAL_LM", **fields)

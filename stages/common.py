@@ -47,7 +47,14 @@ def load_policy(stage: Stage, tokenizer=None):
     return policy.load_pretrained(path, dtype), tokenizer
 
 
+def peft_config(stage: Stage):
+    """TRL's `peft_config` from `model.lora` (None: every weight is trained)."""
+    return policy.lora_config((stage.recipe.get("model") or {}).get("lora"))
+
+
 MASTER_WEIGHTS = "master_weights.safetensors"
+BUFFERS = "buffers.safetensors"  # a LoRA checkpoint's model buffers (the routing bias)
+ADAPTER_DIR = "adapter"  # final/adapter/: the LoRA adapter alone, beside the merged model
 
 
 class ExactResumeMixin:
@@ -65,7 +72,16 @@ class ExactResumeMixin:
         return Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
 
     def _save_checkpoint(self, model, trial):
+        from accelerate.utils import is_peft_model
+
         super()._save_checkpoint(model, trial)
+        if is_peft_model(self.model) and self.args.should_save:
+            # The adapter is all a LoRA checkpoint holds; the MoE routing bias is a buffer that training
+            # updates (aux-loss-free balancing), so it is kept beside it.
+            from safetensors.torch import save_file
+
+            buffers = {name: buffer.detach().contiguous() for name, buffer in self.model.named_buffers()}
+            save_file(buffers, str(self._checkpoint_dir(trial) / BUFFERS))
         if getattr(self.model.config, "fp8", False) and self.args.should_save:
             from safetensors.torch import save_file
 
@@ -73,9 +89,21 @@ class ExactResumeMixin:
             save_file(masters, str(self._checkpoint_dir(trial) / MASTER_WEIGHTS))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        from accelerate.utils import is_peft_model
+
         model = model if model is not None else self.model
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if is_peft_model(model):  # the adapter (transformers loads it exactly), then the buffers
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            buffers = Path(resume_from_checkpoint) / BUFFERS
+            if buffers.is_file():
+                from safetensors.torch import load_file
+
+                own = dict(model.named_buffers())
+                for name, value in load_file(str(buffers)).items():
+                    own[name].copy_(value)
+            return
         masters = Path(resume_from_checkpoint) / MASTER_WEIGHTS
         if masters.is_file():
             from safetensors.torch import load_file
@@ -136,7 +164,7 @@ def train_and_save(trainer, stage: Stage) -> dict:
     if trainer.is_world_process_zero() and staging.exists():
         shutil.rmtree(staging)
     trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))  # the model and the tokenizer
+    save_final(trainer, staging)
     trainer.accelerator.wait_for_everyone()  # sharded saves (FSDP, ZeRO-3) involve every rank
     if trainer.is_world_process_zero():
         if final.exists():
@@ -144,6 +172,22 @@ def train_and_save(trainer, stage: Stage) -> dict:
         staging.rename(final)
     trainer.accelerator.wait_for_everyone()
     return {key: value for key, value in result.metrics.items() if isinstance(value, (int, float))}
+
+
+def save_final(trainer, directory: Path) -> None:
+    """The model and the tokenizer, as the next stage and any loader read them: a LoRA run's adapter
+    is merged into the base first (and kept alone in final/adapter/), so final/ never needs peft."""
+    from accelerate.utils import is_peft_model
+
+    if not is_peft_model(trainer.model):
+        trainer.save_model(str(directory))
+        return
+    if trainer.is_world_process_zero():
+        peft_model = trainer.accelerator.unwrap_model(trainer.model)
+        peft_model.save_pretrained(str(Path(directory) / ADAPTER_DIR))
+        merged = peft_model.merge_and_unload()  # the end of training: the adapter is folded in for good
+        merged.save_pretrained(str(directory))
+        trainer.processing_class.save_pretrained(str(directory))
 
 
 def trainer_args(stage: Stage, model, **defaults) -> dict:

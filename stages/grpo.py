@@ -18,7 +18,8 @@ from r1pipeline import policy, vllm_engine
 from r1pipeline.pipeline import Stage, log
 from r1pipeline.vllm_engine import WeightSyncError
 from rewards.text import completion_text
-from stages.common import ExactResumeMixin, callbacks, load_policy, read_metrics, system_prompt, train_and_save, trainer_args
+from stages.common import (ExactResumeMixin, callbacks, load_policy, peft_config, read_metrics, system_prompt,
+                           train_and_save, trainer_args)
 
 
 class CheckpointFormatVLLM(VLLMGeneration):
@@ -41,8 +42,23 @@ class CheckpointFormatVLLM(VLLMGeneration):
     def _iter_named_params(self):
         # Replaces trl/generation/vllm_generation.py L435-479. Every rank iterates: gathering ZeRO-3
         # shards is a collective (TRL's own rule).
-        with self._dist.gather_params(list(self.model.parameters())):
-            yield from self.model.vllm_weights()
+        with self._dist.gather_params(list(self.model.parameters())), self._merged_policy() as merged:
+            yield from merged.vllm_weights()
+
+    @contextlib.contextmanager
+    def _merged_policy(self):
+        """The policy as the engine must hold it: under LoRA, its adapter merged into the weights for
+        the while (TRL does the same for stock models), then unmerged so that training goes on."""
+        from accelerate.utils import is_peft_model
+
+        if not is_peft_model(self.model):
+            yield self.model
+            return
+        self.model.merge_adapter()
+        try:
+            yield self.model.get_base_model()
+        finally:
+            self.model.unmerge_adapter()
 
     def sync_weights(self):
         # Server mode is TRL's path (L481-517) as is: vLLM's NCCL weight-transfer engine reloads layer by
@@ -60,8 +76,8 @@ class CheckpointFormatVLLM(VLLMGeneration):
         vllm_engine.within_timeout(lambda: vllm_engine.reload_weights(self.llm, self._iter_named_params()),
                                    self.sync_timeout, "the weight sync into vLLM")
         if self.verify_sync:
-            with self._dist.gather_params(list(self.model.parameters())):
-                problems = vllm_engine.sync_mismatches(self.llm, self.model)
+            with self._dist.gather_params(list(self.model.parameters())), self._merged_policy() as merged:
+                problems = vllm_engine.sync_mismatches(self.llm, merged)
             if problems:
                 self._sync_failed = f"a weight sync after which {len(problems)} tensors differ"
                 raise WeightSyncError(f"after the weight sync the engine differs from the trainer in {len(problems)} "
@@ -93,6 +109,13 @@ def verify_default(model, asked: bool | None) -> bool:
             log("vllm_sync.verify: off by default on GPU (the read-back is tested on vLLM's CPU build only); "
                 "set it true to compare the engine's weights with the trainer's after every sync")
     return asked
+
+
+def unwrapped(model):
+    """The model under a LoRA (peft) wrapper, or the model itself."""
+    from accelerate.utils import is_peft_model
+
+    return model.get_base_model() if is_peft_model(model) else model
 
 
 @contextlib.contextmanager
@@ -139,14 +162,14 @@ class ResumableGRPOTrainer(ExactResumeMixin, GRPOTrainer):
     def __init__(self, *args, vllm_sync: dict | None = None, **kwargs):
         with colocated_engine_settings(kwargs.get("args"), kwargs.get("model")):
             super().__init__(*args, **kwargs)
-        if self.use_vllm and isinstance(self.vllm_generation.model, policy.POLICY_CLASS):
+        if self.use_vllm and isinstance(unwrapped(self.vllm_generation.model), policy.POLICY_CLASS):
             if self.vllm_generation._dist.is_fsdp:
                 raise ValueError("use_vllm with our MoE policy under FSDP: the checkpoint-format weight sync "
                                  "gathers DeepSpeed ZeRO-3 shards but not FSDP's; train with DDP or ZeRO")
             # GRPOTrainer.__init__ builds its VLLMGeneration (grpo_trainer.py L1107) with no hook for the
             # class; the subclass only overrides methods, so switching the instance's class is safe.
             self.vllm_generation.__class__ = CheckpointFormatVLLM
-            self.vllm_generation.verify_sync = verify_default(self.model, (vllm_sync or {}).get("verify"))
+            self.vllm_generation.verify_sync = verify_default(unwrapped(self.model), (vllm_sync or {}).get("verify"))
             self.vllm_generation.sync_timeout = (vllm_sync or {}).get("timeout", 600.0)
 
     def _generate_and_score_completions(self, inputs):
@@ -248,6 +271,7 @@ def train(stage: Stage, dataset) -> dict:
         train_dataset=dataset,
         processing_class=tokenizer,
         callbacks=callbacks(stage),
+        peft_config=peft_config(stage),
     )
     metrics = train_and_save(trainer, stage)
     metrics.update(reward_trend(stage.stage_dir))

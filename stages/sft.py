@@ -5,7 +5,7 @@ from trl import SFTConfig, SFTTrainer
 
 from data import render_prompt
 from r1pipeline.pipeline import Stage
-from stages.common import (ExactResumeMixin, callbacks, completion_of, load_policy, system_prompt,
+from stages.common import (ExactResumeMixin, callbacks, completion_of, load_policy, peft_config, system_prompt,
                            train_and_save, trainer_args)
 
 
@@ -25,7 +25,7 @@ def train(stage: Stage, dataset, model, tokenizer) -> dict:
     # completion_only_loss=None means TRL's default for prompt-completion data: loss on the completion.
     args = SFTConfig(**trainer_args(stage, model))
     trainer = ResumableSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                                  callbacks=callbacks(stage))
+                                  callbacks=callbacks(stage), peft_config=peft_config(stage))
     return train_and_save(trainer, stage)
 
 

@@ -65,6 +65,10 @@ def checkpoint_tensors(model, fp8: bool, include_mtp: bool = True, state_dict: d
     """(name, tensor) pairs in the DeepSeek-V3 checkpoint format; also what vLLM's DeepseekV3
     `load_weights` takes (give include_mtp=False unless vLLM runs MTP speculation)."""
     state_dict = model.state_dict() if state_dict is None else state_dict
+    # Layers wrapped by LoRA (peft) hold their weight as `<layer>.base_layer.weight`: with the adapter
+    # merged into it (the caller's part), that is the checkpoint's `<layer>.weight`.
+    state_dict = {name.replace(".base_layer.", "."): tensor for name, tensor in state_dict.items()
+                  if ".lora_" not in name}
     for name, tensor in _checkpoint_names(state_dict, model.config, include_mtp):
         tensor = tensor.detach()
         if name.endswith("e_score_correction_bias"):

@@ -41,6 +41,17 @@ class Linear(nn.Linear):
         return fp8_linear(x, self.weight) if self.fp8 else F.linear(x, self.weight)
 
 
+def effective_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight a linear layer computes with: a LoRA-wrapped one (peft's lora.Linear, unmerged) adds
+    its active adapters' deltas, which its `.weight` (the frozen base weight) leaves out."""
+    weight = layer.weight
+    if hasattr(layer, "get_delta_weight") and not layer.merged and not layer.disable_adapters:
+        for name in layer.active_adapters:
+            if name in layer.lora_A:
+                weight = weight + layer.get_delta_weight(name)
+    return weight
+
+
 class RotaryEmbedding(nn.Module):
     """cos/sin of the decoupled RoPE (qk_rope_head_dim wide); YaRN etc. through transformers' tables."""
 
@@ -114,7 +125,8 @@ class MLA(nn.Module):
         k_pe = apply_rope(k_pe.unsqueeze(1), *rope, self.interleave)         # [B, 1, S, rope]
         if cache is not None:
             latent, k_pe = cache.update(latent, k_pe, self.layer_idx)        # [B, 1, T, ...]
-            if S == 1 and not torch.is_grad_enabled() and not self.kv_b_proj.fp8:
+            fp8 = getattr(getattr(self.kv_b_proj, "base_layer", self.kv_b_proj), "fp8", False)  # LoRA wraps it
+            if S == 1 and not torch.is_grad_enabled() and not fp8:
                 return self.o_proj(self.absorbed_decode(q_nope, q_pe, latent, k_pe, mask).reshape(B, 1, -1))
         T = latent.shape[2]
         kv = self.kv_b_proj(latent).view(B, T, self.heads, -1).transpose(1, 2)  # [B, h, T, nope+v]
@@ -130,7 +142,7 @@ class MLA(nn.Module):
         key half is folded into the query and its value half applied after attention, so the cached
         latent is never expanded to per-head keys and values, which every step would otherwise redo
         for the whole prefix. Same result as the expanded path; inference only."""
-        w = self.kv_b_proj.weight.view(self.heads, self.nope + self.v, self.kv_lora_rank)
+        w = effective_weight(self.kv_b_proj).view(self.heads, self.nope + self.v, self.kv_lora_rank)
         w_k, w_v = w.split([self.nope, self.v], dim=1)                      # [h, nope|v, r]
         q_latent = torch.einsum("bhsn,hnr->bhsr", q_nope, w_k)              # [B, h, 1, r]
         scores = (q_latent @ latent.transpose(-1, -2) + q_pe @ k_pe.transpose(-1, -2)) * self.scale  # [B, h, 1, T]

@@ -5,6 +5,7 @@ from pathlib import Path
 import datasets
 from datasets import Dataset, DatasetDict
 
+from .code_tests import adapt_tests, check_test_format
 from .coding import build_coding
 from .errors import DataError, bad_rows_error, row_ids, row_name
 from .golds import check_answer_format, gold_columns, reduce_golds
@@ -94,8 +95,16 @@ def _load_file(builder: str, path: str) -> Dataset:
 
 
 def _rows_preparer(cfg: dict):
-    """How a loaded split becomes ours, its options checked before any data is read: its columns
+    """How a loaded split becomes ours, its options checked before any data is read: a code
+    dataset's tests mapped to sandbox problems (data/code_tests.py), or a math dataset's columns
     mapped and its golds reduced to final answers (data/golds.py)."""
+    if cfg.get("test_format") is not None:
+        test_format = check_test_format(cfg["test_format"])
+        given = [key for key in ("columns", "answer_format") if cfg.get(key) is not None]
+        if given:
+            raise DataError(f"test_format={test_format!r} reads the dataset's own columns and tests; "
+                            f"{' and '.join(given)} do not apply to it")
+        return lambda ds, split: adapt_tests(ds, test_format, split)
     answer_format = check_answer_format(cfg.get("answer_format", "auto"))
     mapping = dict(cfg.get("columns") or {})
     required = ("prompt", *gold_columns(answer_format, mapping))

@@ -1,7 +1,8 @@
 """Real dataset formats end to end (issue 14, points 1 and 2). The fixtures in tests/data/real/ are rows
 written by hand in each public dataset's own columns and conventions (its README names them); they
 are loaded by build_datasets as a recipe's data section loads the real dataset, and graded by the
-registered rewards GRPO uses, called the way TRL's GRPOTrainer calls them."""
+registered rewards GRPO uses, called the way TRL's GRPOTrainer calls them. The code rewards run in the
+real sandbox, so those tests are few."""
 
 import json
 from pathlib import Path
@@ -183,7 +184,80 @@ def test_option_values_are_checked():
     path = str(REAL / "competition_math.jsonl")
     with pytest.raises(DataError, match=r"answer_format='latex' is not one of auto, raw, gsm8k, boxed, column"):
         build_datasets({"source": "jsonl", "path": path, "answer_format": "latex"})
+    with pytest.raises(DataError, match=r"test_format='mbpp' is not one of kodcode, apps, humaneval"):
+        build_datasets({"source": "jsonl", "path": path, "test_format": "mbpp"})
+    with pytest.raises(DataError, match=r"test_format='apps'.*columns do not apply"):
+        build_datasets({"source": "jsonl", "path": path, "test_format": "apps", "columns": {"prompt": "question"}})
+    with pytest.raises(DataError, match=r"lacks column\(s\) \['question', 'input_output'\]"):
+        build_datasets({"source": "jsonl", "path": path, "test_format": "apps"})
     with pytest.raises(DataError, match=r"missing required column 'answer'"):
         build_datasets({"source": "jsonl", "path": path, "answer_format": "column", "columns": {"prompt": "problem"}})
     with pytest.raises(ConfigError, match=r"data.answer_format = 1 .*expected str"):
         check_sections({"data": {"answer_format": 1}})
+
+
+# ---------------------------------------------------------------- code
+
+
+def wrong_program(row: dict) -> str:
+    body = f"def {row['entry_point']}(*args):\n    return None\n" if row["entry_point"] else "print(0)\n"
+    return f"```python\n{body}```"
+
+
+CODE_CASES = {"kodcode.jsonl": "kodcode", "taco.jsonl": "apps", "apps.jsonl": "apps", "humaneval.jsonl": "humaneval"}
+
+
+@pytest.mark.parametrize("name", CODE_CASES)
+def test_code_fixtures_map_to_sandbox_problems_graded_by_the_code_reward(name):
+    """The dataset's reference solution passes and a wrong program fails, through the registered
+    code reward and the real sandbox."""
+    rows = list(load(name, test_format=CODE_CASES[name]))
+    assert all(row["solution"].startswith("```python\n") for row in rows)
+    completions = [completion for row in rows for completion in (f"<think>ok</think>\n{row['solution']}", wrong_program(row))]
+    assert grpo_reward("code", rows, completions) == [1.0, 0.0] * len(rows)
+
+
+def test_code_formats_by_convention():
+    kodcode, apps, humaneval = load("kodcode.jsonl", test_format="kodcode"), load("apps.jsonl", test_format="apps"), \
+        load("humaneval.jsonl", test_format="humaneval")
+    assert kodcode["id"] == ["Leetcode_12_I", "Prefill_4301_C"] and set(kodcode["format"]) == {"assert"}
+    assert kodcode["entry_point"] == ["has_pair_with_sum", "mean_of_squares"]  # `import *`: from test_info
+    assert "from solution" not in kodcode["test_code"][0] and "def check(candidate):" in kodcode["test_code"][0]
+    assert apps["id"] == ["4012", "2531"] and apps["format"] == ["stdio", "function_call"]
+    assert json.loads(apps["tests"][0])[0] == {"input": "3\n1 2 3\n", "output": "6\n3"}  # a list of lines, joined
+    assert json.loads(apps["tests"][1])[0] == {"input": ["Abba"], "output": True}  # [True]: APPS's wrapper taken off
+    assert apps["prompt"][1].endswith("```python\ndef is_palindrome(s):\n```")
+    taco = load("taco.jsonl", test_format="apps")
+    assert "id" not in taco.column_names and taco["entry_point"] == ["", "digit_sum"]  # TACO has no id column
+    assert humaneval["code_prefix"][1].count("def shift_char") == 1 and humaneval["id"][0] == "HumanEval/900"
+
+
+def test_rows_the_sandbox_cannot_grade_fail_at_load(tmp_path):
+    good = fixture_rows("kodcode.jsonl")[0]
+    rows = [good,
+            {**good, "question_id": "Leetcode_20_I", "test": good["test"] + "\n\nimport pytest\n\ndef test_raises():\n"
+             "    with pytest.raises(TypeError):\n        has_pair_with_sum(None, 1)\n"},
+            {**good, "question_id": "Data_structure_7_I", "solution": "class Stack:\n    pass\n",
+             "test": "from solution import Stack\n\ndef test_push():\n    assert Stack() is not None\n"},
+            {**good, "question_id": "Leetcode_31_I",
+             "test": good["test"] + "\n\ndef test_fixture(tmp_path):\n    assert tmp_path\n"}]
+    path = write_jsonl(tmp_path / "kodcode.jsonl", rows)
+    with pytest.raises(DataError) as err:
+        build_datasets({"source": "jsonl", "path": path, "heldout_path": path, "test_format": "kodcode"})
+    message = str(err.value)
+    assert message.startswith("train data: 3 of 4 rows cannot be graded as sandbox problems (data.test_format='kodcode')")
+    assert "row 1 (id 'Leetcode_20_I'): its test imports 'pytest'; the sandbox has the standard library only" in message
+    assert "row 2 (id 'Data_structure_7_I'): 'Stack' is a class" in message
+    assert "row 3 (id 'Leetcode_31_I'): test_fixture takes pytest fixtures or parameters" in message
+
+    apps = fixture_rows("apps.jsonl")
+    rows = [{**apps[1], "starter_code": "class Solution:\n    def is_palindrome(self, s):\n        "},
+            {**apps[0], "input_output": "{\"inputs\": [\"1\\n\"]"},
+            {**apps[0], "input_output": json.dumps({"inputs": ["1\n", "2\n"], "outputs": ["1\n"]})}]
+    path = write_jsonl(tmp_path / "apps.jsonl", rows)
+    with pytest.raises(DataError) as err:
+        build_datasets({"source": "jsonl", "path": path, "heldout_path": path, "test_format": "apps"})
+    message = str(err.value)
+    assert "row 0 (id '2531'): 'is_palindrome' is a method of LeetCode's class Solution" in message
+    assert "row 1 (id '4012'): its input_output is not JSON text" in message
+    assert "row 2 (id '4012'): its input_output has 2 inputs and 1 outputs" in message

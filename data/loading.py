@@ -5,18 +5,15 @@ from pathlib import Path
 import datasets
 from datasets import Dataset, DatasetDict
 
+from .code_tests import adapt_tests, check_test_format
 from .coding import build_coding
+from .errors import DataError, bad_rows_error, row_ids, row_name
+from .golds import check_answer_format, gold_columns, reduce_golds
 from .synthetic import SYNTHETIC_KINDS, build_synthetic
-
-
-class DataError(ValueError):
-    """A data config that cannot be turned into datasets."""
-
 
 SOURCES = ("synthetic", "coding", "hub", "json", "jsonl", "parquet", "csv")
 # datasets' packaged builder for each local file source.
 _FILE_BUILDERS = {"json": "json", "jsonl": "json", "parquet": "parquet", "csv": "csv"}
-REQUIRED_COLUMNS = ("prompt", "solution")
 
 
 def build_datasets(data_cfg: dict) -> DatasetDict:
@@ -29,10 +26,10 @@ def build_datasets(data_cfg: dict) -> DatasetDict:
     if source == "coding":
         return _coding(cfg)
 
+    prepare = _rows_preparer(cfg)
     train, heldout = _load_external(source, cfg)
-    mapping = dict(cfg.get("columns") or {})
-    train = _map_columns(train, mapping, "train")
-    heldout = _map_columns(heldout, mapping, "heldout") if heldout is not None else None
+    train = prepare(train, "train")
+    heldout = prepare(heldout, "heldout") if heldout is not None else None
     if heldout is None:
         train, heldout = _carve_heldout(train, cfg)
     train = _cap(train, cfg.get("num_train"))
@@ -97,8 +94,33 @@ def _load_file(builder: str, path: str) -> Dataset:
     return datasets.load_dataset(builder, data_files=str(path), split="train")
 
 
-def _map_columns(ds: Dataset, mapping: dict, split: str) -> Dataset:
-    """Rename dataset columns to ours; unmapped columns are kept as-is."""
+def _rows_preparer(cfg: dict):
+    """How a loaded split becomes ours, its options checked before any data is read: a code
+    dataset's tests mapped to sandbox problems (data/code_tests.py), or a math dataset's columns
+    mapped and its golds reduced to final answers (data/golds.py)."""
+    if cfg.get("test_format") is not None:
+        test_format = check_test_format(cfg["test_format"])
+        given = [key for key in ("columns", "answer_format") if cfg.get(key) is not None]
+        if given:
+            raise DataError(f"test_format={test_format!r} reads the dataset's own columns and tests; "
+                            f"{' and '.join(given)} do not apply to it")
+        return lambda ds, split: adapt_tests(ds, test_format, split)
+    answer_format = check_answer_format(cfg.get("answer_format", "auto"))
+    mapping = dict(cfg.get("columns") or {})
+    required = ("prompt", *gold_columns(answer_format, mapping))
+
+    def prepare(ds: Dataset, split: str) -> Dataset:
+        ds = _prompt_text(_map_columns(ds, mapping, split, required), split)
+        return reduce_golds(ds, answer_format, split, mapping)
+
+    return prepare
+
+
+def _map_columns(ds: Dataset, mapping: dict, split: str, required: tuple[str, ...]) -> Dataset:
+    """Rename dataset columns to ours; unmapped columns are kept as-is. A nested field is named by
+    its dotted path (DAPO-Math's `reward_model.ground_truth`)."""
+    if any("." in theirs and theirs not in ds.column_names for theirs in mapping.values()):
+        ds = ds.flatten()
     have = list(ds.column_names)
 
     def fail(what: str) -> DataError:
@@ -115,16 +137,37 @@ def _map_columns(ds: Dataset, mapping: dict, split: str) -> Dataset:
     clashing = [c for c in renames.values() if c in have and c not in renames]
     ds = ds.remove_columns(clashing).rename_columns(renames)
 
-    for col in REQUIRED_COLUMNS:
+    for col in required:
         if col not in ds.column_names:
             raise fail(f"is missing required column {col!r}")
     # CSV/JSON readers parse answers like 85 as ints; rewards compare strings.
-    if ds.features["solution"] != datasets.Value("string"):
+    if "solution" in ds.column_names and ds.features["solution"] != datasets.Value("string"):
         try:
             ds = ds.cast_column("solution", datasets.Value("string"))
         except Exception as err:
             raise fail(f"has a 'solution' column of type {ds.features['solution']} that is not text") from err
     return ds
+
+
+def _prompt_text(ds: Dataset, split: str) -> Dataset:
+    """A prompt written as a chat ([{role, content}], DAPO-Math's) becomes its user turn's text: the
+    recipe's system prompt and the R1 template wrap it like any other question."""
+    prompts = ds["prompt"]
+    if all(isinstance(prompt, str) for prompt in prompts):
+        return ds
+    texts, bad = [], []
+    for index, (prompt, row_id) in enumerate(zip(prompts, row_ids(ds))):
+        turns = prompt if isinstance(prompt, list) else []
+        users = [turn.get("content") for turn in turns if isinstance(turn, dict) and turn.get("role") == "user"]
+        if isinstance(prompt, str):
+            texts.append(prompt)
+        elif len(users) == 1 and isinstance(users[0], str):
+            texts.append(users[0])
+        else:
+            bad.append(f"{row_name(index, row_id)}: {str(prompt)[:80]!r}")
+    if bad:
+        raise bad_rows_error(split, "have a prompt that is neither text nor a chat with one user turn", bad, len(ds))
+    return ds.remove_columns("prompt").add_column("prompt", texts)
 
 
 def _carve_heldout(train: Dataset, cfg: dict) -> tuple[Dataset, Dataset]:

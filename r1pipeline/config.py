@@ -39,7 +39,12 @@ DATA_KEYS = {
     "heldout_split": "held-out split of the same dataset",
     "heldout_path": "local file holding the held-out split",
     "heldout_fraction": "share of the training split held out when no held-out split is given",
-    "columns": "mapping from our column names (prompt, solution, reasoning) to the dataset's",
+    "columns": "mapping from our column names (prompt, solution, reasoning; answer: an explicit answer column; "
+               "id: named in errors) to the dataset's; a nested field by its dotted path (reward_model.ground_truth)",
+    "answer_format": "how a gold is reduced to its final answer at load (data/golds.py): auto (default) | gsm8k "
+                     "(#### N) | boxed (last \\boxed{}) | column (the answer column) | raw (as written)",
+    "test_format": "a code dataset's tests, mapped to sandbox problems (data/code_tests.py): kodcode | apps "
+                   "(APPS, TACO) | humaneval",
     "seed": "seed of synthetic generation and of held-out carving",
     "num_train": "number of training problems",
     "num_heldout": "number of held-out problems",
@@ -54,7 +59,7 @@ KEY_TYPES = {
     "data.source": str, "data.path": str, "data.name": str | None, "data.split": str, "data.heldout_split": str,
     "data.heldout_path": str, "data.heldout_fraction": float, "data.columns": dict, "data.seed": int,
     "data.num_train": int, "data.num_heldout": int, "data.kinds": list[str] | None, "data.max_operand": int,
-    "data.shortcut_fraction": float, "data.system_prompt": str,
+    "data.shortcut_fraction": float, "data.system_prompt": str, "data.answer_format": str, "data.test_format": str,
 }
 # Keys of a stage section that are ours, not TRL's.
 _INIT_FROM = "'model', a stage name, or a checkpoint path / hub name"

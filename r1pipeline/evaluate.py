@@ -19,6 +19,7 @@ from pathlib import Path
 
 import sandbox
 from data import R1_SYSTEM_PROMPT, render_prompt
+from data.code_tests import humaneval_problem
 from r1pipeline import rundir
 from r1pipeline.config import ConfigError, unknown_key_error
 from r1pipeline.pipeline import log
@@ -193,11 +194,8 @@ def humaneval_rows(system_prompt: str = R1_SYSTEM_PROMPT) -> list[dict]:
 
     rows = []
     for task_id, problem in read_problems().items():
-        question = ("Complete the following Python function. Reply with the complete function in a "
-                    f"```python code block.\n\n```python\n{problem['prompt']}```")
-        rows.append({"id": task_id, "prompt": render_prompt(question, system_prompt), "format": "assert",
-                     "entry_point": problem["entry_point"], "test_code": problem["test"],
-                     "code_prefix": problem["prompt"]})
+        row = humaneval_problem(problem)  # the package's problems have the dataset's columns
+        rows.append({**row, "id": task_id, "prompt": render_prompt(row["prompt"], system_prompt)})
     return rows
 
 

@@ -132,13 +132,7 @@ def score(generated: list[dict]) -> list[dict]:
                 code = extract_code(completion)
                 if code is None:
                     continue
-                problem = problem_for(row, code, CODE_TIMEOUT_S)
-                if row.get("code_prefix"):
-                    # The sandbox runs prompt + solution for assert problems. Always prepending the
-                    # benchmark's prompt keeps its imports and helpers (HumanEval/38's encode_cyclic)
-                    # even when the completion rewrites the whole function; a later def wins.
-                    problem["prompt"] = row["code_prefix"]
-                code_problems.append(problem)
+                code_problems.append(problem_for(row, code, CODE_TIMEOUT_S))
                 code_at.append((i, j))
         else:
             problems[i]["answers"] = [math_answer(completion) for completion in row["completions"]]

@@ -3,7 +3,8 @@ local sandbox (sandbox/, DESIGN.md contract 3).
 
 Dataset columns, named after the sandbox's problem fields: `format` (function_call | stdio | assert;
 empty or missing on rows that are not coding tasks, which then get None), `tests` (a list, or its
-JSON text, of {input, output}), `entry_point`, `test_code` (assert format) and `timeout_s`.
+JSON text, of {input, output}), `entry_point`, `test_code` (assert format), `code_prefix` (code run
+before the completion's: a benchmark prompt's imports and helpers) and `timeout_s`.
 Every completion of a batch is graded concurrently on the sandbox's pool."""
 
 import json
@@ -32,6 +33,11 @@ def problem_for(row: dict, code: str, default_timeout_s: float) -> dict:
     for key in ("entry_point", "test_code"):
         if row.get(key):
             problem[key] = row[key]
+    if row.get("code_prefix"):
+        # The sandbox runs prompt + solution for assert problems. Always prepending the benchmark's
+        # prompt keeps its imports and helpers (HumanEval/38's encode_cyclic) even when the completion
+        # rewrites the whole function; a later def wins. Training (this reward) and evaluation agree.
+        problem["prompt"] = row["code_prefix"]
     return problem
 
 
@@ -42,7 +48,7 @@ def code_reward(prompts, completions, completion_ids=None, *, scoring: str = "bi
     code block or a failing run, None for rows without a `format` (not coding tasks)."""
     if scoring not in SCORINGS:
         raise ValueError(f"code reward: scoring={scoring!r} must be one of {SCORINGS}")
-    names = [k for k in ("format", "tests", "entry_point", "test_code", "timeout_s") if k in columns]
+    names = [k for k in ("format", "tests", "entry_point", "test_code", "code_prefix", "timeout_s") if k in columns]
     rows = [dict(zip(names, values)) for values in zip(*(columns[k] for k in names))] if names else []
     if len(rows) != len(completions):
         raise ValueError("code reward needs the dataset column 'format' (function_call | stdio | assert)")

@@ -49,6 +49,17 @@ def test_fraction_scoring_and_chat_completions():
     assert extract_code("```python\na = 1\n```\ntext\n```python\nb = 2\n```") == "b = 2\n"
 
 
+def test_a_helper_in_the_prompt_is_run_before_the_completion_as_in_evaluation():
+    """HumanEval-style rows: the prompt's helper (code_prefix) is not repeated by a good completion."""
+    prefix = "def shift(c):\n    return chr(ord(c) + 1)\n\n\ndef encode(s):\n    \"\"\"Shift each letter.\"\"\"\n"
+    row = {"format": ["assert"], "tests": ["[]"], "entry_point": ["encode"], "code_prefix": [prefix],
+           "test_code": ["def check(candidate):\n    assert candidate('ab') == 'bc'\n"]}
+    good = "```python\ndef encode(s):\n    return ''.join(shift(c) for c in s)\n```"
+    wrong = "```python\ndef encode(s):\n    return s\n```"
+    assert code_reward(["q"], [good], **row) == [1.0]
+    assert code_reward(["q"], [wrong], **row) == [0.0]
+
+
 def test_registered_with_recipe_args():
     reward, = resolve([{"name": "code", "weight": 1.0, "args": {"scoring": "fraction", "timeout_s": 5}}])
     assert reward.name == "code" and reward.columns == ("format",)

@@ -52,6 +52,8 @@ DATA_KEYS = {
     "max_operand": "largest operand of synthetic problems",
     "shortcut_fraction": "share of synthetic training problems repeated with only the answer line as reasoning (no working)",
     "system_prompt": "text placed before each question (default: the R1 template)",
+    "prompt_format": "r1 (R1's plain template: base models, R1-Zero; default) | chat (a conversation rendered by the "
+                     "tokenizer's own chat template, TRL's conversational format: instruct models)",
 }
 KEY_TYPES = {
     "model.name_or_path": str, "model.preset": str, "model.config": dict, "model.tokenizer": str,
@@ -60,6 +62,7 @@ KEY_TYPES = {
     "data.heldout_path": str, "data.heldout_fraction": float, "data.columns": dict, "data.seed": int,
     "data.num_train": int, "data.num_heldout": int, "data.kinds": list[str] | None, "data.max_operand": int,
     "data.shortcut_fraction": float, "data.system_prompt": str, "data.answer_format": str, "data.test_format": str,
+    "data.prompt_format": str,
 }
 # Keys of a stage section that are ours, not TRL's.
 _INIT_FROM = "'model', a stage name, or a checkpoint path / hub name"

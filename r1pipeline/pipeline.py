@@ -140,6 +140,14 @@ def check_model(model: dict) -> None:
             raise cfg.ConfigError(f"model.lora: {exc}") from None
 
 
+def check_prompt_format(data: dict) -> None:
+    from data import PROMPT_FORMATS
+
+    if data.get("prompt_format", "r1") not in PROMPT_FORMATS:
+        raise cfg.ConfigError(f"data.prompt_format = {data['prompt_format']!r}; allowed: {', '.join(PROMPT_FORMATS)} "
+                              "(r1: R1's plain template for base models; chat: the tokenizer's chat template)")
+
+
 def preset_config(model: dict):
     """The R1MoEConfig of a `model` section that names a preset: the preset under model.config."""
     from r1pipeline.model import PRESETS, R1MoEConfig
@@ -240,6 +248,7 @@ def plan(recipe: dict, stages: list[str], run_dir: Path, world_size: int = 1) ->
 
     cfg.check_sections(recipe)
     check_model(recipe.get("model") or {})
+    check_prompt_format(recipe.get("data") or {})
     try:
         datasets = build_datasets(recipe.get("data") or {})
     except DataError as exc:

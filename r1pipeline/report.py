@@ -139,6 +139,8 @@ def samples(evals: dict) -> list[str]:
             for sample in evals[stage]["samples"][:SAMPLES_PER_STAGE]:
                 verdict = "correct" if sample["correct"] else "wrong"
                 prompt = sample["prompt"]  # shown from the question on: the system prompt is in every one
+                if not isinstance(prompt, str):  # a conversation (data.prompt_format: chat): its user turn
+                    prompt = USER_PREFIX + prompt[-1]["content"] + "\nAssistant:"
                 text = prompt[max(prompt.find(USER_PREFIX), 0):] + sample["completion"][:SAMPLE_CHARS]
                 # Indented, not fenced: code completions hold ``` fences of their own.
                 lines += [f"Problem {sample['id']} ({verdict}):", ""]

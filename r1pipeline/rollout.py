@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from data.template import rendered
+
 BACKENDS = ("transformers", "vllm")
 
 
@@ -27,7 +29,8 @@ def rollout(rows: list[dict], *, model, tokenizer=None, num_samples: int, max_ne
     """`{**row, "completions": [str] * num_samples, "completion_lengths": [int] * num_samples}` for
     every row, in the order of `rows`.
 
-    rows: dicts with a unique string "id" and a rendered "prompt" (ending with "Assistant:"); other
+    rows: dicts with a unique string "id" and a "prompt": R1's rendered text (ending with "Assistant:"),
+    or a conversation (a list of {role, content}) that the tokenizer's chat template renders; other
     columns are carried over. Completions are decoded without special tokens; a length counts the
     completion's tokens up to and including EOS. `batch_size` counts sequences, so a batch holds
     max(1, batch_size // num_samples) prompts. temperature 0 is greedy decoding.
@@ -129,9 +132,11 @@ def _check_arguments(rows, num_samples, max_new_tokens, temperature, top_p, batc
         if missing:
             raise ValueError(f"rows[{index}] has no {' and no '.join(map(repr, missing))}; "
                              "each row needs a string 'id' and 'prompt'")
-        if not isinstance(row["id"], str) or not isinstance(row["prompt"], str):
+        conversation = isinstance(row["prompt"], list) and all(
+            isinstance(turn, dict) and {"role", "content"} <= set(turn) for turn in row["prompt"])
+        if not isinstance(row["id"], str) or not (isinstance(row["prompt"], str) or conversation):
             raise ValueError(f"rows[{index}]: id={row['id']!r}, prompt of type {type(row['prompt']).__name__}; "
-                             "both must be strings")
+                             "the id must be a string, the prompt a string or a list of {role, content} messages")
         if row["id"] in seen:
             raise ValueError(f"rows[{index}]: duplicate id {row['id']!r}; ids must be unique")
         seen.add(row["id"])
@@ -141,7 +146,7 @@ def _batches(rows: list[dict], prompts_per_batch: int) -> list[list[dict]]:
     """Prompts of similar length share a batch to cut padding; the longest come first so that a batch
     too large for memory fails at once, not hours in. Batches are cut from all rows, done or not, so
     that a resumed rollout meets the same batches (and seeds) as an uninterrupted one."""
-    ordered = sorted(rows, key=lambda row: len(row["prompt"]), reverse=True)
+    ordered = sorted(rows, key=lambda row: len(json.dumps(row["prompt"])), reverse=True)
     return [ordered[i:i + prompts_per_batch] for i in range(0, len(ordered), prompts_per_batch)]
 
 
@@ -177,8 +182,11 @@ def _transformers_engine(model, tokenizer, *, num_samples, max_new_tokens, tempe
                               use_cache=True, eos_token_id=eos, pad_token_id=pad,
                               **(dict(temperature=temperature, top_p=top_p, top_k=0) if sampling else {}))
 
-    def generate(prompts: list[str], seeds: list[int]) -> list[tuple[list[str], list[int]]]:
-        inputs = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
+    def generate(prompts: list, seeds: list[int]) -> list[tuple[list[str], list[int]]]:
+        # A conversation is rendered by the chat template, which writes its own special tokens (BOS...).
+        chat = not isinstance(prompts[0], str)
+        inputs = tokenizer([rendered(prompt, tokenizer) for prompt in prompts], return_tensors="pt", padding=True,
+                           padding_side="left", add_special_tokens=not chat).to(model.device)
         input_ids = inputs["input_ids"].repeat_interleave(num_samples, dim=0)            # [P*G, S]
         attention_mask = inputs["attention_mask"].repeat_interleave(num_samples, dim=0)
         training = model.training
@@ -223,11 +231,15 @@ def _vllm_engine(model, *, num_samples, max_new_tokens, temperature, top_p):
     else:
         llm, close = model, None
 
-    def generate(prompts: list[str], seeds: list[int]) -> list[tuple[list[str], list[int]]]:
+    def generate(prompts: list, seeds: list[int]) -> list[tuple[list[str], list[int]]]:
         # A seed per prompt: vLLM seeds each request's own generator, so one seed shared by the batch
         # would give every prompt the same random draws.
         params = [vllm.SamplingParams(n=num_samples, temperature=temperature, top_p=top_p,
                                       max_tokens=max_new_tokens, seed=seed) for seed in seeds]
+        if not isinstance(prompts[0], str):  # a conversation: the chat template's tokens, no extra BOS
+            tokenizer = llm.get_tokenizer()
+            prompts = [{"prompt_token_ids": tokenizer(rendered(prompt, tokenizer), add_special_tokens=False)["input_ids"]}
+                       for prompt in prompts]
         outputs = llm.generate(prompts, params, use_tqdm=False)
         return [([sample.text for sample in request.outputs], [len(sample.token_ids) for sample in request.outputs])
                 for request in outputs]

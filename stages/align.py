@@ -16,10 +16,10 @@ from pathlib import Path
 from accelerate import PartialState
 from datasets import concatenate_datasets
 
-from data import build_tokenizer, render_prompt
+from data import build_tokenizer
 from r1pipeline.pipeline import Stage, log
 from stages import grpo
-from stages.common import system_prompt
+from stages.common import prompt_of, system_prompt
 
 REWARD_MODEL_REWARDS = ("helpfulness", "harmlessness")
 TRAINING_DEFAULTS = {"num_pairs": 2000, "max_steps": 200, "learning_rate": 1e-3, "hidden_size": 64,
@@ -62,7 +62,6 @@ def build_dataset(stage: Stage):
     """Reasoning rows from the training data and general chat rows, shuffled together."""
     from data.chat import build_chat
 
-    system = system_prompt(stage)
     train = stage.datasets["train"]
     reasoning = train.map(lambda row: {"domain": "code" if row.get("format") else "math"})
     ratio = float(stage.section.get("general_ratio", DEFAULT_GENERAL_RATIO))
@@ -76,7 +75,7 @@ def build_dataset(stage: Stage):
             chat = chat.add_column(name, values)
         parts.append(chat.select_columns(reasoning.column_names).cast(reasoning.features))
     mixture = concatenate_datasets(parts).shuffle(seed=stage.trl_fields.get("seed", 42))
-    return mixture.map(lambda row: {"prompt": render_prompt(row["prompt"], system)})
+    return mixture.map(lambda row: {"prompt": prompt_of(stage, row["prompt"])})
 
 
 def ensure_reward_model(stage: Stage) -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, TrainerCallback
 
-from data import R1_SYSTEM_PROMPT, build_tokenizer, render_completion, render_prompt
+from data import R1_SYSTEM_PROMPT, build_tokenizer, completion_for, prompt_for, render_completion, render_prompt
 from r1pipeline import policy, rundir
 from r1pipeline.model import RoutingBiasCallback
 from r1pipeline.pipeline import Stage, log
@@ -17,6 +17,20 @@ from r1pipeline.pipeline import Stage, log
 
 def system_prompt(stage: Stage) -> str:
     return (stage.recipe.get("data") or {}).get("system_prompt", R1_SYSTEM_PROMPT)
+
+
+def prompt_format(stage: Stage) -> str:
+    return (stage.recipe.get("data") or {}).get("prompt_format", "r1")
+
+
+def prompt_of(stage: Stage, question: str):
+    """The question as this run's prompt format renders it (data/template.py)."""
+    return prompt_for(question, system_prompt(stage), prompt_format(stage))
+
+
+def sft_row(stage: Stage, question: str, completion: str) -> dict:
+    """A prompt-completion SFT row in this run's prompt format (TRL's conversational one for chat)."""
+    return {"prompt": prompt_of(stage, question), "completion": completion_for(completion, prompt_format(stage))}
 
 
 def completion_of(row: dict) -> str:
@@ -44,6 +58,9 @@ def load_policy(stage: Stage, tokenizer=None):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if prompt_format(stage) == "chat" and not tokenizer.chat_template:
+        raise ValueError(f"data.prompt_format = 'chat' but the tokenizer of {tokenizer_path} has no chat template; "
+                         "use prompt_format: r1 for a base model")
     return policy.load_pretrained(path, dtype), tokenizer
 
 

@@ -13,12 +13,11 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.generation import vllm_generation
 from trl.generation.vllm_generation import VLLMGeneration, empty_cache
 
-from data import render_prompt
 from r1pipeline import policy, vllm_engine
 from r1pipeline.pipeline import Stage, log
 from r1pipeline.vllm_engine import WeightSyncError
 from rewards.text import completion_text
-from stages.common import (ExactResumeMixin, callbacks, load_policy, peft_config, read_metrics, system_prompt,
+from stages.common import (ExactResumeMixin, callbacks, load_policy, peft_config, prompt_of, read_metrics,
                            train_and_save, trainer_args)
 
 
@@ -209,8 +208,7 @@ class ResumableGRPOTrainer(ExactResumeMixin, GRPOTrainer):
 
 def build_dataset(stage: Stage):
     # Every other column (solution, kind, ...) reaches the reward functions as a keyword argument.
-    system = system_prompt(stage)
-    return stage.datasets["train"].map(lambda row: {"prompt": render_prompt(row["prompt"], system)})
+    return stage.datasets["train"].map(lambda row: {"prompt": prompt_of(stage, row["prompt"])})
 
 
 def shuffled_within_groups(fn, group_size: int):

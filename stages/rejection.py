@@ -22,11 +22,10 @@ from accelerate import PartialState
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-from data import render_prompt
 from r1pipeline import rundir
 from r1pipeline.pipeline import Stage, log
 from stages import sft
-from stages.common import load_policy, system_prompt
+from stages.common import load_policy, prompt_of, sft_row
 
 SAMPLING_DEFAULTS = {"num_samples": 4, "max_new_tokens": 128, "temperature": 1.0, "top_p": 1.0,
                      "batch_size": 256, "num_prompts": None, "seed": 0, "backend": "transformers"}
@@ -84,13 +83,13 @@ def sample(stage: Stage, sampling: dict) -> list[dict]:
     train = stage.datasets["train"]
     if sampling["num_prompts"] is not None:
         train = train.select(range(min(int(sampling["num_prompts"]), len(train))))
-    system, rows, seen = system_prompt(stage), [], set()
+    rows, seen = [], set()
     keep = [c for c in train.column_names if c not in ("prompt", "reasoning", "completion")]
     for row in train:
         pid = prompt_id(row["prompt"])
         if pid not in seen:  # a dataset may repeat a question: sample it once
             seen.add(pid)
-            rows.append({"id": pid, "question": row["prompt"], "prompt": render_prompt(row["prompt"], system),
+            rows.append({"id": pid, "question": row["prompt"], "prompt": prompt_of(stage, row["prompt"]),
                          **{c: row[c] for c in keep}})
     return rollout(rows, model=stage.sample_path(), num_samples=sampling["num_samples"],
                    max_new_tokens=sampling["max_new_tokens"], temperature=sampling["temperature"],
@@ -173,15 +172,12 @@ def select(stage: Stage, sampling: dict, filters: dict, tokenizer) -> dict:
                            f"(removed: {removed}); sample more (rejection.sampling.num_samples) or relax "
                            f"rejection.filters / accept_threshold")
     source = {"checkpoint": stage.sample_path(), "hash": stage.input_ref()["sampled_from"]["hash"]}
-    system = system_prompt(stage)
-    rows = [{"prompt": render_prompt(s["question"], system), "completion": s["completion"], "origin": "rejection"}
-            for s in kept]
+    rows = [{**sft_row(stage, s["question"], s["completion"]), "origin": "rejection"} for s in kept]
     ratio = float(stage.section.get("chat_ratio", DEFAULT_CHAT_RATIO))
     num_chat = round(len(kept) * ratio / (1 - ratio))
     if num_chat:
         chat = build_chat(num_chat, seed=sampling["seed"])
-        rows += [{"prompt": render_prompt(row["prompt"], system), "completion": row["completion"], "origin": "chat"}
-                 for row in chat]
+        rows += [{**sft_row(stage, row["prompt"], row["completion"]), "origin": "chat"} for row in chat]
     random.Random(sampling["seed"]).shuffle(rows)
 
     lines = "".join(json.dumps({**s, "source": source}) + "\n" for s in kept)

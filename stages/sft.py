@@ -3,9 +3,8 @@ SFTTrainer, the loss on the completion only."""
 
 from trl import SFTConfig, SFTTrainer
 
-from data import render_prompt
 from r1pipeline.pipeline import Stage
-from stages.common import (ExactResumeMixin, callbacks, completion_of, load_policy, peft_config, system_prompt,
+from stages.common import (ExactResumeMixin, callbacks, completion_of, load_policy, peft_config, sft_row,
                            train_and_save, trainer_args)
 
 
@@ -14,10 +13,8 @@ class ResumableSFTTrainer(ExactResumeMixin, SFTTrainer):
 
 
 def build_dataset(stage: Stage):
-    system = system_prompt(stage)
     train = stage.datasets["train"]
-    return train.map(lambda row: {"prompt": render_prompt(row["prompt"], system), "completion": completion_of(row)},
-                     remove_columns=train.column_names)
+    return train.map(lambda row: sft_row(stage, row["prompt"], completion_of(row)), remove_columns=train.column_names)
 
 
 def train(stage: Stage, dataset, model, tokenizer) -> dict:

@@ -33,7 +33,7 @@ from datasets import Dataset
 from rewards.code import problem_for
 from sandbox.grading import DEFAULT_TIMEOUT_S, build_request
 
-from .errors import DataError, bad_rows_error, row_name
+from .errors import DataError, row_name, unusable
 
 TEST_FORMATS = ("kodcode", "apps", "humaneval")
 
@@ -185,7 +185,7 @@ def check_test_format(test_format) -> str:
     return test_format
 
 
-def adapt_tests(ds: Dataset, test_format: str, split: str) -> Dataset:
+def adapt_tests(ds: Dataset, test_format: str, split: str, invalid_rows: str = "error") -> Dataset:
     """Every row as a sandbox problem, checked as the code reward will build it (with an empty
     program in place of a completion), so a malformed row fails here, before any work."""
     problem_of, needs, id_column = ADAPTERS[test_format]
@@ -203,7 +203,6 @@ def adapt_tests(ds: Dataset, test_format: str, split: str) -> Dataset:
             bad.append(f"{row_name(index, row.get(id_column))}: {why}")
             continue
         rows.append({"id": str(row[id_column]), **problem} if has_id else problem)
-    if bad:
-        raise bad_rows_error(split, f"cannot be graded as sandbox problems (data.test_format={test_format!r})",
-                             bad, len(ds))
+    unusable(split, f"cannot be graded as sandbox problems (data.test_format={test_format!r})", bad, len(ds),
+             invalid_rows)
     return Dataset.from_list(rows)

@@ -17,6 +17,28 @@ def row_ids(ds) -> list:
     return ds["id"] if "id" in ds.column_names else [None] * len(ds)
 
 
+INVALID_ROWS = ("error", "drop")
+
+
+def check_invalid_rows(policy) -> str:
+    if policy not in INVALID_ROWS:
+        raise DataError(f"invalid_rows={policy!r} is not one of {', '.join(INVALID_ROWS)}")
+    return policy
+
+
+def unusable(split: str, what: str, bad: list[str], total: int, policy: str) -> None:
+    """Rows the pipeline cannot use: an error naming them (`data.invalid_rows: error`, the default),
+    or (`drop`) a warning with their count and the first few, the caller leaving them out. Real
+    datasets hold such rows (NuminaMath's proofs, KodCode's pytest fixtures, TACO's classes)."""
+    if not bad:
+        return
+    if policy == "error":
+        raise bad_rows_error(split, what, bad, total)
+    if len(bad) == total:
+        raise bad_rows_error(split, what + " (data.invalid_rows='drop' would leave no row)", bad, total)
+    print(f"[r1pipeline] data: dropping {bad_rows_error(split, what, bad, total)}", flush=True)
+
+
 def bad_rows_error(split: str, what: str, bad: list[str], total: int) -> DataError:
     """One error for all of a split's unusable rows, so a user fixes the data (or the option) once,
     not row by row: how many, what is wrong, and the first few rows with their reasons."""

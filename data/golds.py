@@ -35,7 +35,7 @@ from datasets import Dataset
 from rewards.math_extract import extract_prediction, last_boxed, normalise, unwrap_gold
 from rewards.math_parse import balanced
 
-from .errors import DataError, bad_rows_error, row_ids, row_name
+from .errors import DataError, row_ids, row_name, unusable
 
 ANSWER_FORMATS = ("auto", "raw", "gsm8k", "boxed", "column")
 # Where a worked solution states its answer: a completion's extractors less "last_line".
@@ -128,7 +128,7 @@ def _column(ours: str, mapping: dict) -> str:
     return f"column {ours!r}" + (f" (dataset column {theirs!r})" if theirs != ours else "")
 
 
-def reduce_golds(ds: Dataset, answer_format: str, split: str, mapping: dict) -> Dataset:
+def reduce_golds(ds: Dataset, answer_format: str, split: str, mapping: dict, invalid_rows: str = "error") -> Dataset:
     """`solution` reduced to each row's final answer (see the module's docstring)."""
     if answer_format == "raw":
         return ds
@@ -138,7 +138,7 @@ def reduce_golds(ds: Dataset, answer_format: str, split: str, mapping: dict) -> 
     answers = ds["answer"] if has_answer else [None] * n
     # A coding task's `solution` is its reference program (data/coding.py), not a math gold.
     coding = ds["format"] if "format" in columns else [None] * n
-    reduced, worked, bad = [], [], []
+    reduced, worked, bad, dropped = [], [], [], []
     for index, (solution, answer, row_id, fmt) in enumerate(zip(solutions, answers, row_ids(ds), coding)):
         if fmt:
             reduced.append(solution)
@@ -150,11 +150,16 @@ def reduce_golds(ds: Dataset, answer_format: str, split: str, mapping: dict) -> 
             reduced.append(_reduce_gold(text, "column" if use_answer else answer_format))
         except _Irreducible as why:
             bad.append(f"{row_name(index, row_id)}, {_column(ours, mapping)}: {why}: …{str(text)[-80:]!r}")
+            reduced.append(None)
+            dropped.append(index)
         # Beside an answer column, `solution` is the dataset's worked solution, however short.
         worked.append(bool(str(solution or "").strip()) and (use_answer or _is_worked(solution)))
-    if bad:
-        raise bad_rows_error(split, f"have a gold that cannot be reduced to a final answer "
-                                    f"(data.answer_format={answer_format!r})", bad, n)
+    unusable(split, f"have a gold that cannot be reduced to a final answer (data.answer_format={answer_format!r})",
+             bad, n, invalid_rows)
+    if dropped:
+        kept = sorted(set(range(n)) - set(dropped))
+        ds, solutions = ds.select(kept), [solutions[i] for i in kept]
+        reduced, worked = [reduced[i] for i in kept], [worked[i] for i in kept]
     if has_solution and n > 0 and all(worked):
         ds = ds.add_column("worked_solution", [s.strip() for s in solutions])
         if "reasoning" not in ds.column_names:

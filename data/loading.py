@@ -7,7 +7,7 @@ from datasets import Dataset, DatasetDict
 
 from .code_tests import adapt_tests, check_test_format
 from .coding import build_coding
-from .errors import DataError, bad_rows_error, row_ids, row_name
+from .errors import DataError, check_invalid_rows, row_ids, row_name, unusable
 from .golds import check_answer_format, gold_columns, reduce_golds
 from .synthetic import SYNTHETIC_KINDS, build_synthetic
 
@@ -67,13 +67,16 @@ def _load_external(source: str, cfg: dict) -> tuple[Dataset, Dataset | None]:
     heldout_split = cfg.get("heldout_split")
 
     if source == "hub":
-        name = cfg.get("name")
+        from r1pipeline.hub import dataset_path
+
+        local, config = dataset_path(path, cfg.get("name"))
 
         def load(s: str) -> Dataset:
             try:
-                return datasets.load_dataset(path, name, split=s)
+                return datasets.load_dataset(local, config, split=s)
             except Exception as err:  # network, auth, bad name or split: all fatal here
-                raise DataError(f"could not load hub dataset {path!r} (name={name!r}, split={s!r}): {err}") from err
+                raise DataError(f"could not load hub dataset {path!r} (name={cfg.get('name')!r}, split={s!r}): {err}") \
+                    from err
 
         return load(split), load(heldout_split) if heldout_split else None
 
@@ -97,21 +100,23 @@ def _load_file(builder: str, path: str) -> Dataset:
 def _rows_preparer(cfg: dict):
     """How a loaded split becomes ours, its options checked before any data is read: a code
     dataset's tests mapped to sandbox problems (data/code_tests.py), or a math dataset's columns
-    mapped and its golds reduced to final answers (data/golds.py)."""
+    mapped and its golds reduced to final answers (data/golds.py). Rows that cannot be used are an
+    error, or with `invalid_rows: drop` left out with a warning (data/errors.py)."""
+    invalid_rows = check_invalid_rows(cfg.get("invalid_rows", "error"))
     if cfg.get("test_format") is not None:
         test_format = check_test_format(cfg["test_format"])
         given = [key for key in ("columns", "answer_format") if cfg.get(key) is not None]
         if given:
             raise DataError(f"test_format={test_format!r} reads the dataset's own columns and tests; "
                             f"{' and '.join(given)} do not apply to it")
-        return lambda ds, split: adapt_tests(ds, test_format, split)
+        return lambda ds, split: adapt_tests(ds, test_format, split, invalid_rows)
     answer_format = check_answer_format(cfg.get("answer_format", "auto"))
     mapping = dict(cfg.get("columns") or {})
     required = ("prompt", *gold_columns(answer_format, mapping))
 
     def prepare(ds: Dataset, split: str) -> Dataset:
-        ds = _prompt_text(_map_columns(ds, mapping, split, required), split)
-        return reduce_golds(ds, answer_format, split, mapping)
+        ds = _prompt_text(_map_columns(ds, mapping, split, required), split, invalid_rows)
+        return reduce_golds(ds, answer_format, split, mapping, invalid_rows)
 
     return prepare
 
@@ -149,25 +154,23 @@ def _map_columns(ds: Dataset, mapping: dict, split: str, required: tuple[str, ..
     return ds
 
 
-def _prompt_text(ds: Dataset, split: str) -> Dataset:
+def _prompt_text(ds: Dataset, split: str, invalid_rows: str = "error") -> Dataset:
     """A prompt written as a chat ([{role, content}], DAPO-Math's) becomes its user turn's text: the
     recipe's system prompt and the R1 template wrap it like any other question."""
     prompts = ds["prompt"]
     if all(isinstance(prompt, str) for prompt in prompts):
         return ds
-    texts, bad = [], []
+    texts, bad, kept = [], [], []
     for index, (prompt, row_id) in enumerate(zip(prompts, row_ids(ds))):
         turns = prompt if isinstance(prompt, list) else []
         users = [turn.get("content") for turn in turns if isinstance(turn, dict) and turn.get("role") == "user"]
-        if isinstance(prompt, str):
-            texts.append(prompt)
-        elif len(users) == 1 and isinstance(users[0], str):
-            texts.append(users[0])
+        if isinstance(prompt, str) or (len(users) == 1 and isinstance(users[0], str)):
+            texts.append(prompt if isinstance(prompt, str) else users[0])
+            kept.append(index)
         else:
             bad.append(f"{row_name(index, row_id)}: {str(prompt)[:80]!r}")
-    if bad:
-        raise bad_rows_error(split, "have a prompt that is neither text nor a chat with one user turn", bad, len(ds))
-    return ds.remove_columns("prompt").add_column("prompt", texts)
+    unusable(split, "have a prompt that is neither text nor a chat with one user turn", bad, len(ds), invalid_rows)
+    return ds.select(kept).remove_columns("prompt").add_column("prompt", texts)
 
 
 def _carve_heldout(train: Dataset, cfg: dict) -> tuple[Dataset, Dataset]:

@@ -1,10 +1,12 @@
 """`python -m r1pipeline [--recipe R] [--run NAME] STAGE [section.field=value ...]`
 
 STAGE is one of the stages (sft, grpo, rejection, align), `eval` (every finished stage on the
-held-out problems), `report` (runs/<run>/report.md and plots), or `all` (the four stages, then eval
-and report). `--dry-run` validates and prints the plan without running it. With ACCELERATE_CONFIG=<file> (or --accelerate-config) the stages run under
-`accelerate launch` with that config; the recipe is validated once here first, so a bad recipe fails
-before any process starts. Evaluation and the report run in this process.
+held-out problems), `report` (runs/<run>/report.md and plots), or `all` (the recipe's stages, in R1's
+order, then eval and report). `--dry-run` validates and prints the plan without running it. With
+ACCELERATE_CONFIG=<file> (or --accelerate-config) the stages run under `accelerate launch` with that
+config; the recipe is validated once here first, so a bad recipe fails before any process starts.
+Evaluation and the report run in this process. Hub names are read from R1PIPELINE_HUB_MIRROR, a
+local mirror directory, when it holds them (r1pipeline/hub.py).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    stages = list(STAGE_ORDER) if args.stage == "all" else [s for s in [args.stage] if s in STAGE_ORDER]
+    stages = [s for s in [args.stage] if s in STAGE_ORDER]
     evaluates = args.stage in ("eval", "all")
     reports = args.stage in ("report", "all")
     run_dir = Path(args.runs_dir) / args.run
@@ -50,6 +52,8 @@ def main(argv=None) -> int:
         if args.accelerate_config and not Path(args.accelerate_config).is_file():
             raise ConfigError(f"ACCELERATE_CONFIG = {args.accelerate_config!r}: no such file")
         recipe = apply_overrides(load_recipe(args.recipe), args.overrides)
+        if args.stage == "all":  # the stages the recipe has (R1-Zero: grpo alone), in R1's order
+            stages = [s for s in STAGE_ORDER if s in recipe] or list(STAGE_ORDER)
         planned = plan(recipe, stages, run_dir, world_size_of(args.accelerate_config))
         heldout = plan_eval(recipe, planned) if evaluates else None
         if args.dry_run:

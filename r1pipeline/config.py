@@ -45,6 +45,8 @@ DATA_KEYS = {
                      "(#### N) | boxed (last \\boxed{}) | column (the answer column) | raw (as written)",
     "test_format": "a code dataset's tests, mapped to sandbox problems (data/code_tests.py): kodcode | apps "
                    "(APPS, TACO) | humaneval",
+    "invalid_rows": "rows that cannot be used (a gold with no final answer, tests the sandbox cannot run): error "
+                    "(default: name them and stop) | drop (leave them out, with a warning naming the first few)",
     "seed": "seed of synthetic generation and of held-out carving",
     "num_train": "number of training problems",
     "num_heldout": "number of held-out problems",
@@ -62,7 +64,7 @@ KEY_TYPES = {
     "data.heldout_path": str, "data.heldout_fraction": float, "data.columns": dict, "data.seed": int,
     "data.num_train": int, "data.num_heldout": int, "data.kinds": list[str] | None, "data.max_operand": int,
     "data.shortcut_fraction": float, "data.system_prompt": str, "data.answer_format": str, "data.test_format": str,
-    "data.prompt_format": str,
+    "data.prompt_format": str, "data.invalid_rows": str,
 }
 # Keys of a stage section that are ours, not TRL's.
 _INIT_FROM = "'model', a stage name, or a checkpoint path / hub name"

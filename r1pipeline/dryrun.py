@@ -39,8 +39,10 @@ def policy_config(model: dict):
         config = preset_config(model)
         config.vocab_size = VOCAB_SIZE
         return config
+    from r1pipeline.hub import model_path
+
     try:
-        return AutoConfig.from_pretrained(model["name_or_path"])
+        return AutoConfig.from_pretrained(model_path(model["name_or_path"]))
     except (OSError, ValueError) as exc:
         raise cfg.ConfigError(f"model.name_or_path = {model['name_or_path']!r}: its config cannot be read "
                               f"({str(exc).splitlines()[0]}); log in or download it, or give a local path") from None

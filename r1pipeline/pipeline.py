@@ -64,11 +64,14 @@ class Stage:
     def resolve(self, ref: str) -> str | None:
         """A checkpoint reference ('model', a stage name, a path or hub name) as a path or hub name;
         None for a fresh preset."""
+        from r1pipeline.hub import model_path
+
         if ref == "model":
-            return (self.recipe.get("model") or {}).get("name_or_path")
+            name = (self.recipe.get("model") or {}).get("name_or_path")
+            return model_path(name) if name else None
         if ref in STAGE_ORDER:
             return str(self.run_dir / ref / "final")
-        return ref
+        return model_path(ref)
 
     def input_path(self) -> str | None:
         """The checkpoint this stage starts from, or None for a fresh preset."""

@@ -37,6 +37,9 @@ def build_from_preset(preset: str, overrides: dict, tokenizer, seed: int, dtype:
 
 
 def load_pretrained(name_or_path: str, dtype: str = "float32"):
+    from r1pipeline.hub import model_path
+
+    name_or_path = model_path(name_or_path)
     if AutoConfig.from_pretrained(name_or_path).model_type == "deepseek_v3":
         return POLICY_CLASS.from_pretrained(name_or_path, dtype=DTYPES[dtype])
     return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype])

@@ -54,7 +54,9 @@ def load_policy(stage: Stage, tokenizer=None):
         model = policy.build_from_preset(model_cfg["preset"], model_cfg.get("config"), tokenizer,
                                          seed=model_cfg.get("seed", 0), dtype=dtype)
         return model, tokenizer
-    tokenizer_path = path if stage.init_from != "model" else model_cfg.get("tokenizer", path)
+    from r1pipeline.hub import model_path
+
+    tokenizer_path = path if stage.init_from != "model" else model_path(model_cfg.get("tokenizer", path))
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -199,6 +199,36 @@ def test_option_values_are_checked():
 # ---------------------------------------------------------------- code
 
 
+def test_invalid_rows_drop_leaves_them_out_with_a_warning(tmp_path, capsys):
+    rows = load("numina_math_cot_proofs.jsonl", columns={"prompt": "problem"}, invalid_rows="drop")
+    assert rows["prompt"] == [fixture_rows("numina_math_cot_proofs.jsonl")[0]["problem"]], "the proof row is left out"
+    out = capsys.readouterr().out
+    assert "data: dropping train data: 1 of 2 rows have a gold that cannot be reduced" in out and "row 1" in out
+    good = fixture_rows("kodcode.jsonl")[0]
+    pytest_row = {**good, "question_id": "Leetcode_20_I", "test": good["test"] + "\n\nimport pytest\n"}
+    path = write_jsonl(tmp_path / "kodcode.jsonl", [good, pytest_row])
+    kept = build_datasets({"source": "jsonl", "path": path, "heldout_path": path, "test_format": "kodcode",
+                           "invalid_rows": "drop"})["train"]
+    assert kept["id"] == [good["question_id"]]
+    with pytest.raises(DataError, match="would leave no row"):
+        load("numina_math_cot_proofs.jsonl", columns={"prompt": "problem"}, answer_format="gsm8k", invalid_rows="drop")
+    with pytest.raises(DataError, match="invalid_rows='skip' is not one of error, drop"):
+        load("numina_math_cot_proofs.jsonl", columns={"prompt": "problem"}, invalid_rows="skip")
+
+
+def test_hub_names_load_from_the_mirror(tmp_path, monkeypatch):
+    """R1PIPELINE_HUB_MIRROR: a recipe's hub dataset (and its configuration) read from a local mirror."""
+    import shutil
+
+    mirror = tmp_path / "mirror"
+    shutil.copytree(REAL / "gsm8k", mirror / "datasets" / "openai" / "gsm8k" / "main")
+    monkeypatch.setenv("R1PIPELINE_HUB_MIRROR", str(mirror))
+    loaded = build_datasets({"source": "hub", "path": "openai/gsm8k", "name": "main", "split": "train",
+                             "heldout_split": "test", "columns": {"prompt": "question", "solution": "answer"}})
+    assert len(loaded["train"]) == len(fixture_rows("gsm8k/train.jsonl"))
+    assert loaded["heldout"]["prompt"] == [row["question"] for row in fixture_rows("gsm8k/test.jsonl")]
+
+
 def wrong_program(row: dict) -> str:
     body = f"def {row['entry_point']}(*args):\n    return None\n" if row["entry_point"] else "print(0)\n"
     return f"```python\n{body}```"

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         recipe = apply_overrides(load_recipe(args.recipe), args.overrides)
         if args.stage == "all":  # the stages the recipe has (R1-Zero: grpo alone), in R1's order
             stages = [s for s in STAGE_ORDER if s in recipe] or list(STAGE_ORDER)
-        planned = plan(recipe, stages, run_dir, world_size_of(args.accelerate_config))
+        planned = plan(recipe, stages, run_dir, world_size_of(args.accelerate_config), dry_run=args.dry_run)
         heldout = plan_eval(recipe, planned) if evaluates else None
         if args.dry_run:
             from r1pipeline.dryrun import describe

@@ -115,7 +115,7 @@ def trl_config_class(stage: str):
 def load_recipe(recipe: str) -> dict:
     """A recipe by name (recipes/<name>.yaml) or by path."""
     path = Path(recipe)
-    if not path.suffix:
+    if not path.is_file() and (RECIPES_DIR / f"{recipe}.yaml").is_file():  # a name ("r1-qwen2.5-1.5b")
         path = RECIPES_DIR / f"{recipe}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))

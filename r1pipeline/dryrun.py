@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from r1pipeline import config as cfg
+from r1pipeline.pipeline import needs_gpu
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GIB = 1024**3
@@ -48,8 +49,9 @@ def policy_config(model: dict):
                               f"({str(exc).splitlines()[0]}); log in or download it, or give a local path") from None
 
 
-def count_parameters(config) -> dict:
-    """Total parameters, and for a MoE those active per token, from the config alone (meta device)."""
+def count_parameters(config, lora: dict | None = None) -> dict:
+    """Total parameters, for a MoE those active per token, and those trained (all, or with `lora`
+    the adapters'), from the config alone (meta device)."""
     from transformers import AutoModelForCausalLM
 
     from r1pipeline.policy import POLICY_CLASS
@@ -67,7 +69,16 @@ def count_parameters(config) -> dict:
     routed = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name and "shared" not in name)
     experts, top_k = getattr(config, "n_routed_experts", None), getattr(config, "num_experts_per_tok", None)
     active = total - routed + (routed * top_k // experts if experts and routed else 0)
-    return {"total": total, "active": active}
+    trainable = total
+    if lora:
+        from peft import get_peft_model
+
+        from r1pipeline.policy import lora_config
+
+        with torch.device("meta"):
+            adapted = get_peft_model(model, lora_config(lora))
+        trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    return {"total": total, "active": active, "trainable": trainable}
 
 
 def accelerate_setup(path: str | None) -> dict:
@@ -113,7 +124,7 @@ def describe(recipe: dict, planned: list, heldout, accelerate_config: str | None
     """The plan as text: model, devices, data, then one block per stage."""
     model = recipe.get("model") or {}
     config = policy_config(model)
-    counted = count_parameters(config)
+    counted = count_parameters(config, model.get("lora"))
     setup = accelerate_setup(accelerate_config)
     dtype = model.get("dtype", "float32")
     lines = ["r1pipeline plan (dry run: validated, nothing trained or written)"]
@@ -126,7 +137,10 @@ def describe(recipe: dict, planned: list, heldout, accelerate_config: str | None
                  + (f" ({setup['config']}: {setup['distributed_type']}"
                     f"{', ' + setup['sharded'] if setup['sharded'] else ''}, mixed precision {setup['mixed_precision']})"
                     if setup["config"] else ""))
-    memory = training_memory(counted["total"], counted["total"], dtype, setup)
+    memory = training_memory(counted["total"], counted["trainable"], dtype, setup)
+    if model.get("lora"):
+        lines.append(f"LoRA: {counted['trainable'] / 1e6:,.2f}M trainable parameters "
+                     f"({100 * counted['trainable'] / counted['total']:.2f} %); final/ holds the merged model")
     lines.append(f"training memory per device, estimated: {memory:,.2f} GiB for weights, gradients and Adam states"
                  f"{' (sharded ' + str(setup['processes']) + ' ways)' if setup['sharded'] else ''}; activations, "
                  "KV cache, a reference model (beta > 0) and a colocated vLLM engine come on top")
@@ -145,4 +159,6 @@ def describe(recipe: dict, planned: list, heldout, accelerate_config: str | None
         if stage.rewards:
             lines.append("    rewards: " + ", ".join(f"{r.name} x {r.weight:g}" for r in stage.rewards))
         lines.append("    " + _batch(stage))
+        if needs_gpu(stage.trl_fields):
+            lines.append("    needs a GPU: bf16/fp16 training (this machine has none; set bf16: false to run here)")
     return "\n".join(lines)

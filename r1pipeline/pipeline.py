@@ -244,8 +244,10 @@ def check_stage_options(name: str, own: dict) -> None:
             raise cfg.ConfigError(f"align.reward_model: {exc}") from None
 
 
-def plan(recipe: dict, stages: list[str], run_dir: Path, world_size: int = 1) -> list[Stage]:
-    """Validate everything the given stages need; raise ConfigError before any work or write."""
+def plan(recipe: dict, stages: list[str], run_dir: Path, world_size: int = 1, dry_run: bool = False) -> list[Stage]:
+    """Validate everything the given stages need; raise ConfigError before any work or write. A dry
+    run plans for the machine the recipe names, not this one: TRL's check that bf16/fp16 has a GPU is
+    left to the real run (the plan says which stages need one)."""
     from data import DataError, build_datasets
     from rewards import resolve
 
@@ -311,12 +313,20 @@ def plan(recipe: dict, stages: list[str], run_dir: Path, world_size: int = 1) ->
                 f"{datasets['train'].column_names}. Map them with data.columns, e.g. "
                 f"data.columns={{prompt: question, solution: answer}}")
         stage = Stage(name, run_dir, recipe, trl_fields, init_from, rewards, datasets, world_size, sample_from)
+        checked = {**trl_fields, **({"use_cpu": True} if dry_run and needs_gpu(trl_fields) else {})}
         try:  # TRL's own checks (e.g. on batch sizes and strategies), still before any work
-            cfg.trl_config_class(name)(output_dir=str(stage.stage_dir), **trl_fields)
+            cfg.trl_config_class(name)(output_dir=str(stage.stage_dir), **checked)
         except (ValueError, TypeError) as exc:
             raise cfg.ConfigError(f"{name}: {exc}") from None
         planned.append(stage)
     return planned
+
+
+def needs_gpu(trl_fields: dict) -> bool:
+    """Whether a stage's TRL settings need an accelerator this machine lacks (bf16/fp16 training)."""
+    import torch
+
+    return bool(trl_fields.get("bf16") or trl_fields.get("fp16")) and not torch.cuda.is_available()
 
 
 def plan_eval(recipe: dict, planned: list[Stage]):

@@ -63,7 +63,10 @@ def build_dataset(stage: Stage):
     from data.chat import build_chat
 
     train = stage.datasets["train"]
-    reasoning = train.map(lambda row: {"domain": "code" if row.get("format") else "math"})
+    # Rewards read text columns; a real dataset's other columns (OpenR1's lists of generations and
+    # verdicts, say) have no value for a general row, so they stay out of the mixture.
+    text = [name for name, feature in train.features.items() if getattr(feature, "dtype", None) in ("string", "large_string")]
+    reasoning = train.select_columns(text).map(lambda row: {"domain": "code" if row.get("format") else "math"})
     ratio = float(stage.section.get("general_ratio", DEFAULT_GENERAL_RATIO))
     num_general = round(len(reasoning) * ratio / (1 - ratio))
     parts = [reasoning]

@@ -22,6 +22,15 @@ FAST_ALIGN = ["align.max_steps=4", "align.save_steps=2", "align.per_device_train
 FAST_EVAL = ["eval.k=2", "eval.num_problems=4", "eval.max_new_tokens=12"]
 
 
+@pytest.fixture(scope="session")
+def hub_mirror(tmp_path_factory):
+    """A local hub mirror (R1PIPELINE_HUB_MIRROR) of every model and dataset the shipped recipes name:
+    tiny random models of their architectures and the hand-written fixtures (tests/hub_mirror.py)."""
+    import hub_mirror as mirror
+
+    return mirror.build(tmp_path_factory.mktemp("hub-mirror"))
+
+
 @pytest.fixture
 def runs_dir(tmp_path):
     return tmp_path / "runs"

@@ -13,13 +13,16 @@ ACCELERATE = sorted((RECIPES_DIR / "accelerate").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_every_shipped_recipe_dry_runs_and_writes_nothing(recipe, tmp_path, capsys):
+def test_every_shipped_recipe_dry_runs_and_writes_nothing(recipe, tmp_path, capsys, monkeypatch, hub_mirror):
+    """The real recipes' hub models and datasets come from the test mirror (tests/hub_mirror.py)."""
+    monkeypatch.setenv("R1PIPELINE_HUB_MIRROR", str(hub_mirror))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     runs = tmp_path / "runs"
     assert cli.main(["--recipe", recipe, "--runs-dir", str(runs), "all", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("r1pipeline plan (dry run")
     for stage in ("sft", "grpo", "rejection", "align"):
-        assert f"- {stage}: from " in out
+        assert (f"- {stage}: from " in out) == (stage in load_recipe(recipe)), stage
     assert "M parameters" in out and "GiB" in out and "held-out:" in out
     assert not runs.exists(), "a dry run writes nothing"
 
@@ -58,7 +61,7 @@ def test_an_unreachable_hub_model_is_named(tmp_path, capsys, monkeypatch):
 ], ids=["qwen2", "llama"])
 def test_parameter_count_from_the_config_alone_is_exact(config):
     real = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
-    assert count_parameters(config) == {"total": real, "active": real}
+    assert count_parameters(config) == {"total": real, "active": real, "trainable": real}
 
 
 def test_moe_active_parameters_count_top_k_of_the_routed_experts():

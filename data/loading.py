@@ -1,19 +1,67 @@
 """Turn the `data` section of a recipe into train/held-out datasets."""
 
+import dataclasses
 from pathlib import Path
 
 import datasets
 from datasets import Dataset, DatasetDict
 
-from .code_tests import adapt_tests, check_test_format
+from r1pipeline.schema import key
+
+from .code_tests import TEST_FORMATS, adapt_tests, check_test_format
 from .coding import build_coding
-from .errors import DataError, check_invalid_rows, row_ids, row_name, unusable
-from .golds import check_answer_format, gold_columns, reduce_golds
+from .errors import INVALID_ROWS, DataError, check_invalid_rows, row_ids, row_name, unusable
+from .golds import ANSWER_FORMATS, check_answer_format, gold_columns, reduce_golds
 from .synthetic import SYNTHETIC_KINDS, build_synthetic
+from .template import PROMPT_FORMATS, R1_SYSTEM_PROMPT
 
 SOURCES = ("synthetic", "coding", "hub", "json", "jsonl", "parquet", "csv")
 # datasets' packaged builder for each local file source.
 _FILE_BUILDERS = {"json": "json", "jsonl": "json", "parquet": "parquet", "csv": "csv"}
+FILES = tuple(_FILE_BUILDERS)
+EXTERNAL = ("hub", *FILES)
+
+
+def _one_of(values):
+    return dict(check=lambda value: value in values, what=f"one of {', '.join(values)}")
+
+
+@dataclasses.dataclass
+class DataSection:
+    """A recipe's `data` section (r1pipeline/schema.py). A key that only some sources read (`sources`)
+    is refused for the others: `max_operand` on a hub dataset is a mistake, not a no-op."""
+
+    source: str = key("synthetic", " | ".join(SOURCES), **_one_of(SOURCES))
+    path: str | None = key(None, "hub name or local file of the dataset", sources=EXTERNAL)
+    name: str | None = key(None, "hub dataset configuration", sources=("hub",))
+    split: str = key("train", "training split", sources=("hub",))
+    heldout_split: str | None = key(None, "held-out split of the same dataset", sources=("hub",))
+    heldout_path: str | None = key(None, "local file holding the held-out split", sources=FILES)
+    heldout_fraction: float = key(0.05, "share of the training split held out when no held-out split is given",
+                                  sources=EXTERNAL, check=lambda share: 0 < share < 1, what="a share in (0, 1)")
+    columns: dict | None = key(None, "mapping from our column names (prompt, solution, reasoning; answer: an explicit "
+                                     "answer column; id: named in errors) to the dataset's; a nested field by its "
+                                     "dotted path (reward_model.ground_truth)", sources=EXTERNAL)
+    answer_format: str = key("auto", "how a gold is reduced to its final answer at load (data/golds.py): auto | "
+                                     "gsm8k (#### N) | boxed (last \\boxed{}) | column (the answer column) | raw (as "
+                                     "written)", sources=EXTERNAL, **_one_of(ANSWER_FORMATS))
+    test_format: str | None = key(None, "a code dataset's tests, mapped to sandbox problems (data/code_tests.py): "
+                                        "kodcode | apps (APPS, TACO) | humaneval", sources=EXTERNAL,
+                                  **_one_of(TEST_FORMATS))
+    invalid_rows: str = key("error", "rows that cannot be used (a gold with no final answer, tests the sandbox cannot "
+                                     "run): error (name them and stop) | drop (leave them out, with a warning naming "
+                                     "the first few)", sources=EXTERNAL, **_one_of(INVALID_ROWS))
+    seed: int = key(0, "seed of synthetic generation and of held-out carving")
+    num_train: int | None = key(None, "number of training problems (a cap for external datasets)")
+    num_heldout: int | None = key(None, "number of held-out problems (a cap for external datasets)")
+    kinds: list[str] | None = key(None, "synthetic problem or coding task kinds", sources=("synthetic", "coding"))
+    max_operand: int = key(99, "largest operand of synthetic problems", sources=("synthetic",))
+    shortcut_fraction: float = key(0.0, "share of synthetic training problems repeated with only the answer line as "
+                                        "reasoning (no working)", sources=("synthetic",))
+    system_prompt: str = key(R1_SYSTEM_PROMPT, "text placed before each question (default: the R1 template)")
+    prompt_format: str = key("r1", "r1 (R1's plain template: base models, R1-Zero) | chat (a conversation rendered by "
+                                   "the tokenizer's own chat template, TRL's conversational format: instruct models)",
+                             **_one_of(PROMPT_FORMATS))
 
 
 def build_datasets(data_cfg: dict) -> DatasetDict:

@@ -21,81 +21,9 @@ import yaml
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 SECTIONS = ("model", "data", "sft", "grpo", "rejection", "align", "eval")
 
-MODEL_KEYS = {
-    "name_or_path": "hub name or local path of a causal LM to start from",
-    "preset": "name of a built-in policy configuration (trained from scratch)",
-    "config": "overrides of the preset's R1MoEConfig fields (DeepseekV3Config's plus fp8, bias_update_speed, ...)",
-    "tokenizer": "hub name or path of the tokenizer (default: the model's; built offline for a preset)",
-    "dtype": "float32 | bfloat16 | float16",
-    "seed": "seed of a preset's random initialisation",
-    "lora": "train LoRA adapters instead of every weight: peft.LoraConfig fields (r, lora_alpha or alpha, "
-            "lora_dropout, target_modules (default 'all-linear'), ...); each stage's final/ is the merged model",
-}
-DATA_KEYS = {
-    "source": "synthetic | coding | hub | json | jsonl | parquet | csv",
-    "path": "hub name or local file of the dataset",
-    "name": "hub dataset configuration",
-    "split": "training split",
-    "heldout_split": "held-out split of the same dataset",
-    "heldout_path": "local file holding the held-out split",
-    "heldout_fraction": "share of the training split held out when no held-out split is given",
-    "columns": "mapping from our column names (prompt, solution, reasoning; answer: an explicit answer column; "
-               "id: named in errors) to the dataset's; a nested field by its dotted path (reward_model.ground_truth)",
-    "answer_format": "how a gold is reduced to its final answer at load (data/golds.py): auto (default) | gsm8k "
-                     "(#### N) | boxed (last \\boxed{}) | column (the answer column) | raw (as written)",
-    "test_format": "a code dataset's tests, mapped to sandbox problems (data/code_tests.py): kodcode | apps "
-                   "(APPS, TACO) | humaneval",
-    "invalid_rows": "rows that cannot be used (a gold with no final answer, tests the sandbox cannot run): error "
-                    "(default: name them and stop) | drop (leave them out, with a warning naming the first few)",
-    "seed": "seed of synthetic generation and of held-out carving",
-    "num_train": "number of training problems",
-    "num_heldout": "number of held-out problems",
-    "kinds": "synthetic problem or coding task kinds",
-    "max_operand": "largest operand of synthetic problems",
-    "shortcut_fraction": "share of synthetic training problems repeated with only the answer line as reasoning (no working)",
-    "system_prompt": "text placed before each question (default: the R1 template)",
-    "prompt_format": "r1 (R1's plain template: base models, R1-Zero; default) | chat (a conversation rendered by the "
-                     "tokenizer's own chat template, TRL's conversational format: instruct models)",
-}
-KEY_TYPES = {
-    "model.name_or_path": str, "model.preset": str, "model.config": dict, "model.tokenizer": str,
-    "model.dtype": str, "model.seed": int, "model.lora": dict,
-    "data.source": str, "data.path": str, "data.name": str | None, "data.split": str, "data.heldout_split": str,
-    "data.heldout_path": str, "data.heldout_fraction": float, "data.columns": dict, "data.seed": int,
-    "data.num_train": int, "data.num_heldout": int, "data.kinds": list[str] | None, "data.max_operand": int,
-    "data.shortcut_fraction": float, "data.system_prompt": str, "data.answer_format": str, "data.test_format": str,
-    "data.prompt_format": str, "data.invalid_rows": str,
-}
-# Keys of a stage section that are ours, not TRL's.
-_INIT_FROM = "'model', a stage name, or a checkpoint path / hub name"
-_REWARDS = "list of {name: <registered> | function: 'pkg.module:fn', weight: <float>, args: {...}}"
-_VLLM_SYNC = ("with use_vllm (colocate): mapping: verify (after every weight sync, read the engine's weights back "
-              "and compare them with the trainer's, tensor by tensor; default true on vLLM's CPU build, false on GPU "
-              "and for FP8 policies), timeout (seconds a sync may take before the run stops with an error; default 600)")
-STAGE_KEYS = {
-    "sft": {"init_from": _INIT_FROM},
-    "grpo": {"init_from": _INIT_FROM, "rewards": _REWARDS,
-             "shuffle_rewards": "control runs: permute each group's rewards among its completions "
-                                "(same compute, no learning signal; default false)",
-             "vllm_sync": _VLLM_SYNC},
-    "rejection": {
-        "init_from": _INIT_FROM + " to fine-tune (default 'model': R1 retrains the base)",
-        "sample_from": "the stage name or checkpoint path to sample from (default 'grpo')",
-        "rewards": _REWARDS + "; a sample is correct when every reward that applies reaches accept_threshold",
-        "accept_threshold": "reward a sample needs from each applicable reward to count as correct (default 1.0)",
-        "sampling": "mapping: num_samples, max_new_tokens, temperature, top_p, batch_size, num_prompts, seed",
-        "filters": "mapping of readability filters (data/filters.py) to settings, or false to switch one off",
-        "chat_ratio": "share of non-reasoning chat rows in the SFT set (default 0.1)",
-    },
-    "align": {
-        "init_from": _INIT_FROM,
-        "rewards": _REWARDS + "; helpfulness/harmlessness without args.path use the stage's reward model",
-        "general_ratio": "share of general (chat) prompts in the RL mixture (default 0.3)",
-        "vllm_sync": _VLLM_SYNC,
-        "reward_model": "mapping: path (a sequence-classification checkpoint) or training settings "
-                        "(num_pairs, max_steps, learning_rate, hidden_size, num_layers, seed)",
-    },
-}
+# Help texts shared by the stage modules' schemas (their `Options` dataclasses).
+INIT_FROM_HELP = "'model', a stage name, or a checkpoint path / hub name"
+REWARDS_HELP = "list of {name: <registered> | function: 'pkg.module:fn', weight: <float>, args: {...}}"
 # What a stage's TRL fields are checked against.
 TRL_CONFIG = {"sft": "SFTConfig", "grpo": "GRPOConfig", "rejection": "SFTConfig", "align": "GRPOConfig"}
 # Set by the run directory, never by a recipe.
@@ -178,25 +106,36 @@ def unknown_key_error(where: str, key: str, allowed: typing.Iterable[str]) -> Co
 
 
 def check_sections(recipe: dict) -> None:
+    """The recipe's sections, and the `model` and `data` sections against the schemas their owners
+    declare (r1pipeline/policy.py ModelSection, data/loading.py DataSection); coerced values are
+    stored back into the recipe, so the run uses (and hashes) what was checked."""
+    from data.loading import DataSection
+    from r1pipeline.policy import ModelSection
+    from r1pipeline.schema import validate
+
     for key, value in recipe.items():
         if key not in SECTIONS:
             raise unknown_key_error("recipe", key, SECTIONS)
         if value is not None and not isinstance(value, dict):
             raise ConfigError(f"recipe section {key!r} must be a mapping, got {value!r}")
-    for section, keys in (("model", MODEL_KEYS), ("data", DATA_KEYS)):
-        for key, value in (recipe.get(section) or {}).items():
-            if key not in keys:
-                raise unknown_key_error(section, key, keys)
-            expected = KEY_TYPES.get(f"{section}.{key}")
-            if expected is not None and not coerce(value, expected)[0]:
-                raise ConfigError(f"{section}.{key} = {value!r} ({type(value).__name__}) has the wrong type: "
-                                  f"expected {_describe(expected)}")
+    if recipe.get("model"):
+        recipe["model"] = validate("model", ModelSection, recipe["model"])
+    if recipe.get("data"):
+        source = recipe["data"].get("source", "synthetic")
+        recipe["data"] = validate("data", DataSection, recipe["data"], source=source if isinstance(source, str) else None)
+
+
+def stage_options(stage: str) -> type:
+    """The schema of a stage's own keys (not TRL's), declared by its module: stages/<stage>.py Options."""
+    import importlib
+
+    return importlib.import_module(f"stages.{stage}").Options
 
 
 # ---- type checking of TRL fields against their dataclass annotations ----------------------------
 
 
-def _describe(tp) -> str:
+def describe_type(tp) -> str:
     if isinstance(tp, type):
         if issubclass(tp, enum.Enum):
             return " | ".join(repr(m.value) for m in tp)
@@ -265,12 +204,13 @@ def check_trl_fields(stage: str, fields: dict) -> dict:
         if key in MANAGED_KEYS:
             raise ConfigError(f"{stage}.{key} is set by the run directory (runs/<RUN>/{stage}/); choose RUN=<name> instead")
         if key not in known:
-            raise unknown_key_error(f"{stage} ({cls.__name__} fields and {sorted(STAGE_KEYS[stage])})", key,
-                                    list(known) + list(STAGE_KEYS[stage]))
+            own = list(dataclasses.fields(stage_options(stage)))
+            raise unknown_key_error(f"{stage} ({cls.__name__} fields and {sorted(f.name for f in own)})", key,
+                                    list(known) + [f.name for f in own])
         ok, coerced = coerce(value, known[key].type)
         if not ok:
             raise ConfigError(f"{stage}.{key} = {value!r} ({type(value).__name__}) has the wrong type: "
-                              f"expected {_describe(known[key].type)}")
+                              f"expected {describe_type(known[key].type)}")
         checked[key] = coerced
     return checked
 

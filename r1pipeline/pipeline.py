@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from r1pipeline import config as cfg
-from r1pipeline import rundir
+from r1pipeline import rundir, schema
 
 STAGE_ORDER = ("sft", "grpo", "rejection", "align")
 # Stage 3 fine-tunes the model stage 1 started from, as R1 retrains the base, on samples of stage 2.
@@ -111,12 +111,11 @@ def world_size_of(accelerate_config: str | None) -> int:
 
 
 def check_model(model: dict) -> None:
-    from r1pipeline.policy import DTYPES, PRESETS, config_fields
+    """How the `model` keys combine (their types and values: policy.ModelSection, checked before)."""
+    from r1pipeline.policy import PRESETS, config_fields
 
     if ("preset" in model) == ("name_or_path" in model):
         raise cfg.ConfigError(f"model: give exactly one of 'preset' ({sorted(PRESETS)}) or 'name_or_path'; got {model!r}")
-    if "preset" in model and model["preset"] not in PRESETS:
-        raise cfg.ConfigError(f"model.preset = {model['preset']!r}; allowed: {sorted(PRESETS)}")
     overrides = model.get("config") or {}  # a mapping: check_sections has checked its type
     known = config_fields() if overrides else set()
     for key in overrides:
@@ -127,8 +126,6 @@ def check_model(model: dict) -> None:
             preset_config(model)
         except (ValueError, TypeError) as exc:
             raise cfg.ConfigError(f"model.config: {exc}") from None
-    if model.get("dtype", "float32") not in DTYPES:
-        raise cfg.ConfigError(f"model.dtype = {model['dtype']!r}; allowed: {sorted(DTYPES)}")
     if "name_or_path" in model:
         check_checkpoint_ref("model.name_or_path", model["name_or_path"])
     if model.get("lora"):
@@ -141,14 +138,6 @@ def check_model(model: dict) -> None:
             lora_config(model["lora"])
         except (ValueError, TypeError) as exc:
             raise cfg.ConfigError(f"model.lora: {exc}") from None
-
-
-def check_prompt_format(data: dict) -> None:
-    from data import PROMPT_FORMATS
-
-    if data.get("prompt_format", "r1") not in PROMPT_FORMATS:
-        raise cfg.ConfigError(f"data.prompt_format = {data['prompt_format']!r}; allowed: {', '.join(PROMPT_FORMATS)} "
-                              "(r1: R1's plain template for base models; chat: the tokenizer's chat template)")
 
 
 def preset_config(model: dict):
@@ -206,44 +195,6 @@ def check_stage_ref(planned: list, run_dir: Path, where: str, ref) -> None:
         check_checkpoint_ref(where, ref)
 
 
-def check_stage_options(name: str, own: dict) -> None:
-    """Stage 3's and 4's own settings, by name and type."""
-    mappings = {"rejection": ("sampling", "filters"), "align": ("reward_model", "vllm_sync"),
-                "grpo": ("vllm_sync",)}.get(name, ())
-    for key in mappings:
-        if key in own and not isinstance(own[key], dict):
-            raise cfg.ConfigError(f"{name}.{key} = {own[key]!r} must be a mapping")
-    sync = own.get("vllm_sync") or {}
-    if set(sync) - {"verify", "timeout"}:
-        raise cfg.unknown_key_error(f"{name}.vllm_sync", sorted(set(sync) - {"verify", "timeout"})[0], ["verify", "timeout"])
-    if not isinstance(sync.get("verify", False), bool):
-        raise cfg.ConfigError(f"{name}.vllm_sync.verify = {sync['verify']!r} must be true or false")
-    timeout = sync.get("timeout", 600)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise cfg.ConfigError(f"{name}.vllm_sync.timeout = {timeout!r} must be a number of seconds > 0")
-    if not isinstance(own.get("shuffle_rewards", False), bool):
-        raise cfg.ConfigError(f"{name}.shuffle_rewards = {own['shuffle_rewards']!r} must be true or false")
-    for key in ("chat_ratio", "general_ratio"):
-        if key in own:
-            value = own[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-                raise cfg.ConfigError(f"{name}.{key} = {value!r} must be a number in [0, 1)")
-    if name == "rejection":
-        from stages.rejection import check_options
-
-        try:
-            check_options(own)
-        except ValueError as exc:
-            raise cfg.ConfigError(f"rejection.{exc}") from None
-    if name == "align":
-        from stages.align import check_reward_model
-
-        try:
-            check_reward_model(own.get("reward_model") or {})
-        except ValueError as exc:
-            raise cfg.ConfigError(f"align.reward_model: {exc}") from None
-
-
 def plan(recipe: dict, stages: list[str], run_dir: Path, world_size: int = 1, dry_run: bool = False) -> list[Stage]:
     """Validate everything the given stages need; raise ConfigError before any work or write. A dry
     run plans for the machine the recipe names, not this one: TRL's check that bf16/fp16 has a GPU is
@@ -253,7 +204,6 @@ def plan(recipe: dict, stages: list[str], run_dir: Path, world_size: int = 1, dr
 
     cfg.check_sections(recipe)
     check_model(recipe.get("model") or {})
-    check_prompt_format(recipe.get("data") or {})
     try:
         datasets = build_datasets(recipe.get("data") or {})
     except DataError as exc:
@@ -262,15 +212,18 @@ def plan(recipe: dict, stages: list[str], run_dir: Path, world_size: int = 1, dr
     planned: list[Stage] = []
     for name in stages:
         section = dict(recipe.get(name) or {})
-        own = {key: section.pop(key) for key in list(section) if key in cfg.STAGE_KEYS[name]}
+        options = cfg.stage_options(name)  # the stage's own keys, declared by its module
+        own = schema.validate(name, options, {key: section.pop(key) for key in list(section)
+                                              if key in schema.fields(options)})
         trl_fields = cfg.check_trl_fields(name, section)
+        if name in recipe:  # what was checked, coerced, is what the run uses and hashes
+            recipe[name] = {**trl_fields, **own}
         init_from = own.get("init_from", DEFAULT_INIT[name])
         check_stage_ref(planned, run_dir, f"{name}.init_from", init_from)
         sample_from = None
         if name == "rejection":
             sample_from = own.get("sample_from", DEFAULT_SAMPLE_FROM)
             check_stage_ref(planned, run_dir, "rejection.sample_from", sample_from)
-        check_stage_options(name, own)
         if (own.get("vllm_sync") or {}).get("verify") and ((recipe.get("model") or {}).get("config") or {}).get("fp8"):
             raise cfg.ConfigError(f"{name}.vllm_sync.verify = true with model.config.fp8: an FP8 engine's weights are "
                                   "not read back; set it false")
@@ -278,7 +231,7 @@ def plan(recipe: dict, stages: list[str], run_dir: Path, world_size: int = 1, dr
             check_vllm_model(recipe.get("model") or {}, f"{name}.sampling.backend = 'vllm'")
 
         rewards = []
-        if "rewards" in cfg.STAGE_KEYS[name]:
+        if "rewards" in schema.fields(options):
             entries = own.get("rewards")
             if name == "align":
                 from stages.align import with_reward_model_paths

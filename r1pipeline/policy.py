@@ -8,13 +8,36 @@ also reads the ones transformers writes.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from r1pipeline.model import PRESETS, R1MoEConfig, R1MoEForCausalLM
+from r1pipeline.schema import key
 
 POLICY_CLASS = R1MoEForCausalLM
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass
+class ModelSection:
+    """A recipe's `model` section (r1pipeline/schema.py); pipeline.check_model checks how its keys
+    combine (a preset or a checkpoint, config fields, LoRA with FP8)."""
+
+    name_or_path: str | None = key(None, "hub name or local path of a causal LM to start from")
+    preset: str | None = key(None, "name of a built-in policy configuration (trained from scratch)",
+                             check=lambda name: name in PRESETS, what=f"one of {sorted(PRESETS)}")
+    config: dict | None = key(None, "overrides of the preset's R1MoEConfig fields (DeepseekV3Config's plus fp8, "
+                                    "bias_update_speed, ...)")
+    tokenizer: str | None = key(None, "hub name or path of the tokenizer (default: the model's; built offline for "
+                                      "a preset)")
+    dtype: str = key("float32", "float32 | bfloat16 | float16", check=lambda name: name in DTYPES,
+                     what=f"one of {sorted(DTYPES)}")
+    seed: int = key(0, "seed of a preset's random initialisation")
+    lora: dict | None = key(None, "train LoRA adapters instead of every weight: peft.LoraConfig fields (r, lora_alpha "
+                                  "or alpha, lora_dropout, target_modules (default 'all-linear'), ...); each stage's "
+                                  "final/ is the merged model")
 
 
 def config_fields() -> set[str]:
@@ -54,8 +77,6 @@ def lora_config(settings: dict | None):
     `dropout` are accepted for `lora_alpha` and `lora_dropout`. Raises ValueError naming a bad key."""
     if not settings:
         return None
-    import dataclasses
-
     from peft import LoraConfig
 
     fields = {LORA_ALIASES.get(key, key): value for key, value in settings.items()}

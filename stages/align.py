@@ -11,32 +11,55 @@ into runs/<run>/align/reward_model/, as the embedded default does.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from accelerate import PartialState
 from datasets import concatenate_datasets
 
 from data import build_tokenizer
+from r1pipeline.config import INIT_FROM_HELP, REWARDS_HELP
 from r1pipeline.pipeline import Stage, log
+from r1pipeline.schema import defaults, key
 from stages import grpo
 from stages.common import prompt_of, system_prompt
 
 REWARD_MODEL_REWARDS = ("helpfulness", "harmlessness")
-TRAINING_DEFAULTS = {"num_pairs": 2000, "max_steps": 200, "learning_rate": 1e-3, "hidden_size": 64,
-                     "num_layers": 2, "seed": 0}
 DEFAULT_GENERAL_RATIO = 0.3
 RM_VOCAB_SIZE = 1024
+_POSITIVE = dict(check=lambda value: value > 0, what="a positive number")
 
 
-def check_reward_model(settings: dict) -> None:
-    for key, value in settings.items():
-        if key == "path":
-            if not isinstance(value, str) or not (Path(value) / "config.json").is_file():
-                raise ValueError(f"path = {value!r} is not a checkpoint directory (no config.json)")
-        elif key not in TRAINING_DEFAULTS:
-            raise ValueError(f"unknown key {key!r}; allowed: path, {', '.join(TRAINING_DEFAULTS)}")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ValueError(f"{key} = {value!r} must be a positive number")
+@dataclasses.dataclass
+class RewardModel:
+    """`align.reward_model`: a trained reward model's path, or how to train one on synthetic pairs."""
+
+    path: str | None = key(None, "a sequence-classification checkpoint (skips training)",
+                           check=lambda path: (Path(path) / "config.json").is_file(),
+                           what="a checkpoint directory (with config.json)")
+    num_pairs: int = key(2000, "synthetic preference pairs", **_POSITIVE)
+    max_steps: int = key(200, "training steps", **_POSITIVE)
+    learning_rate: float = key(1e-3, "learning rate", **_POSITIVE)
+    hidden_size: int = key(64, "width of the reward model", **_POSITIVE)
+    num_layers: int = key(2, "layers of the reward model", **_POSITIVE)
+    seed: int = key(0, "seed of the pairs and the initialisation")
+
+
+@dataclasses.dataclass
+class Options:
+    """The stage's own keys; every other key of the `align` section is a GRPOConfig field."""
+
+    init_from: str = key("rejection", INIT_FROM_HELP)
+    rewards: list | None = key(None, REWARDS_HELP + "; helpfulness/harmlessness without args.path use the stage's "
+                                                    "reward model")
+    general_ratio: float = key(DEFAULT_GENERAL_RATIO, "share of general (chat) prompts in the RL mixture",
+                               check=lambda r: 0 <= r < 1, what="a number in [0, 1)")
+    vllm_sync: dict | None = key(None, "with use_vllm (colocate): verify, timeout", schema=grpo.VLLMSync)
+    reward_model: dict | None = key(None, "path, or training settings (num_pairs, max_steps, learning_rate, "
+                                          "hidden_size, num_layers, seed)", schema=RewardModel)
+
+
+TRAINING_DEFAULTS = {name: value for name, value in defaults(RewardModel).items() if name != "path"}
 
 
 def reward_model_path(settings: dict, stage_dir: Path) -> str:

@@ -3,6 +3,7 @@ completions per prompt, the recipe's rewards and weights. Rollouts come from tra
 `generate`, or vLLM (its CPU build here, CUDA on GPU) with `use_vllm: true`."""
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import random
@@ -14,11 +15,35 @@ from trl.generation import vllm_generation
 from trl.generation.vllm_generation import VLLMGeneration, empty_cache
 
 from r1pipeline import policy, vllm_engine
+from r1pipeline.config import INIT_FROM_HELP, REWARDS_HELP
 from r1pipeline.pipeline import Stage, log
+from r1pipeline.schema import key
 from r1pipeline.vllm_engine import WeightSyncError
 from rewards.text import completion_text
 from stages.common import (ExactResumeMixin, callbacks, load_policy, peft_config, prompt_of, read_metrics,
                            train_and_save, trainer_args)
+
+
+@dataclasses.dataclass
+class VLLMSync:
+    """`vllm_sync`: how a colocated vLLM engine receives the policy's weights."""
+
+    verify: bool | None = key(None, "after every weight sync, read the engine's weights back and compare them with "
+                                    "the trainer's, tensor by tensor (default: true on vLLM's CPU build, false on GPU "
+                                    "and for FP8 policies)")
+    timeout: float = key(600.0, "seconds a sync may take before the run stops with an error",
+                         check=lambda seconds: seconds > 0, what="a number of seconds > 0")
+
+
+@dataclasses.dataclass
+class Options:
+    """The stage's own keys; every other key of the `grpo` section is a GRPOConfig field."""
+
+    init_from: str = key("sft", INIT_FROM_HELP)
+    rewards: list | None = key(None, REWARDS_HELP)
+    shuffle_rewards: bool = key(False, "control runs: permute each group's rewards among its completions (same "
+                                       "compute, no learning signal)")
+    vllm_sync: dict | None = key(None, "with use_vllm (colocate): verify, timeout", schema=VLLMSync)
 
 
 class CheckpointFormatVLLM(VLLMGeneration):

@@ -12,6 +12,7 @@ runs/<run>/rejection/ holds, besides the SFT checkpoints:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -23,44 +24,60 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 
 from r1pipeline import rundir
+from r1pipeline.config import INIT_FROM_HELP, REWARDS_HELP
 from r1pipeline.pipeline import Stage, log
+from r1pipeline.schema import defaults, key
 from stages import sft
 from stages.common import load_policy, prompt_of, sft_row
 
-SAMPLING_DEFAULTS = {"num_samples": 4, "max_new_tokens": 128, "temperature": 1.0, "top_p": 1.0,
-                     "batch_size": 256, "num_prompts": None, "seed": 0, "backend": "transformers"}
+_POSITIVE = dict(check=lambda n: n >= 1, what="a positive integer")
+
+
+@dataclasses.dataclass
+class Sampling:
+    """`rejection.sampling`: how stage 2's checkpoint is sampled (r1pipeline/rollout.py)."""
+
+    num_samples: int = key(4, "completions per prompt", **_POSITIVE)
+    max_new_tokens: int = key(128, "longest completion, in tokens", **_POSITIVE)
+    temperature: float = key(1.0, "sampling temperature (0: greedy)", check=lambda t: t >= 0, what="a number >= 0")
+    top_p: float = key(1.0, "nucleus sampling", check=lambda p: 0 < p <= 1, what="a number in (0, 1]")
+    batch_size: int = key(256, "sequences per generation batch", **_POSITIVE)
+    num_prompts: int | None = key(None, "training prompts sampled (default: all)", **_POSITIVE)
+    seed: int = key(0, "sampling seed")
+    backend: str = key("transformers", "transformers | vllm", check=lambda b: b in ("transformers", "vllm"),
+                       what="'transformers' or 'vllm'")
+
+
+def _known_filters(filters: dict) -> bool:
+    from data.filters import FILTERS
+
+    return set(filters) <= set(FILTERS) | {"over_long", "dedupe", "max_per_prompt"}
+
+
+@dataclasses.dataclass
+class Options:
+    """The stage's own keys; every other key of the `rejection` section is an SFTConfig field."""
+
+    init_from: str = key("model", INIT_FROM_HELP + " to fine-tune (R1 retrains the base)")
+    sample_from: str = key("grpo", "the stage name or checkpoint path to sample from")
+    rewards: list | None = key(None, REWARDS_HELP + "; a sample is correct when every reward that applies reaches "
+                                                    "accept_threshold")
+    accept_threshold: float = key(1.0, "reward a sample needs from each applicable reward to count as correct")
+    sampling: dict | None = key(None, "num_samples, max_new_tokens, temperature, top_p, batch_size, num_prompts, "
+                                      "seed, backend", schema=Sampling)
+    filters: dict | None = key(None, "readability filters (data/filters.py) to settings, or false to switch one off",
+                               check=_known_filters, what="a mapping of known filters (data/filters.py FILTERS, "
+                                                          "over_long, dedupe, max_per_prompt)")
+    chat_ratio: float = key(0.1, "share of non-reasoning chat rows in the SFT set", check=lambda r: 0 <= r < 1,
+                            what="a number in [0, 1)")
+
+
+SAMPLING_DEFAULTS = defaults(Sampling)
 # R1's filters, on by default; a recipe switches one off with `false`. over_long's default limit is
 # the sampling length: a sample cut there never finished.
 FILTER_DEFAULTS = {"mixed_language": {"language": "en", "min_share": 0.95}, "long_paragraph": {"max_chars": 1000},
                    "code_in_math": True, "dedupe": True, "max_per_prompt": 2}
 DEFAULT_CHAT_RATIO = 0.1
-
-
-def check_options(own: dict) -> None:
-    """The stage's own keys, before any work (ValueError names the bad key and value)."""
-    from data.filters import FILTERS
-
-    sampling = own.get("sampling") or {}
-    for key, value in sampling.items():
-        if key not in SAMPLING_DEFAULTS:
-            raise ValueError(f"sampling: unknown key {key!r}; allowed: {sorted(SAMPLING_DEFAULTS)}")
-        if key == "backend":
-            if value not in ("transformers", "vllm"):
-                raise ValueError(f"sampling.backend = {value!r}; allowed: 'transformers', 'vllm'")
-        elif key == "num_prompts" and value is None:
-            continue
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(f"sampling.{key} = {value!r} must be a non-negative number")
-    for key in ("num_samples", "max_new_tokens", "batch_size"):
-        if key in sampling and (not isinstance(sampling[key], int) or sampling[key] < 1):
-            raise ValueError(f"sampling.{key} = {sampling[key]!r} must be a positive integer")
-    allowed = set(FILTERS) | {"over_long", "dedupe", "max_per_prompt"}
-    for key in own.get("filters") or {}:
-        if key not in allowed:
-            raise ValueError(f"filters: unknown filter {key!r}; allowed: {sorted(allowed)}")
-    threshold = own.get("accept_threshold", 1.0)
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise ValueError(f"accept_threshold = {threshold!r} must be a number")
 
 
 def settings(stage: Stage) -> tuple[dict, dict]:

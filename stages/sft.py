@@ -1,11 +1,22 @@
 """Stage 1, cold-start SFT: teach the R1 format (reasoning in <think>, then <answer>) with TRL's
 SFTTrainer, the loss on the completion only."""
 
+import dataclasses
+
 from trl import SFTConfig, SFTTrainer
 
+from r1pipeline.config import INIT_FROM_HELP
 from r1pipeline.pipeline import Stage
+from r1pipeline.schema import key
 from stages.common import (ExactResumeMixin, callbacks, completion_of, load_policy, peft_config, sft_row,
                            train_and_save, trainer_args)
+
+
+@dataclasses.dataclass
+class Options:
+    """The stage's own keys; every other key of the `sft` section is an SFTConfig field."""
+
+    init_from: str = key("model", INIT_FROM_HELP)
 
 
 class ResumableSFTTrainer(ExactResumeMixin, SFTTrainer):

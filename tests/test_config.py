@@ -69,19 +69,45 @@ def test_batch_divisibility_counts_processes(tmp_path, capsys, runs_dir):
     assert not runs_dir.exists()
 
 
+def file_recipe(tmp_path, **data) -> str:
+    """tiny.yaml with its data section replaced (its synthetic-only keys would be refused for a file)."""
+    import yaml
+
+    rows = tmp_path / "qa.jsonl"
+    rows.write_text("".join(json.dumps({"question": f"q{i}", "answer": str(i)}) + "\n" for i in range(20)))
+    path = tmp_path / "file.yaml"
+    path.write_text(yaml.safe_dump({**load_recipe("tiny"), "data": {"source": "jsonl", "path": str(rows), **data}}))
+    return str(path)
+
+
 def test_missing_dataset_columns(tmp_path, capsys, runs_dir):
-    data = tmp_path / "qa.jsonl"
-    data.write_text("".join(json.dumps({"question": f"q{i}", "answer": str(i)}) + "\n" for i in range(20)))
-    assert_rejected(capsys, runs_dir, ["data.source=jsonl", f"data.path={data}"],
-                    "prompt", "question", "answer", stage="sft")
+    assert_rejected(capsys, runs_dir, ["--recipe", file_recipe(tmp_path)], "prompt", "question", "answer", stage="sft")
 
 
 def test_missing_reasoning_for_sft(tmp_path, capsys, runs_dir):
+    assert_rejected(capsys, runs_dir, ["--recipe", file_recipe(tmp_path, columns={"prompt": "question",
+                                                                                   "solution": "answer"})],
+                    "sft: the training data lacks column(s)", "reasoning (or completion)", stage="sft")
+
+
+def test_a_data_key_the_source_does_not_read_is_refused(tmp_path, capsys, runs_dir):
+    """tiny.yaml's synthetic-only keys (max_operand, kinds, ...) are a mistake on a dataset file."""
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps({"question": f"q{i}", "answer": str(i)}) + "\n" for i in range(20)))
-    assert_rejected(capsys, runs_dir, ["data.source=jsonl", f"data.path={data}",
-                                       "data.columns={prompt: question, solution: answer}"],
-                    "sft: the training data lacks column(s)", "reasoning (or completion)", stage="sft")
+    assert_rejected(capsys, runs_dir, ["data.source=jsonl", f"data.path={data}"],
+                    "data.kinds applies to source synthetic | coding only", "'jsonl'", stage="sft")
+    assert_rejected(capsys, runs_dir, ["data.heldout_split=test"], "data.heldout_split applies to source hub only",
+                    stage="sft")
+
+
+def test_coerced_values_are_stored_back(runs_dir):
+    from r1pipeline.pipeline import plan
+
+    recipe = apply_overrides(load_recipe("tiny"), ["data.shortcut_fraction='0.5'", "sft.learning_rate='1e-4'",
+                                                   "data.num_train=64", "rejection.chat_ratio='0.2'"])
+    plan(recipe, ["sft", "grpo", "rejection"], runs_dir)
+    assert recipe["data"]["shortcut_fraction"] == 0.5 and recipe["sft"]["learning_rate"] == 1e-4
+    assert recipe["rejection"]["chat_ratio"] == 0.2
 
 
 def test_unknown_reward_name(capsys, runs_dir):
@@ -153,13 +179,18 @@ def test_coerce_reads_yaml_style_floats():
     assert coerce(["a"], list[str]) == (True, ["a"])
 
 
-def test_shipped_recipes_validate(tmp_path):
+def test_shipped_recipes_validate(tmp_path, monkeypatch, hub_mirror):
+    """Every shipped recipe plans its stages; the real ones read their hub names from the test mirror."""
     from pathlib import Path
 
     from r1pipeline.config import RECIPES_DIR
     from r1pipeline.pipeline import STAGE_ORDER, plan
 
+    monkeypatch.setenv("R1PIPELINE_HUB_MIRROR", str(hub_mirror))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for recipe in sorted(RECIPES_DIR.glob("*.yaml")):
-        planned = plan(load_recipe(str(recipe)), list(STAGE_ORDER), Path(tmp_path) / recipe.stem)
-        assert [stage.name for stage in planned] == list(STAGE_ORDER), recipe
+        loaded = load_recipe(str(recipe))
+        stages = [stage for stage in STAGE_ORDER if stage in loaded]
+        planned = plan(loaded, stages, Path(tmp_path) / recipe.stem, dry_run=True)
+        assert [stage.name for stage in planned] == stages and stages, recipe
     assert not any(Path(tmp_path).iterdir())

@@ -64,7 +64,9 @@ class DataSection:
                              **_one_of(PROMPT_FORMATS))
 
 
-def build_datasets(data_cfg: dict) -> DatasetDict:
+def build_datasets(data_cfg: dict, sample: int | None = None) -> DatasetDict:
+    """Train and held-out datasets. `sample` (a dry run): only the first `sample` rows of each split
+    of an external dataset are read (a hub dataset streamed), checked the same way."""
     cfg = dict(data_cfg or {})
     source = cfg.get("source", "synthetic")
     if source not in SOURCES:
@@ -75,7 +77,7 @@ def build_datasets(data_cfg: dict) -> DatasetDict:
         return _coding(cfg)
 
     prepare = _rows_preparer(cfg)
-    train, heldout = _load_external(source, cfg)
+    train, heldout = _load_external(source, cfg, sample)
     train = prepare(train, "train")
     heldout = prepare(heldout, "heldout") if heldout is not None else None
     if heldout is None:
@@ -107,7 +109,7 @@ def _coding(cfg: dict) -> DatasetDict:
         raise DataError(str(err)) from err
 
 
-def _load_external(source: str, cfg: dict) -> tuple[Dataset, Dataset | None]:
+def _load_external(source: str, cfg: dict, sample: int | None = None) -> tuple[Dataset, Dataset | None]:
     path = cfg.get("path")
     if not path:
         raise DataError(f"data source {source!r} needs a 'path'")
@@ -121,6 +123,9 @@ def _load_external(source: str, cfg: dict) -> tuple[Dataset, Dataset | None]:
 
         def load(s: str) -> Dataset:
             try:
+                if sample:  # the first rows only, streamed: a dry run downloads no whole dataset
+                    stream = datasets.load_dataset(local, config, split=s, streaming=True)
+                    return Dataset.from_list(list(stream.take(sample)))
                 return datasets.load_dataset(local, config, split=s)
             except Exception as err:  # network, auth, bad name or split: all fatal here
                 raise DataError(f"could not load hub dataset {path!r} (name={cfg.get('name')!r}, split={s!r}): {err}") \
@@ -135,7 +140,10 @@ def _load_external(source: str, cfg: dict) -> tuple[Dataset, Dataset | None]:
         )
     builder = _FILE_BUILDERS[source]
     heldout_path = cfg.get("heldout_path")
-    return _load_file(builder, path), _load_file(builder, heldout_path) if heldout_path else None
+    train, heldout = _load_file(builder, path), _load_file(builder, heldout_path) if heldout_path else None
+    if sample:
+        train, heldout = _cap(train, sample), _cap(heldout, sample) if heldout is not None else None
+    return train, heldout
 
 
 def _load_file(builder: str, path: str) -> Dataset:

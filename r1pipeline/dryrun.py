@@ -1,7 +1,8 @@
 """`--dry-run` (`make plan`): what a recipe would do, checked and priced, before any GPU hour.
 
 The recipe is validated exactly as a real run validates it (pipeline.plan: sections, keys and types,
-model config, datasets loaded and their columns and golds checked, rewards resolved, TRL's own config
+model config, the datasets' first rows (a hub dataset streamed) loaded with their columns and golds
+checked, rewards resolved, TRL's own config
 checks, batch arithmetic for the world size); then this module prints the plan: per stage its input,
 data, rewards and batch sizes, and for the policy its parameter count and an estimate of training
 memory per device. Nothing is written and no weights are downloaded: a hub model's parameters are
@@ -22,7 +23,7 @@ import torch
 import yaml
 
 from r1pipeline import config as cfg
-from r1pipeline.pipeline import needs_gpu
+from r1pipeline.pipeline import DRY_RUN_ROWS, needs_gpu
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GIB = 1024**3
@@ -147,8 +148,11 @@ def describe(recipe: dict, planned: list, heldout, accelerate_config: str | None
     data = recipe.get("data") or {}
     if planned:
         train = planned[0].datasets["train"]
+        sampled = data.get("source", "synthetic") not in ("synthetic", "coding")
+        rows = (f"{len(train)} training rows checked (a dry run reads the first {DRY_RUN_ROWS} of each split; the "
+                "run loads all)") if sampled else f"{len(train)} training rows"
         lines.append(f"data: {data.get('source', 'synthetic')} {data.get('path', '')}".rstrip()
-                     + f": {len(train)} training rows, columns {train.column_names}")
+                     + f": {rows}, columns {train.column_names}")
     if heldout is not None:
         lines.append(f"held-out: {len(heldout)} problems (eval)")
     for stage in planned:

@@ -26,6 +26,7 @@ STAGE_ORDER = ("sft", "grpo", "rejection", "align")
 DEFAULT_INIT = {"sft": "model", "grpo": "sft", "rejection": "model", "align": "rejection"}
 DEFAULT_SAMPLE_FROM = "grpo"
 RL_STAGES = ("grpo", "align")
+DRY_RUN_ROWS = 512  # rows of each external split a dry run reads and checks
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
@@ -205,7 +206,7 @@ def plan(recipe: dict, stages: list[str], run_dir: Path, world_size: int = 1, dr
     cfg.check_sections(recipe)
     check_model(recipe.get("model") or {})
     try:
-        datasets = build_datasets(recipe.get("data") or {})
+        datasets = build_datasets(recipe.get("data") or {}, sample=DRY_RUN_ROWS if dry_run else None)
     except DataError as exc:
         raise cfg.ConfigError(f"data: {exc}") from None
 

@@ -227,6 +227,9 @@ def test_hub_names_load_from_the_mirror(tmp_path, monkeypatch):
                              "heldout_split": "test", "columns": {"prompt": "question", "solution": "answer"}})
     assert len(loaded["train"]) == len(fixture_rows("gsm8k/train.jsonl"))
     assert loaded["heldout"]["prompt"] == [row["question"] for row in fixture_rows("gsm8k/test.jsonl")]
+    sampled = build_datasets({"source": "hub", "path": "openai/gsm8k", "name": "main", "heldout_split": "test",
+                              "columns": {"prompt": "question", "solution": "answer"}}, sample=2)  # a dry run's read
+    assert sampled["train"]["prompt"] == loaded["train"]["prompt"][:2]
 
 
 def wrong_program(row: dict) -> str:

@@ -17,10 +17,11 @@ test_code, and `id` where the dataset has one.
   defines `check(candidate)`; an assert problem whose `code_prefix` is the prompt (its imports and
   helpers, which evaluation prepends).
 
-A row the sandbox cannot grade the way its dataset means is a DataError naming the row: a class
-under test, a LeetCode `class Solution` method (the sandbox calls a top-level function), tests that
-need pytest or another package (the sandbox has the standard library only), malformed JSON or Python.
-Never a task that no completion can pass.
+A row the sandbox cannot grade the way its dataset means is a DataError naming the row (or, with
+`data.invalid_rows: drop`, left out with a warning): a class under test, a LeetCode `class Solution`
+method (the sandbox calls a top-level function), tests that need pytest or another package (the
+sandbox has the standard library only), malformed JSON or Python. Never a task that no completion
+can pass.
 """
 
 import ast

@@ -40,6 +40,17 @@ def parse_args(argv):
     return parser.parse_intermixed_args(argv)
 
 
+def check_lora_sharding(recipe: dict, accelerate_config: str | None) -> None:
+    """final/ is the merged model, merged on one process: a sharded (FSDP, ZeRO-3) model is not whole there."""
+    from r1pipeline.dryrun import accelerate_setup
+
+    sharded = accelerate_setup(accelerate_config)["sharded"] if accelerate_config else None
+    if (recipe.get("model") or {}).get("lora") and sharded:
+        raise ConfigError(f"model.lora with {accelerate_config} ({sharded}): merging the adapter into a sharded model "
+                          "for final/ is not supported yet; train LoRA with recipes/accelerate/ddp.yaml (the base is "
+                          "frozen, so its weights need no sharding of optimizer state), or train every weight")
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     stages = [s for s in [args.stage] if s in STAGE_ORDER]
@@ -55,6 +66,7 @@ def main(argv=None) -> int:
         if args.stage == "all":  # the stages the recipe has (R1-Zero: grpo alone), in R1's order
             stages = [s for s in STAGE_ORDER if s in recipe] or list(STAGE_ORDER)
         planned = plan(recipe, stages, run_dir, world_size_of(args.accelerate_config), dry_run=args.dry_run)
+        check_lora_sharding(recipe, args.accelerate_config)
         heldout = plan_eval(recipe, planned) if evaluates else None
         if args.dry_run:
             from r1pipeline.dryrun import describe

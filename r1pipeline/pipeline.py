@@ -21,10 +21,10 @@ import yaml
 from r1pipeline import config as cfg
 from r1pipeline import rundir, schema
 
+# Each stage starts from the one before, except stage 3, which fine-tunes the model stage 1 started
+# from (as R1 retrains the base) on samples of stage 2: the `init_from` and `sample_from` defaults
+# of each stage's Options (stages/<stage>.py).
 STAGE_ORDER = ("sft", "grpo", "rejection", "align")
-# Stage 3 fine-tunes the model stage 1 started from, as R1 retrains the base, on samples of stage 2.
-DEFAULT_INIT = {"sft": "model", "grpo": "sft", "rejection": "model", "align": "rejection"}
-DEFAULT_SAMPLE_FROM = "grpo"
 RL_STAGES = ("grpo", "align")
 DRY_RUN_ROWS = 512  # rows of each external split a dry run reads and checks
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -214,16 +214,16 @@ def plan(recipe: dict, stages: list[str], run_dir: Path, world_size: int = 1, dr
     for name in stages:
         section = dict(recipe.get(name) or {})
         options = cfg.stage_options(name)  # the stage's own keys, declared by its module
-        own = schema.validate(name, options, {key: section.pop(key) for key in list(section)
-                                              if key in schema.fields(options)})
+        own = {**schema.defaults(options), **schema.validate(name, options, {
+            key: section.pop(key) for key in list(section) if key in schema.fields(options)})}
         trl_fields = cfg.check_trl_fields(name, section)
         if name in recipe:  # what was checked, coerced, is what the run uses and hashes
-            recipe[name] = {**trl_fields, **own}
-        init_from = own.get("init_from", DEFAULT_INIT[name])
+            recipe[name] = {**trl_fields, **{key: value for key, value in own.items() if key in recipe[name]}}
+        init_from = own["init_from"]
         check_stage_ref(planned, run_dir, f"{name}.init_from", init_from)
         sample_from = None
         if name == "rejection":
-            sample_from = own.get("sample_from", DEFAULT_SAMPLE_FROM)
+            sample_from = own["sample_from"]
             check_stage_ref(planned, run_dir, "rejection.sample_from", sample_from)
         if (own.get("vllm_sync") or {}).get("verify") and ((recipe.get("model") or {}).get("config") or {}).get("fp8"):
             raise cfg.ConfigError(f"{name}.vllm_sync.verify = true with model.config.fp8: an FP8 engine's weights are "

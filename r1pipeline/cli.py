@@ -51,6 +51,19 @@ def check_lora_sharding(recipe: dict, accelerate_config: str | None) -> None:
                           "frozen, so its weights need no sharding of optimizer state), or train every weight")
 
 
+def check_sharding_has_gpus(accelerate_config: str | None) -> None:
+    """Without GPUs the stages run as one gloo group (ACCELERATE_USE_CPU, below), and accelerate then
+    turns an FSDP or DeepSpeed config into plain data parallel (MULTI_CPU, measured with accelerate
+    1.x): nothing would be sharded, silently. Refused instead; a dry run may still plan it."""
+    from r1pipeline.dryrun import accelerate_setup
+
+    sharded = accelerate_setup(accelerate_config)["sharded"] if accelerate_config else None
+    if sharded and not torch.cuda.is_available():
+        raise ConfigError(f"ACCELERATE_CONFIG = {accelerate_config} ({sharded}) on a machine without GPUs: accelerate "
+                          "would run it as plain data parallel on the CPU, sharding nothing; use "
+                          "recipes/accelerate/cpu2.yaml for CPU data parallel, or run it where GPUs are")
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     stages = [s for s in [args.stage] if s in STAGE_ORDER]
@@ -67,6 +80,8 @@ def main(argv=None) -> int:
             stages = [s for s in STAGE_ORDER if s in recipe] or list(STAGE_ORDER)
         planned = plan(recipe, stages, run_dir, world_size_of(args.accelerate_config), dry_run=args.dry_run)
         check_lora_sharding(recipe, args.accelerate_config)
+        if not args.dry_run:
+            check_sharding_has_gpus(args.accelerate_config)
         heldout = plan_eval(recipe, planned) if evaluates else None
         if args.dry_run:
             from r1pipeline.dryrun import describe

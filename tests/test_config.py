@@ -194,3 +194,16 @@ def test_shipped_recipes_validate(tmp_path, monkeypatch, hub_mirror):
         planned = plan(loaded, stages, Path(tmp_path) / recipe.stem, dry_run=True)
         assert [stage.name for stage in planned] == stages and stages, recipe
     assert not any(Path(tmp_path).iterdir())
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for machines without GPUs")
+@pytest.mark.parametrize("name, sharded", [("fsdp2.yaml", "FSDP2"), ("zero3.yaml", "ZeRO-3")])
+def test_a_sharded_accelerate_config_without_gpus_is_refused(capsys, runs_dir, name, sharded):
+    """accelerate runs an FSDP/DeepSpeed config on CPU as plain data parallel (MULTI_CPU): refused, not
+    silently unsharded. A dry run still plans it."""
+    from r1pipeline.config import RECIPES_DIR
+
+    config = str(RECIPES_DIR / "accelerate" / name)
+    assert_rejected(capsys, runs_dir, ["--accelerate-config", config], f"({sharded}) on a machine without GPUs",
+                    "cpu2.yaml", stage="sft")
+    assert run_cli(runs_dir, "--accelerate-config", config, "--dry-run", stage="sft") == 0

@@ -4,6 +4,8 @@
 #   make sft RUN=x ARGS="sft.learning_rate=1e-4 grpo.max_steps=50"
 #   make grpo ACCELERATE_CONFIG=recipes/accelerate/ddp.yaml
 #   make plan RECIPE=x            validates the recipe and prints the plan (--dry-run): no training
+#   make serve RUN=x STAGE=align  an OpenAI-compatible server on 127.0.0.1:8000 over a stage's final/
+#   make chat RUN=x STAGE=align   a terminal chat with that server
 #   make test                     installs what it needs, then runs the tests
 
 SYSTEM_PYTHON ?= python3
@@ -16,7 +18,7 @@ export ACCELERATE_CONFIG
 
 PIPELINE := $(PYTHON) -m r1pipeline --recipe $(RECIPE) --run $(RUN)
 
-.PHONY: install all plan sft grpo rejection align eval report test test-fast bench clean-runs
+.PHONY: install all plan serve chat sft grpo rejection align eval report test test-fast bench clean-runs
 
 install: $(VENV)/.installed
 
@@ -38,6 +40,14 @@ all: install
 
 plan: install
 	$(PIPELINE) all --dry-run $(ARGS)
+
+STAGE ?=
+PORT ?= 8000
+serve: install
+	$(PYTHON) -m r1pipeline.serve --run $(RUN) $(if $(STAGE),--stage $(STAGE)) --port $(PORT)
+
+chat: install
+	$(PYTHON) -m r1pipeline.chat --run $(RUN) $(if $(STAGE),--stage $(STAGE)) --url http://127.0.0.1:$(PORT)
 
 sft grpo rejection align eval report: install
 	$(PIPELINE) $@ $(ARGS)

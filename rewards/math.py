@@ -51,7 +51,7 @@ from __future__ import annotations
 import functools
 import re
 
-from rewards.math_equiv import DEFAULT_OPTIONS, OPTIONS, Options, equal
+from rewards.math_equiv import DEFAULT_OPTIONS, Options, compared_under, equal
 from rewards.math_extract import EXTRACTORS, MAX_ANSWER_CHARS, extract_prediction, unwrap_gold
 from rewards.math_normal import normalise, relabel
 from rewards.math_parse import balanced, parse_cheap
@@ -113,7 +113,8 @@ def verify_many(pairs, timeout: float = 5.0, *, extractors: tuple[str, ...] = EX
         pred_cheap = parse_cheap(pred_text) if pred_text else None
         if gold_cheap is not None and gold_cheap.kind in _CHEAP_KINDS and \
                 (pred_text is None or (pred_cheap is not None and pred_cheap.kind in _CHEAP_KINDS)):
-            results.append(pred_cheap is not None and _equal(gold_cheap, pred_cheap, options))
+            with compared_under(options):
+                results.append(pred_cheap is not None and equal(gold_cheap, pred_cheap))
             continue
         results.append(False)
         pooled.append((len(results) - 1, gold_text, pred_text))
@@ -131,14 +132,6 @@ def verify(gold: str, pred: str, timeout: float = 5.0, *, extractors: tuple[str,
            options: Options = DEFAULT_OPTIONS) -> bool | None:
     """Is `pred` (a whole completion or a bare answer) equivalent to `gold`? None: the gold is no answer."""
     return verify_many([(gold, pred)], timeout, extractors=extractors, options=options)[0]
-
-
-def _equal(gold, pred, options: Options) -> bool:
-    token = OPTIONS.set(options)
-    try:
-        return equal(gold, pred)
-    finally:
-        OPTIONS.reset(token)
 
 
 def stats() -> dict[str, int]:

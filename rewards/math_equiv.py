@@ -24,6 +24,7 @@ Policies (each a deliberate choice against reward hacking, see reference/math-ch
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from contextvars import ContextVar
@@ -65,6 +66,16 @@ class Options:
 
 DEFAULT_OPTIONS = Options()
 OPTIONS: ContextVar[Options] = ContextVar("math_check_options", default=DEFAULT_OPTIONS)
+
+
+@contextlib.contextmanager
+def compared_under(options: Options):
+    """`equal` and what it calls read `options` while this is open (in the caller or a worker)."""
+    token = OPTIONS.set(options)
+    try:
+        yield
+    finally:
+        OPTIONS.reset(token)
 
 _POINTS = (Rational(-37, 27), Rational(61, 100), Rational(229, 100), Rational(37, 10), Rational(-1, 7))
 
@@ -385,13 +396,10 @@ def check(gold: str, pred: str | None, options: Options = DEFAULT_OPTIONS) -> bo
     pred_answer = parse(pred) if pred else None
     if pred_answer is None:
         return False
-    token = OPTIONS.set(options)
-    try:
+    with compared_under(options):
         if not options.strict:
             pred_answer = _renamed(pred_answer, gold_answer)
         return equal(gold_answer, pred_answer)
-    finally:
-        OPTIONS.reset(token)
 
 
 def _renamed(pred: Answer, gold: Answer) -> Answer:

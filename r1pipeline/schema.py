@@ -26,17 +26,11 @@ def key(default: Any = None, help: str = "", *, check: Callable[[Any], bool] | N
     """A section key: its default, help text, a check of its value (`what` says what is allowed),
     the data sources that read it (None: all), or the schema of a nested mapping."""
     metadata = {"help": help, "check": check, "what": what, "sources": sources, "schema": schema}
-    if isinstance(default, (dict, list)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 
 def fields(schema: type) -> dict[str, dataclasses.Field]:
     return {field.name: field for field in dataclasses.fields(schema)}
-
-
-def help_of(schema: type) -> dict[str, str]:
-    return {name: field.metadata.get("help", "") for name, field in fields(schema).items()}
 
 
 def validate(where: str, schema: type, values: dict | None, *, source: str | None = None) -> dict:
@@ -61,9 +55,9 @@ def validate(where: str, schema: type, values: dict | None, *, source: str | Non
         if source is not None and readers is not None and source not in readers:
             raise cfg.ConfigError(f"{where}.{name} applies to source {' | '.join(readers)} only; this recipe's "
                                   f"source is {source!r}, which does not read it")
-        if meta.get("schema") is not None and coerced is not None:
+        if meta.get("schema") is not None:
             coerced = validate(f"{where}.{name}", meta["schema"], coerced)
-        if meta.get("check") is not None and coerced is not None and not meta["check"](coerced):
+        if meta.get("check") is not None and not meta["check"](coerced):
             raise cfg.ConfigError(f"{where}.{name} = {value!r} must be {meta['what']}")
         checked[name] = coerced
     return checked
@@ -71,5 +65,4 @@ def validate(where: str, schema: type, values: dict | None, *, source: str | Non
 
 def defaults(schema: type) -> dict:
     """Every key of `schema` at its default."""
-    return {name: (field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default)
-            for name, field in fields(schema).items()}
+    return {name: field.default for name, field in fields(schema).items()}

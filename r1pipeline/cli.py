@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from r1pipeline.config import ConfigError, apply_overrides, load_recipe
-from r1pipeline.pipeline import STAGE_ORDER, execute, log, plan, plan_eval, world_size_of
+from r1pipeline.pipeline import STAGE_ORDER, accelerate_setup, execute, log, plan, plan_eval, world_size_of
 
 LAUNCHED = "R1PIPELINE_UNDER_ACCELERATE"
 
@@ -40,25 +40,18 @@ def parse_args(argv):
     return parser.parse_intermixed_args(argv)
 
 
-def check_lora_sharding(recipe: dict, accelerate_config: str | None) -> None:
-    """final/ is the merged model, merged on one process: a sharded (FSDP, ZeRO-3) model is not whole there."""
-    from r1pipeline.dryrun import accelerate_setup
-
-    sharded = accelerate_setup(accelerate_config)["sharded"] if accelerate_config else None
+def check_sharding(recipe: dict, accelerate_config: str | None, dry_run: bool) -> None:
+    """A sharded accelerate config (FSDP, ZeRO-3) that cannot do what it says:
+    - with LoRA: final/ is the merged model, merged on one process, where a sharded model is not whole;
+    - without GPUs (not refused in a dry run, which plans for the recipe's machine): the stages run as
+      one gloo group (ACCELERATE_USE_CPU, below), and accelerate then turns an FSDP or DeepSpeed config
+      into plain data parallel (MULTI_CPU, measured with accelerate 1.x), sharding nothing, silently."""
+    sharded = accelerate_setup(accelerate_config)["sharded"]
     if (recipe.get("model") or {}).get("lora") and sharded:
         raise ConfigError(f"model.lora with {accelerate_config} ({sharded}): merging the adapter into a sharded model "
                           "for final/ is not supported yet; train LoRA with recipes/accelerate/ddp.yaml (the base is "
                           "frozen, so its weights need no sharding of optimizer state), or train every weight")
-
-
-def check_sharding_has_gpus(accelerate_config: str | None) -> None:
-    """Without GPUs the stages run as one gloo group (ACCELERATE_USE_CPU, below), and accelerate then
-    turns an FSDP or DeepSpeed config into plain data parallel (MULTI_CPU, measured with accelerate
-    1.x): nothing would be sharded, silently. Refused instead; a dry run may still plan it."""
-    from r1pipeline.dryrun import accelerate_setup
-
-    sharded = accelerate_setup(accelerate_config)["sharded"] if accelerate_config else None
-    if sharded and not torch.cuda.is_available():
+    if sharded and not dry_run and not torch.cuda.is_available():
         raise ConfigError(f"ACCELERATE_CONFIG = {accelerate_config} ({sharded}) on a machine without GPUs: accelerate "
                           "would run it as plain data parallel on the CPU, sharding nothing; use "
                           "recipes/accelerate/cpu2.yaml for CPU data parallel, or run it where GPUs are")
@@ -79,9 +72,7 @@ def main(argv=None) -> int:
         if args.stage == "all":  # the stages the recipe has (R1-Zero: grpo alone), in R1's order
             stages = [s for s in STAGE_ORDER if s in recipe] or list(STAGE_ORDER)
         planned = plan(recipe, stages, run_dir, world_size_of(args.accelerate_config), dry_run=args.dry_run)
-        check_lora_sharding(recipe, args.accelerate_config)
-        if not args.dry_run:
-            check_sharding_has_gpus(args.accelerate_config)
+        check_sharding(recipe, args.accelerate_config, args.dry_run)
         heldout = plan_eval(recipe, planned) if evaluates else None
         if args.dry_run:
             from r1pipeline.dryrun import describe

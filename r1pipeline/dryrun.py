@@ -20,10 +20,9 @@ import contextlib
 import io
 
 import torch
-import yaml
 
 from r1pipeline import config as cfg
-from r1pipeline.pipeline import DRY_RUN_ROWS, needs_gpu
+from r1pipeline.pipeline import DRY_RUN_ROWS, accelerate_setup, needs_gpu
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GIB = 1024**3
@@ -58,12 +57,10 @@ def count_parameters(config, lora: dict | None = None) -> dict:
     from r1pipeline.policy import POLICY_CLASS
 
     with torch.device("meta"), contextlib.redirect_stderr(io.StringIO()):
-        if config.model_type == "deepseek_v3":  # as checkpoint.load reads a DeepSeek-V3 config
-            from r1pipeline.model import R1MoEConfig
+        if config.model_type == "deepseek_v3":  # as load_pretrained loads a DeepSeek-V3 checkpoint
+            from r1pipeline.model.checkpoint import config_from_checkpoint
 
-            fields = {k: v for k, v in config.to_dict().items()
-                      if k not in ("model_type", "architectures", "quantization_config")}
-            model = POLICY_CLASS(R1MoEConfig.from_dict(fields))
+            model = POLICY_CLASS(config_from_checkpoint(config.to_dict()))
         else:
             model = AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in model.parameters())
@@ -80,20 +77,6 @@ def count_parameters(config, lora: dict | None = None) -> dict:
             adapted = get_peft_model(model, lora_config(lora))
         trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
     return {"total": total, "active": active, "trainable": trainable}
-
-
-def accelerate_setup(path: str | None) -> dict:
-    """World size, sharding and mixed precision of an accelerate config (one process without one)."""
-    if not path:
-        return {"config": None, "processes": 1, "machines": 1, "sharded": None, "mixed_precision": "no"}
-    with open(path) as f:
-        setup = yaml.safe_load(f) or {}
-    kind = setup.get("distributed_type", "NO")
-    zero = (setup.get("deepspeed_config") or {}).get("zero_stage")
-    sharded = ("FSDP" + str((setup.get("fsdp_config") or {}).get("fsdp_version", 1)) if kind == "FSDP"
-               else f"ZeRO-{zero}" if kind == "DEEPSPEED" and zero == 3 else None)
-    return {"config": path, "processes": int(setup.get("num_processes", 1)), "machines": int(setup.get("num_machines", 1)),
-            "sharded": sharded, "distributed_type": kind, "mixed_precision": setup.get("mixed_precision") or "no"}
 
 
 def training_memory(parameters: int, trainable: int, dtype: str, setup: dict) -> float:

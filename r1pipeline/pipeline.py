@@ -105,10 +105,21 @@ class Stage:
 def world_size_of(accelerate_config: str | None) -> int:
     if "WORLD_SIZE" in os.environ:
         return int(os.environ["WORLD_SIZE"])
-    if accelerate_config:
-        with open(accelerate_config) as f:
-            return int((yaml.safe_load(f) or {}).get("num_processes", 1))
-    return 1
+    return accelerate_setup(accelerate_config)["processes"]
+
+
+def accelerate_setup(path: str | None) -> dict:
+    """World size, sharding and mixed precision of an accelerate config (one process without one)."""
+    if not path:
+        return {"config": None, "processes": 1, "machines": 1, "sharded": None, "mixed_precision": "no"}
+    with open(path) as f:
+        setup = yaml.safe_load(f) or {}
+    kind = setup.get("distributed_type", "NO")
+    zero = (setup.get("deepspeed_config") or {}).get("zero_stage")
+    sharded = ("FSDP" + str((setup.get("fsdp_config") or {}).get("fsdp_version", 1)) if kind == "FSDP"
+               else f"ZeRO-{zero}" if kind == "DEEPSPEED" and zero == 3 else None)
+    return {"config": path, "processes": int(setup.get("num_processes", 1)), "machines": int(setup.get("num_machines", 1)),
+            "sharded": sharded, "distributed_type": kind, "mixed_precision": setup.get("mixed_precision") or "no"}
 
 
 def check_model(model: dict) -> None:

@@ -6,7 +6,8 @@ from transformers import AutoModelForCausalLM, DeepseekV3Config, LlamaConfig, Qw
 
 from r1pipeline import cli
 from r1pipeline.config import RECIPES_DIR, load_recipe
-from r1pipeline.dryrun import accelerate_setup, count_parameters, training_memory
+from r1pipeline.dryrun import count_parameters, training_memory
+from r1pipeline.pipeline import accelerate_setup
 
 RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 ACCELERATE = sorted((RECIPES_DIR / "accelerate").glob("*.yaml"))

@@ -14,9 +14,7 @@ from trl import GRPOConfig
 from data import build_tokenizer
 from r1pipeline import policy, vllm_engine
 from stages.grpo import CheckpointFormatVLLM, ResumableGRPOTrainer
-
-TEXTS = [f"{a} + {b} = {a + b}" for a in range(30) for b in range(30)]
-SEQUENCE = "12 + 34 = 46 and 5 + 6 = 11, then 27 + 19 = 46"
+from test_vllm_grpo import SEQUENCE, TEXTS
 
 
 def test_lora_grpo_syncs_the_merged_adapter_into_vllm(tmp_path, monkeypatch):

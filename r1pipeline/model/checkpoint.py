@@ -176,6 +176,13 @@ def _resolve_dtype(dtype, raw: dict) -> torch.dtype:
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
+def config_from_checkpoint(raw: dict) -> R1MoEConfig:
+    """Our config from a DeepSeek-V3 checkpoint's config.json (ours, transformers' or DeepSeek's). FP8
+    compute is ours to switch on: a DeepSeek FP8 checkpoint loads as dequantised master weights."""
+    return R1MoEConfig.from_dict({k: v for k, v in raw.items()
+                                  if k not in ("model_type", "architectures", "quantization_config")})
+
+
 def load(cls, name_or_path, config: R1MoEConfig | None = None, dtype=None):
     directory = Path(name_or_path)
     if not directory.is_dir():
@@ -184,9 +191,7 @@ def load(cls, name_or_path, config: R1MoEConfig | None = None, dtype=None):
         directory = Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors"]))
     raw = json.loads((directory / "config.json").read_text())
     if config is None:
-        # FP8 compute is ours to switch on: a DeepSeek FP8 checkpoint loads as dequantised master weights.
-        fields = {k: v for k, v in raw.items() if k not in ("model_type", "architectures", "quantization_config")}
-        config = R1MoEConfig.from_dict(fields)
+        config = config_from_checkpoint(raw)
     # As transformers' from_pretrained does: TRL starts a colocated vLLM from model.name_or_path.
     config._name_or_path = str(name_or_path)
     model = cls(config)

@@ -179,13 +179,6 @@ ADAPTERS = {
 assert tuple(ADAPTERS) == TEST_FORMATS
 
 
-def check_test_format(test_format) -> str:
-    if test_format not in TEST_FORMATS:
-        raise DataError(f"test_format={test_format!r} is not one of {', '.join(TEST_FORMATS)} "
-                        "(apps also reads TACO, which keeps APPS's columns)")
-    return test_format
-
-
 def adapt_tests(ds: Dataset, test_format: str, split: str, invalid_rows: str = "error") -> Dataset:
     """Every row as a sandbox problem, checked as the code reward will build it (with an empty
     program in place of a completion), so a malformed row fails here, before any work."""

@@ -20,10 +20,11 @@ def row_ids(ds) -> list:
 INVALID_ROWS = ("error", "drop")
 
 
-def check_invalid_rows(policy) -> str:
-    if policy not in INVALID_ROWS:
-        raise DataError(f"invalid_rows={policy!r} is not one of {', '.join(INVALID_ROWS)}")
-    return policy
+def one_of(key: str, value, allowed: tuple[str, ...], hint: str = "") -> str:
+    """`value` if it is one of `allowed`, else a DataError naming the data key and what is allowed."""
+    if value not in allowed:
+        raise DataError(f"{key}={value!r} is not one of {', '.join(allowed)}{hint}")
+    return value
 
 
 def unusable(split: str, what: str, bad: list[str], total: int, policy: str) -> None:

@@ -35,7 +35,7 @@ from datasets import Dataset
 from rewards.math_extract import extract_prediction, last_boxed, normalise, unwrap_gold
 from rewards.math_parse import balanced
 
-from .errors import DataError, row_ids, row_name, unusable
+from .errors import row_ids, row_name, unusable
 
 ANSWER_FORMATS = ("auto", "raw", "gsm8k", "boxed", "column")
 # Where a worked solution states its answer: a completion's extractors less "last_line".
@@ -46,12 +46,6 @@ _CALCULATOR = re.compile(r"<<[^<>\n]*>>")  # GSM8K: "48/2 = <<48/2=24>>24 clips"
 
 class _Irreducible(ValueError):
     """Why one row's gold has no final answer."""
-
-
-def check_answer_format(answer_format) -> str:
-    if answer_format not in ANSWER_FORMATS:
-        raise DataError(f"answer_format={answer_format!r} is not one of {', '.join(ANSWER_FORMATS)}")
-    return answer_format
 
 
 def gold_columns(answer_format: str, mapping: dict) -> tuple[str, ...]:

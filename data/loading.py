@@ -8,10 +8,10 @@ from datasets import Dataset, DatasetDict
 
 from r1pipeline.schema import key
 
-from .code_tests import TEST_FORMATS, adapt_tests, check_test_format
+from .code_tests import TEST_FORMATS, adapt_tests
 from .coding import build_coding
-from .errors import INVALID_ROWS, DataError, check_invalid_rows, row_ids, row_name, unusable
-from .golds import ANSWER_FORMATS, check_answer_format, gold_columns, reduce_golds
+from .errors import INVALID_ROWS, DataError, one_of, row_ids, row_name, unusable
+from .golds import ANSWER_FORMATS, gold_columns, reduce_golds
 from .synthetic import SYNTHETIC_KINDS, build_synthetic
 from .template import PROMPT_FORMATS, R1_SYSTEM_PROMPT
 
@@ -158,15 +158,16 @@ def _rows_preparer(cfg: dict):
     dataset's tests mapped to sandbox problems (data/code_tests.py), or a math dataset's columns
     mapped and its golds reduced to final answers (data/golds.py). Rows that cannot be used are an
     error, or with `invalid_rows: drop` left out with a warning (data/errors.py)."""
-    invalid_rows = check_invalid_rows(cfg.get("invalid_rows", "error"))
+    invalid_rows = one_of("invalid_rows", cfg.get("invalid_rows", "error"), INVALID_ROWS)
     if cfg.get("test_format") is not None:
-        test_format = check_test_format(cfg["test_format"])
+        test_format = one_of("test_format", cfg["test_format"], TEST_FORMATS,
+                             " (apps also reads TACO, which keeps APPS's columns)")
         given = [key for key in ("columns", "answer_format") if cfg.get(key) is not None]
         if given:
             raise DataError(f"test_format={test_format!r} reads the dataset's own columns and tests; "
                             f"{' and '.join(given)} do not apply to it")
         return lambda ds, split: adapt_tests(ds, test_format, split, invalid_rows)
-    answer_format = check_answer_format(cfg.get("answer_format", "auto"))
+    answer_format = one_of("answer_format", cfg.get("answer_format", "auto"), ANSWER_FORMATS)
     mapping = dict(cfg.get("columns") or {})
     required = ("prompt", *gold_columns(answer_format, mapping))
 

@@ -22,10 +22,13 @@ BEFORE_RL, AFTER_RL = ("sft",), ("grpo", "align")
 # metrics.jsonl keys (TRL's GRPOTrainer names) drawn as curves, in this order, when logged.
 CURVES = ("reward", r"rewards/.+/mean", "accuracy", "completions/mean_length", "kl", "entropy",
           "clip_ratio/region_mean", "frac_reward_zero_std", "sampling/sampling_logp_difference/mean",
-          "sampling/kl_k3")
-# Rollout engine (vLLM) against the trainer, on the sampled tokens, when rollouts came from vLLM.
-MISMATCH = {"sampling/sampling_logp_difference/mean": "mean |Δlogp|", "sampling/sampling_logp_difference/max": "max |Δlogp|",
-            "sampling/kl_k3": "k3 KL", "sampling/frac_dlogp_gt_ln2": "tokens with |Δlogp| > ln 2"}
+          "sampling/kl_k3", "routing/router_mismatch_free", "routing/router_mismatch")
+# The rollout (transformers generate or vLLM, FP8 or not) against the trainer, on the sampled tokens
+# (stages/rollouts.py), averaged over the logged steps.
+MISMATCH = {"sampling/kl_k3": "k3 KL", "sampling/abs_dlogp_mean": "mean |Δlogp|",
+            "sampling/sampling_logp_difference/max": "max |Δlogp|", "sampling/frac_dlogp_gt_ln2": "tokens with |Δlogp| > ln 2",
+            "sampling/is_clip_frac": "IS clipped", "routing/router_mismatch": "routers differing (trained)",
+            "routing/router_mismatch_free": "routers differing (free choice)"}
 SAMPLES_PER_STAGE = 2
 SAMPLE_CHARS = 1500
 
@@ -96,21 +99,23 @@ def training_curves(run_dir: Path, plots: Path) -> list[str]:
 
 
 def mismatch_table(series: dict) -> list[str]:
-    """Per RL stage that sampled with vLLM: the engine's logprobs of its sampled tokens against the
-    trainer's, averaged over the logged rows (max |Δlogp|: the largest logged; with logging_steps > 1
-    TRL logs each window's average)."""
+    """Per RL stage: the rollout's logprobs of its sampled tokens against the trainer's, and its MoE
+    routing against the training forward's, averaged over the logged rows (max |Δlogp|: the largest
+    logged; with logging_steps > 1 TRL logs each window's average)."""
     rows = []
     for stage, metrics in series.items():
         values = {key: [row[key] for row in metrics if isinstance(row.get(key), (int, float))] for key in MISMATCH}
-        if values["sampling/sampling_logp_difference/mean"]:
+        if values["sampling/kl_k3"]:
             cells = [_fmt(max(v) if key.endswith("/max") else sum(v) / len(v), 5) if v else "–"
                      for key, v in values.items()]
-            rows.append(f"| {stage} | {len(values['sampling/sampling_logp_difference/mean'])} | {' | '.join(cells)} |")
+            rows.append(f"| {stage} | {len(values['sampling/kl_k3'])} | {' | '.join(cells)} |")
     if not rows:
         return []
-    return ["## Rollout engine vs trainer", "",
-            "The rollout engine's logprobs of the tokens it sampled against the trainer's recomputed ones "
-            "(k3: r - 1 - log r, r = π_train / π_rollout, per token).", "",
+    return ["## Rollout vs trainer", "",
+            "The rollout's logprobs of the tokens it sampled against the trainer's recomputed ones (k3: r - 1 - log r, "
+            "r = π_train / π_rollout, per token), the share the importance-sampling correction cut, and the share of "
+            "(token, MoE layer) whose experts differ from the rollout's: in the trained forward (0 under routing "
+            "replay) and as the trainer's router would choose freely.", "",
             "| stage | logged steps | " + " | ".join(MISMATCH.values()) + " |", "|---" * (2 + len(MISMATCH)) + "|",
             *rows, ""]
 

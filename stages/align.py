@@ -23,6 +23,7 @@ from r1pipeline.pipeline import Stage, log
 from r1pipeline.schema import defaults, key
 from stages import grpo
 from stages.common import prompt_of, system_prompt
+from stages.rollouts import RolloutKeys
 
 REWARD_MODEL_REWARDS = ("helpfulness", "harmlessness")
 DEFAULT_GENERAL_RATIO = 0.3
@@ -46,7 +47,7 @@ class RewardModel:
 
 
 @dataclasses.dataclass
-class Options:
+class Options(RolloutKeys):
     """The stage's own keys; every other key of the `align` section is a GRPOConfig field."""
 
     init_from: str = key("rejection", INIT_FROM_HELP)

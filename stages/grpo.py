@@ -5,7 +5,6 @@ completions per prompt, the recipe's rewards and weights. Rollouts come from tra
 import contextlib
 import dataclasses
 import hashlib
-import math
 import random
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from r1pipeline.pipeline import Stage, log
 from r1pipeline.schema import key
 from r1pipeline.vllm_engine import WeightSyncError
 from rewards.text import completion_text
+from stages.rollouts import RolloutKeys, RolloutRecordMixin, trl_defaults
 from stages.common import (ExactResumeMixin, callbacks, load_policy, peft_config, prompt_of, read_metrics,
                            train_and_save, trainer_args)
 
@@ -36,7 +36,7 @@ class VLLMSync:
 
 
 @dataclasses.dataclass
-class Options:
+class Options(RolloutKeys):
     """The stage's own keys; every other key of the `grpo` section is a GRPOConfig field."""
 
     init_from: str = key("sft", INIT_FROM_HELP)
@@ -174,7 +174,7 @@ def colocated_engine_settings(args, model):
         vllm_generation.LLM = trl_llm
 
 
-class ResumableGRPOTrainer(ExactResumeMixin, GRPOTrainer):
+class ResumableGRPOTrainer(ExactResumeMixin, RolloutRecordMixin, GRPOTrainer):
     """GRPOTrainer whose checkpoints also hold the rollout buffer, and whose vLLM receives our MoE
     policy's weights in checkpoint format (`CheckpointFormatVLLM`).
 
@@ -195,26 +195,6 @@ class ResumableGRPOTrainer(ExactResumeMixin, GRPOTrainer):
             self.vllm_generation.__class__ = CheckpointFormatVLLM
             self.vllm_generation.verify_sync = verify_default(unwrapped(self.model), (vllm_sync or {}).get("verify"))
             self.vllm_generation.sync_timeout = (vllm_sync or {}).get("timeout", 600.0)
-
-    def _generate_and_score_completions(self, inputs):
-        """TRL's, plus `sampling/kl_k3`: the k3 estimate (r - 1 - log r, r = π_train / π_rollout per
-        sampled token) of KL(π_rollout ‖ π_train), and `sampling/frac_dlogp_gt_ln2`: the share of
-        sampled tokens whose probabilities differ by more than a factor 2, from the same per-token
-        logprobs that TRL's `sampling/sampling_logp_difference/{mean,max}` and its importance-sampling
-        correction use."""
-        output = super()._generate_and_score_completions(inputs)
-        rollout, train = output.get("sampling_per_token_logps"), output.get("old_per_token_logps")
-        if self.use_vllm and rollout is not None and train is not None:
-            mask = output["completion_mask"] * output.get("tool_mask", 1)  # the tokens TRL's own metrics use
-            log_ratio = (train - rollout)[mask.bool()]
-            log_ratio = log_ratio[~torch.isnan(log_ratio)]
-            zero = torch.zeros((), device=train.device)
-            k3 = (torch.expm1(log_ratio) - log_ratio).mean() if log_ratio.numel() else zero
-            far = (log_ratio.abs() > math.log(2)).float().mean() if log_ratio.numel() else zero
-            mode = "train" if self.model.training else "eval"
-            self._metrics[mode]["sampling/kl_k3"].append(self.accelerator.gather(k3).mean().item())
-            self._metrics[mode]["sampling/frac_dlogp_gt_ln2"].append(self.accelerator.gather(far).mean().item())
-        return output
 
     def _state_file(self, checkpoint: str) -> Path:
         return Path(checkpoint) / f"grpo_state_rank{self.accelerator.process_index}.pt"
@@ -268,7 +248,8 @@ def reward_trend(stage_dir) -> dict:
 
 
 def grpo_config(stage: Stage, model) -> GRPOConfig:
-    fields = trainer_args(stage, model, reward_weights=[reward.weight for reward in stage.rewards])
+    fields = trainer_args(stage, model, reward_weights=[reward.weight for reward in stage.rewards],
+                          **trl_defaults(stage.section))
     # transformers' Trainer sets config.use_cache=False (right for training forwards), and TRL's
     # generate would then run without a KV cache, recomputing the whole sequence at every step. (With
     # use_vllm these go to vLLM's SamplingParams, which has no such field.)
@@ -296,6 +277,7 @@ def train(stage: Stage, dataset) -> dict:
         callbacks=callbacks(stage),
         peft_config=peft_config(stage),
     )
+    trainer.configure_rollouts(stage.section)
     metrics = train_and_save(trainer, stage)
     metrics.update(reward_trend(stage.stage_dir))
     if "reward_first_quarter" in metrics:

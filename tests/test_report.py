@@ -4,7 +4,7 @@ and ones with pieces missing, which must still give a report."""
 import json
 
 from r1pipeline import rundir
-from r1pipeline.report import write_report
+from r1pipeline.report import MISMATCH, write_report
 
 GRPO_KEYS = ("reward", "rewards/accuracy/mean", "rewards/format/mean", "completions/mean_length", "kl", "entropy",
              "clip_ratio/region_mean", "frac_reward_zero_std")
@@ -70,16 +70,15 @@ def test_missing_pieces(tmp_path):
     assert "not run" in write_report(tmp_path / "empty").read_text()
 
 
-def test_vllm_runs_report_the_engine_trainer_mismatch(tmp_path):
+def test_rl_runs_report_the_rollout_trainer_mismatch(tmp_path):
     run_dir = tmp_path / "run"
-    mismatch = ("sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max", "sampling/kl_k3",
-                "sampling/frac_dlogp_gt_ln2")
-    write_stage(run_dir, "grpo", 4, (*GRPO_KEYS, *mismatch))   # steps 1-4 log 0.1 ... 0.4
-    write_stage(run_dir, "align", 2, GRPO_KEYS)                # transformers rollouts: no mismatch logged
+    write_stage(run_dir, "grpo", 4, (*GRPO_KEYS, *MISMATCH))  # steps 1-4 log 0.1 ... 0.4
+    write_stage(run_dir, "align", 2, GRPO_KEYS)               # mismatch_metrics: false, nothing logged
     text = write_report(run_dir).read_text()
-    assert "## Rollout engine vs trainer" in text
-    assert "| grpo | 4 | 0.25000 | 0.40000 | 0.25000 | 0.25000 |" in text  # means, and the largest max
-    assert "| align |" not in text.split("## Rollout engine vs trainer")[1]
-    assert {"sampling_sampling_logp_difference_mean.png", "sampling_kl_k3.png"} <= {
+    assert "## Rollout vs trainer" in text
+    # k3, mean |Δlogp|, max |Δlogp| (the largest logged), > ln 2, IS clipped, routers (trained, free)
+    assert "| grpo | 4 | 0.25000 | 0.25000 | 0.40000 | 0.25000 | 0.25000 | 0.25000 | 0.25000 |" in text
+    assert "| align |" not in text.split("## Rollout vs trainer")[1]
+    assert {"sampling_kl_k3.png", "routing_router_mismatch_free.png", "routing_router_mismatch.png"} <= {
         path.name for path in (run_dir / "plots").glob("*.png")}
-    assert "Rollout engine vs trainer" not in write_report(tmp_path / "empty").read_text()
+    assert "Rollout vs trainer" not in write_report(tmp_path / "empty").read_text()

@@ -278,3 +278,44 @@ def test_fp8_resume_restores_the_fp32_masters(tmp_path):
     assert code == 0, out
     assert "resuming from" in out and "checkpoint-2 (step 2)" in out
     assert_same_weights(straight, resumed)
+
+
+def test_grpo_with_routing_replay_and_fp8_rollouts_resumes_exactly(tmp_path, sft_checkpoint):
+    """R3 with FP8 rollouts: the rollout's experts are replayed (no trained router differs from the
+    rollout's), every mismatch metric is logged, and a checkpoint inside a generation batch carries
+    the batch's routes, so the resumed run replays what the uninterrupted one did."""
+    runs = tmp_path / "runs"
+    args = [*FAST_DATA, *FAST_GRPO, f"grpo.init_from={sft_checkpoint}", "grpo.save_steps=3",
+            "grpo.steps_per_generation=2", "grpo.logging_steps=1", "grpo.routing_replay=r3",
+            "grpo.rollout_precision=fp8"]
+    code, out = pipeline(runs, "straight", "grpo", *args)
+    assert code == 0, out
+    rows = [json.loads(line) for line in (runs / "straight" / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    scored = [row for row in rows if "sampling/kl_k3" in row]
+    assert [row["step"] for row in scored] == [1, 3, 5]
+    for row in scored:
+        assert row["routing/router_mismatch"] == 0 and row["routing/token_mismatch"] == 0
+        assert row["sampling/kl_k3"] > 0, "FP8 rollouts sample from other probabilities than the fp32 trainer"
+        assert {"sampling/abs_dlogp_mean", "sampling/frac_dlogp_gt_ln2", "sampling/is_clip_frac",
+                "routing/router_mismatch_free", "routing/bytes"} <= row.keys()
+    # TRL's correction is on, token-level and truncated at C = 2 (the FP8 rollout defaults).
+    assert all(row["sampling/importance_sampling_ratio/max"] <= 2.0 for row in scored)
+
+    stage = runs / "killed" / "grpo"
+    code, _ = pipeline(runs, "killed", "grpo", *args,
+                       kill_when=lambda: (stage / "checkpoint-3" / "COMPLETE").exists())
+    assert code == -signal.SIGKILL
+    buffered = torch.load(stage / "checkpoint-3" / "grpo_state_rank0.pt", weights_only=False)["buffered_inputs"]
+    assert buffered and all(batch["routed_experts"].dtype == torch.int16 for batch in buffered)
+    code, out = pipeline(runs, "killed", "grpo", *args)
+    assert code == 0, out
+    assert_same_weights(runs / "straight" / "grpo", stage)
+
+
+def test_routing_replay_with_vllm_rollouts_is_refused_before_any_work(tmp_path, sft_checkpoint):
+    runs = tmp_path / "runs"
+    code, out = pipeline(runs, "vllm", "grpo", *FAST_DATA, *FAST_GRPO, "model.preset=tiny-vllm",
+                         f"grpo.init_from={sft_checkpoint}",
+                         "grpo.use_vllm=true", "grpo.routing_replay=r3")
+    assert code != 0 and "grpo.routing_replay = 'r3'" in out and "use_vllm=false" in out
+    assert not (runs / "vllm" / "grpo").exists(), "refused before any work"

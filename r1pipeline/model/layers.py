@@ -7,6 +7,7 @@ K experts per token, N = B*S tokens.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -50,6 +51,21 @@ def effective_weight(layer: nn.Module) -> torch.Tensor:
             if name in layer.lora_A:
                 weight = weight + layer.get_delta_weight(name)
     return weight
+
+
+@contextlib.contextmanager
+def fp8_compute(model: nn.Module):
+    """Within it, every Linear and routed-expert GEMM of `model` runs in block FP8 (weights quantised in
+    128x128 blocks, activations in 1x128 tiles, from the unchanged master weights), as an FP8 rollout
+    engine computes; the router (Gate) and the output head keep full precision."""
+    layers = [m for m in model.modules() if isinstance(m, (Linear, Experts)) and not m.fp8]
+    for layer in layers:
+        layer.fp8 = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.fp8 = False
 
 
 class RotaryEmbedding(nn.Module):
@@ -177,6 +193,8 @@ class Gate(nn.Module):
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts))
         self.register_buffer("expert_load", torch.zeros(config.n_routed_experts), persistent=False)
+        self.recording = False  # r1pipeline.model.routing turns it on; the forward then keeps `recorded`
+        self.recorded: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids used, ids chosen freely)
 
     def _apply(self, fn, recurse=True):
         # model.to(bfloat16) must not round the bias: γ = 1e-3 steps vanish in bf16 (V3 keeps it fp32).
@@ -185,7 +203,10 @@ class Gate(nn.Module):
         self._buffers["expert_load"] = self.expert_load.float()
         return self
 
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None):
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None, forced: torch.Tensor | None = None):
+        """(routing weights [N, K], expert ids [N, K], affinities [N, E]). `forced` [N, K] replays recorded
+        expert ids (routing replay): a row of ids is used as given, a row of NO_ROUTE is routed here;
+        either way the weights come from the live affinities, so the router keeps its gradient."""
         N, E = x.shape[0], self.weight.shape[0]
         scores = F.linear(x.float(), self.weight.float()).sigmoid()           # [N, E] affinities s
         choice = scores.detach() + self.e_score_correction_bias
@@ -195,7 +216,11 @@ class Gate(nn.Module):
             best = grouped.topk(2, dim=-1).values.sum(-1).topk(self.topk_group, dim=-1).indices
             keep = torch.zeros(N, self.n_group, 1, dtype=torch.bool, device=x.device).scatter_(1, best[..., None], True)
             choice = grouped.masked_fill(~keep, float("-inf")).view(N, E)
-        indices = choice.topk(self.top_k, dim=-1, sorted=False).indices      # [N, K]
+        indices = free = choice.topk(self.top_k, dim=-1, sorted=False).indices  # [N, K]
+        if forced is not None:
+            indices = torch.where((forced >= 0).all(-1, keepdim=True), forced.long(), free)
+        if self.recording:
+            self.recorded = (indices, free)
         weights = scores.gather(1, indices)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
@@ -257,10 +282,11 @@ class MoE(nn.Module):
         self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, config.fp8)
         self.seq_aux_alpha = config.seq_aux_alpha
 
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None):
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None, routing: torch.Tensor | None = None):
         B, S, H = x.shape
         flat = x.view(-1, H)                                                   # [N, H]
-        weights, indices, scores = self.gate(flat, token_mask)
+        forced = None if routing is None else routing.reshape(B * S, -1)       # [B, S, K] -> [N, K]
+        weights, indices, scores = self.gate(flat, token_mask, forced)
         y = self.experts(flat, weights, indices).view(B, S, H) + self.shared_experts(x)
         aux = None
         if self.training and self.seq_aux_alpha:
@@ -289,10 +315,12 @@ class Block(GradientCheckpointingLayer):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, rope=None, mask=None, past_key_values=None, token_mask=None):
+    def forward(self, x, rope=None, mask=None, past_key_values=None, token_mask=None, routing=None):
+        # `routing` [B, S, K]: expert ids to replay in this layer (a keyword argument, so that gradient
+        # checkpointing's recomputation replays them too).
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, past_key_values)
         h = self.post_attention_layernorm(x)
         if not self.is_moe:
             return x + self.mlp(h), None
-        h, aux = self.mlp(h, token_mask)
+        h, aux = self.mlp(h, token_mask, routing)
         return x + h, aux

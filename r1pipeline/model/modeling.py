@@ -18,6 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from . import checkpoint
 from .config import R1MoEConfig
 from .layers import Block, Experts, Gate, RMSNorm, RotaryEmbedding
+from .routing import routing_of
 
 
 @dataclass
@@ -79,10 +80,13 @@ class R1MoEModel(R1MoEPreTrainedModel):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
         self.gradient_checkpointing = False
+        self.routing_log: list | None = None  # routing.recording() sets a list
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs) -> R1MoEModelOutput:
+                inputs_embeds=None, use_cache=None, routed_experts=None, **kwargs) -> R1MoEModelOutput:
+        """`routed_experts` [B, S, MoE layers, K]: expert ids to replay (routing.py; NO_ROUTE rows route
+        freely). With a routing.recording() open, each call appends what its MoE layers chose."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds       # [B, S, H]
@@ -96,10 +100,16 @@ class R1MoEModel(R1MoEPreTrainedModel):
         mask = attention_mask_4d(attention_mask, S, past + S)
         token_mask = attention_mask[:, -S:].bool() if attention_mask is not None else None
         rope = self.rotary_emb(position_ids)
-        aux = None
+        aux, moe = None, 0
         for layer in self.layers:
-            x, layer_aux = layer(x, rope=rope, mask=mask, past_key_values=past_key_values, token_mask=token_mask)
+            routing = None
+            if routed_experts is not None and layer.is_moe:
+                routing, moe = routed_experts[:, :, moe], moe + 1
+            x, layer_aux = layer(x, rope=rope, mask=mask, past_key_values=past_key_values, token_mask=token_mask,
+                                 routing=routing)
             aux = _add(aux, layer_aux)
+        if self.routing_log is not None:
+            self.routing_log.append(routing_of(self, x.shape[0], S))
         return R1MoEModelOutput(last_hidden_state=self.norm(x), past_key_values=past_key_values, aux_loss=aux)
 
 
@@ -130,9 +140,11 @@ class R1MoEForCausalLM(R1MoEPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs) -> R1MoECausalLMOutput:
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, routed_experts=None,
+                **kwargs) -> R1MoECausalLMOutput:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         routed_experts=routed_experts)
         hidden = out.last_hidden_state                                                      # [B, S, H]
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep])                                             # [B, S', V]

@@ -1,0 +1,281 @@
+"""What the RL stages' rollouts carry beyond TRL's: the sampling policy's own per-token logprobs on the
+transformers `generate` path, the experts each token was routed to (MoE routing replay, R2/R3), FP8
+rollouts, and the train/rollout mismatch measured every step.
+
+TRL's GRPOTrainer knows one rollout engine that can differ from the trainer, vLLM: only there does it
+keep the sampling logprobs, compute the trainer's own ("old") logprobs of the batch, and correct the
+difference by truncated importance sampling. Here the transformers path supplies the same sampling
+logprobs (a logits processor reads them off while `generate` samples), so TRL's correction and its
+`sampling/*` metrics run for it too, and the mismatch metrics below hold for every rollout engine:
+
+    sampling/kl_k3               k3 estimate of KL(train ‖ rollout) per sampled token (AReaL's)
+    sampling/abs_dlogp_mean      mean |log π_train − log π_rollout|
+    sampling/frac_dlogp_gt_ln2   share of tokens whose probabilities differ by more than 2×
+    sampling/is_clip_frac        share of tokens (sequences, in TRL's sequence modes) that the
+                                 importance-sampling correction truncated or masked
+    routing/router_mismatch      share of (token, MoE layer) whose expert set in the training forward
+                                 differs from the rollout's (0 for replayed layers)
+    routing/token_mismatch       share of tokens with such a difference in any layer
+    routing/*_free               the same for the experts the training forward would have chosen
+                                 itself (what replay removes)
+    routing/bytes                size of the routes kept for the batch
+
+Routing replay (`routing_replay`): r3 forces the rollout's experts in every training forward of the
+batch; r2 records the first training forward's (the trainer's "old" logprobs pass) and replays them in
+the later passes (num_iterations > 1, steps_per_generation > 1). Replayed experts get their routing
+weights from the live gate, so the router still learns. Routes travel with the batch in TRL's rollout
+buffer, which our checkpoints save, so a resumed run replays what the uninterrupted one would.
+
+FP8 rollouts (`rollout_precision: fp8`): the rollout computes every linear layer in block FP8 from the
+fp32 master weights (DeepSeek-V3's 128x128 weight blocks, 1x128 activation tiles; exact emulation on
+CPU), with the router and the output head in full precision, the production setup of slime and verl;
+TRL's token-level truncated importance sampling (C = 2) corrects the trainer for the difference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from r1pipeline import policy
+from r1pipeline.model import routing
+from r1pipeline.model.layers import fp8_compute
+from r1pipeline.pipeline import log
+from r1pipeline.schema import key
+
+REPLAY_MODES = ("none", "r2", "r3")
+PRECISIONS = ("model", "fp8")
+FP8_IS_DEFAULTS = {"vllm_importance_sampling_mode": "token_truncate", "vllm_importance_sampling_clip_max": 2.0}
+
+
+@dataclasses.dataclass
+class RolloutKeys:
+    """Keys of the GRPO and align sections about rollouts (stages/rollouts.py)."""
+
+    routing_replay: str = key("none", "MoE routing replay: none, r2 (replay the first training forward's experts in "
+                                      "later passes over a batch) or r3 (replay the rollout's experts)",
+                              check=lambda mode: mode in REPLAY_MODES, what="one of " + ", ".join(REPLAY_MODES))
+    rollout_precision: str = key("model", "model (rollouts with the policy's weights) or fp8 (block-FP8 rollout "
+                                          "weights, router and head in full precision, truncated importance sampling)",
+                                 check=lambda p: p in PRECISIONS, what="one of " + ", ".join(PRECISIONS))
+    mismatch_metrics: bool = key(True, "log the train/rollout mismatch every step (costs one no-grad forward of "
+                                       "the batch on the transformers path)")
+
+
+def trl_defaults(section: dict) -> dict:
+    """GRPOConfig fields these keys imply, under the recipe's own: an FP8 rollout corrects per token."""
+    return dict(FP8_IS_DEFAULTS) if section.get("rollout_precision") == "fp8" else {}
+
+
+class SampledLogprobs(LogitsProcessor):
+    """Reads, while `generate` samples, the logprob of every sampled token under the sampling policy:
+    log softmax(logits / T) as TRL computes the trainer's, one step behind (a step's token is known at
+    the next call; `finish` takes the last). Holds one [B, V] row at a time, never the whole history."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.pending: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores):
+        self._take(input_ids[:, -1])
+        self.pending = (scores.float() / self.temperature).log_softmax(-1)
+        return scores
+
+    def _take(self, tokens):
+        if self.pending is not None:
+            self.steps.append(self.pending.gather(1, tokens[:, None].to(self.pending.device)).squeeze(1))
+
+    def finish(self, sequences) -> torch.Tensor:
+        self._take(sequences[:, -1])
+        self.pending = None
+        return torch.stack(self.steps, dim=1).cpu()                        # [B, new tokens]
+
+
+class RolloutRecordMixin:
+    """For a GRPOTrainer subclass: see the module docstring. `configure_rollouts` after __init__."""
+
+    routing_replay, rollout_precision, mismatch_metrics = "none", "model", True
+    _rollout_routes: list | None = None   # per sample of the generation batch, from the last rollout
+    _batch_routes: dict | None = None     # while a batch is generated and scored: its rollout and train routes
+    _loss_routes: torch.Tensor | None = None  # while a loss is computed: the routes its batch replays
+
+    def configure_rollouts(self, options: dict) -> None:
+        self.routing_replay = options.get("routing_replay", "none")
+        self.rollout_precision = options.get("rollout_precision", "model")
+        self.mismatch_metrics = options.get("mismatch_metrics", True)
+        ours = isinstance(self._policy(), policy.POLICY_CLASS)
+        for name, value, default in (("routing_replay", self.routing_replay, "none"),
+                                     ("rollout_precision", self.rollout_precision, "model")):
+            if value != default and not ours:
+                raise ValueError(f"{name} = {value!r} needs our MoE policy; {type(self._policy()).__name__} has "
+                                 "no routers to replay and no FP8 rollout path")
+        if self.args.use_vllm and (self.rollout_precision == "fp8" or self.routing_replay == "r3"):
+            raise ValueError(f"use_vllm with routing_replay = {self.routing_replay!r}, rollout_precision = "
+                             f"{self.rollout_precision!r}: vLLM's CPU build returns no routed experts and its FP8 path "
+                             "is CUDA's; on the transformers path both run (use_vllm: false)")
+        if self.routing_replay == "r2" and not self._keeps_old_logps():
+            log("routing_replay = r2: each batch is trained on once and no forward precedes it, so there is "
+                "nothing to replay (set num_iterations > 1 or steps_per_generation > 1)")
+
+    def _policy(self):
+        from accelerate.utils import is_peft_model
+
+        model = self.accelerator.unwrap_model(self.model)
+        return model.get_base_model() if is_peft_model(model) else model
+
+    def _own_rollouts(self) -> bool:
+        """Whether this trainer's transformers rollouts keep sampling logprobs (and routes, and FP8)."""
+        return not self.args.use_vllm and (self.mismatch_metrics or self.rollout_precision == "fp8"
+                                           or self.routing_replay != "none")
+
+    def _keeps_old_logps(self) -> bool:
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        return (self.args.gradient_accumulation_steps % generate_every != 0
+                or (self.vllm_importance_sampling_correction and (self.use_vllm or self._own_rollouts())))
+
+    @contextlib.contextmanager
+    def _use_vllm_reads(self, value: bool):
+        """TRL gates its use of sampling logprobs (the old-logprob pass, the importance-sampling ratio,
+        its `sampling/*` metrics, the correction in the loss: grpo_trainer.py L2644-2909, L3146) on
+        `use_vllm`. Our transformers rollouts have those logprobs too: around scoring and the loss the
+        gate reads true, and around generation itself false again, so that TRL generates with transformers."""
+        if not self._own_rollouts():
+            yield
+            return
+        before, self.use_vllm = self.use_vllm, value
+        try:
+            yield
+        finally:
+            self.use_vllm = before
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        if not self._own_rollouts() or images is not None or multimodal_fields:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)
+        # TRL's own transformers path (pad, generate, cut after EOS), with the unwrapped model's `generate`
+        # wrapped for the duration: the sampling logprobs, the routes, FP8 weights.
+        model = self.accelerator.unwrap_model(self.model_wrapped)
+        sampled, seen = SampledLogprobs(self.temperature), {}
+        plain = model.generate
+
+        def generate(*args, **kwargs):
+            ours = isinstance(self._policy(), policy.POLICY_CLASS)
+            fp8 = fp8_compute(model) if self.rollout_precision == "fp8" else contextlib.nullcontext()
+            record = routing.recording(model) if ours else contextlib.nullcontext()
+            with fp8, record as routes:
+                out = plain(*args, logits_processor=LogitsProcessorList([sampled]), **kwargs)
+            seen.update(sequences=out, prompt_mask=kwargs["attention_mask"], routes=routes)
+            return out
+
+        model.generate = generate
+        try:
+            with self._use_vllm_reads(False):
+                completion_ids, _ = super()._generate_single_turn(prompt_ids, images, multimodal_fields,
+                                                                  num_generations, has_tool_images)
+        finally:
+            del model.generate
+        logprobs = sampled.finish(seen["sequences"])
+        lengths = [len(ids) for ids in completion_ids]
+        self._rollout_routes = None
+        if seen["routes"] is not None:
+            self._rollout_routes = routing.generated_routes(seen["routes"], seen["prompt_mask"].cpu(), lengths)
+        return completion_ids, [row[:n].tolist() for row, n in zip(logprobs, lengths)]
+
+    def _generate_and_score_completions(self, inputs):
+        self._batch_routes = {"rollout": None, "train": None}  # filled by the batch's first training forward
+        try:
+            with self._use_vllm_reads(True):
+                output = super()._generate_and_score_completions(inputs)
+            routes = self._batch_routes
+        finally:
+            self._batch_routes = None
+        replay = {"r3": routes["rollout"], "r2": routes["train"] and routes["train"][0]}.get(self.routing_replay)
+        if replay is not None:
+            output["routed_experts"] = replay
+        self._log_mismatch(output, routes)
+        return output
+
+    def _compute_loss(self, model, inputs):
+        self._loss_routes = inputs.get("routed_experts")
+        try:
+            with self._use_vllm_reads(True):
+                return super()._compute_loss(model, inputs)
+        finally:
+            self._loss_routes = None
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           **kwargs):
+        """TRL's, chunk by chunk, with the batch's routes replayed; the first training forward of a
+        generation batch (TRL's old-logprob pass) also records the experts it used and would choose."""
+        batch = getattr(self, "_batch_routes", None)
+        first = batch is not None and batch["train"] is None and model is self.model
+        replay = getattr(self, "_loss_routes", None)
+        if first and self._rollout_routes is not None:
+            batch["rollout"] = routing.aligned(self._rollout_routes, attention_mask)
+            replay = batch["rollout"] if self.routing_replay == "r3" else None
+        text_only = all(value is None for name, value in kwargs.items() if not name.startswith("compute_"))
+        if not isinstance(self._policy(), policy.POLICY_CLASS) or not text_only or not (first or replay is not None):
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                              batch_size, **kwargs)
+        batch_size = batch_size or input_ids.size(0)
+        parts, records = [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            chunk = slice(start, start + batch_size)
+            record = routing.recording(model) if first else contextlib.nullcontext()
+            with routing.replaying(model, None if replay is None else replay[chunk]), record as log_:
+                parts.append(super()._get_per_token_logps_and_entropies(
+                    model, input_ids[chunk], attention_mask[chunk], logits_to_keep, None, **kwargs))
+            if first:
+                records.append(log_[0])
+        if first:
+            batch["train"] = tuple(torch.cat(column) for column in zip(*records))  # (used, free)
+        logps, entropies, aux = zip(*parts)
+        return (torch.cat(logps), None if entropies[0] is None else torch.cat(entropies),
+                None if aux[0] is None else torch.stack(aux).mean())
+
+    def _log_mismatch(self, output: dict, routes: dict) -> None:
+        """The module docstring's metrics for this generation batch, gathered over processes."""
+        mode = "train" if self.model.training else "eval"
+        mask = output["completion_mask"] * output.get("tool_mask", 1)
+        rollout, train = output.get("sampling_per_token_logps"), output.get("old_per_token_logps")
+        values = {}
+        if rollout is not None and train is not None:
+            log_ratio = (train - rollout)[mask.bool()]
+            log_ratio = log_ratio[~torch.isnan(log_ratio)]
+            if log_ratio.numel():
+                values["sampling/kl_k3"] = (torch.expm1(log_ratio) - log_ratio).mean()
+                values["sampling/abs_dlogp_mean"] = log_ratio.abs().mean()
+                values["sampling/frac_dlogp_gt_ln2"] = (log_ratio.abs() > math.log(2)).float().mean()
+            ratio = output.get("importance_sampling_ratio")
+            if ratio is not None:
+                values["sampling/is_clip_frac"] = self._is_clip_fraction(train, rollout, mask)
+        if routes["rollout"] is not None and routes["train"] is not None:
+            completion = torch.cat([torch.zeros_like(output["prompt_mask"]), mask], dim=1)
+            used, free = routes["train"]
+            for suffix, train_routes in (("", used), ("_free", free)):
+                for name, value in routing.mismatch(routes["rollout"], train_routes, completion).items():
+                    values[f"routing/{name}_mismatch{suffix}"] = torch.tensor(value)
+            kept = output.get("routed_experts")
+            values["routing/bytes"] = torch.tensor(float(routing.nbytes(kept if kept is not None else routes["rollout"])))
+        device = mask.device
+        for name, value in values.items():
+            self._metrics[mode][name].append(self.accelerator.gather(value.to(device).float()).mean().item())
+
+    def _is_clip_fraction(self, train, rollout, mask) -> torch.Tensor:
+        """Share of tokens (sequences, in TRL's sequence modes) whose importance ratio the correction cut."""
+        diff = torch.nan_to_num((train - rollout) * mask, nan=0.0)
+        sequence = self.vllm_importance_sampling_mode.startswith("sequence")
+        ratio = diff.sum(-1).exp() if sequence else diff.exp()
+        low = self.vllm_importance_sampling_clip_min
+        high = self.vllm_importance_sampling_clip_max
+        cut = torch.zeros_like(ratio, dtype=torch.bool)
+        if low is not None:
+            cut |= ratio < low
+        if high is not None:
+            cut |= ratio > high
+        return cut.float().mean() if sequence else cut[mask.bool()].float().mean()

@@ -1,0 +1,126 @@
+"""MoE routing record and replay (r1pipeline/model/routing.py) on the tiny policy, and the sampling
+logprobs the transformers rollout keeps (stages/rollouts.py)."""
+
+import pytest
+import torch
+
+from r1pipeline.model import PRESETS, R1MoEConfig, R1MoEForCausalLM, routing
+from r1pipeline.model.layers import fp8_compute
+from stages.rollouts import SampledLogprobs
+
+VOCAB, PAD, EOS = 48, 0, 1
+
+
+def tiny_policy(**overrides) -> R1MoEForCausalLM:
+    # Two MoE layers of 8 experts (the tiny preset has one), so routes are per layer.
+    fields = {**PRESETS["tiny"], "num_hidden_layers": 3, "num_nextn_predict_layers": 0, **overrides}
+    config = R1MoEConfig(vocab_size=VOCAB, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=2, **fields)
+    torch.manual_seed(0)
+    model = R1MoEForCausalLM(config)
+    model.generation_config.eos_token_id = None  # fixed-length samples; no min_new_tokens processor to skew logits
+    return model
+
+
+def rollout(model, prompts: torch.Tensor, prompt_mask: torch.Tensor, new_tokens: int, perturbed: bool):
+    """Sampled completions with the routes and sampling logprobs recorded, FP8 weights if perturbed."""
+    sampled = SampledLogprobs(temperature=1.0)
+    torch.manual_seed(1)
+    with torch.no_grad(), routing.recording(model) as log, (fp8_compute(model) if perturbed else _nothing()):
+        out = model.generate(input_ids=prompts, attention_mask=prompt_mask, do_sample=True, temperature=1.0,
+                             top_k=0, max_new_tokens=new_tokens, pad_token_id=PAD,
+                             logits_processor=[sampled])
+    return out, log, sampled.finish(out)
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def batch():
+    prompts = torch.randint(3, VOCAB, (4, 7), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(prompts)
+    mask[1, :3] = 0  # left padding, as TRL pads prompts
+    mask[3, :1] = 0
+    return prompts.masked_fill(mask == 0, PAD), mask
+
+
+def test_replayed_routing_equals_the_recorded_routing_exactly():
+    model = tiny_policy().eval()
+    prompts, prompt_mask = batch()
+    out, log, _ = rollout(model, prompts, prompt_mask, new_tokens=10, perturbed=True)
+    lengths = [10] * 4
+    per_sample = routing.generated_routes(log, prompt_mask, lengths)
+    attention = torch.cat([prompt_mask, torch.ones(4, 10, dtype=torch.long)], dim=1)
+    rollout_routes = routing.aligned(per_sample, attention)
+    assert rollout_routes.shape == (4, 17, 2, 2) and rollout_routes.dtype == routing.ROUTE_DTYPE
+    # Every real token has a record except the last sampled one, which generation never fed back.
+    recorded = (rollout_routes >= 0).all(-1).all(-1)
+    assert torch.equal(recorded, attention.bool() & (torch.arange(17) < 16))
+
+    with torch.no_grad(), routing.recording(model) as free_log:
+        model(input_ids=out, attention_mask=attention)
+    with torch.no_grad(), routing.replaying(model, rollout_routes), routing.recording(model) as replay_log:
+        model(input_ids=out, attention_mask=attention)
+    used, free = replay_log[0]
+    assert torch.equal(used[recorded], rollout_routes[recorded])
+    assert torch.equal(free, free_log[0][0]), "replay must not change what the router would choose"
+    # The FP8 rollout routed some tokens otherwise than the fp32 training forward would: the replay
+    # above is what made them equal.
+    assert routing.mismatch(rollout_routes, free, attention)["router"] > 0
+    assert routing.mismatch(rollout_routes, used, attention) == {"router": 0.0, "token": 0.0}
+
+
+def _loss_and_gate_grads(model, ids, routes, checkpointing: bool):
+    model.zero_grad()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+    model.train()
+    with routing.replaying(model, routes):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()  # after the replay context closed: a recomputation must still replay
+    return [gate.weight.grad.clone() for gate in routing.moe_gates(model)], loss.detach()
+
+
+def test_gradients_reach_the_router_under_replay_and_recomputation_replays_too():
+    model = tiny_policy()
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+    # Routes no router would pick by itself: the least-liked experts of every token.
+    with torch.no_grad():
+        with routing.recording(model) as log:
+            model(input_ids=ids)
+    routes = (7 - log[0][0].long()).to(routing.ROUTE_DTYPE)
+    grads, loss = _loss_and_gate_grads(model, ids, routes, checkpointing=False)
+    assert all(grad.abs().sum() > 0 for grad in grads)
+    recomputed, loss_ckpt = _loss_and_gate_grads(model, ids, routes, checkpointing=True)
+    free, loss_free = _loss_and_gate_grads(model, ids, None, checkpointing=True)
+    assert torch.equal(loss, loss_ckpt) and not torch.equal(loss, loss_free)
+    for a, b in zip(grads, recomputed):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_sampled_logprobs_are_the_policy_logprobs_of_the_sampled_tokens():
+    model = tiny_policy().eval()
+    prompts, prompt_mask = batch()
+    out, _, logprobs = rollout(model, prompts, prompt_mask, new_tokens=8, perturbed=False)
+    attention = torch.cat([prompt_mask, torch.ones(4, 8, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=out, attention_mask=attention).logits[:, 6:-1]     # predicts tokens 7..14
+    expected = logits.log_softmax(-1).gather(2, out[:, 7:, None]).squeeze(2)
+    assert logprobs.shape == (4, 8)
+    torch.testing.assert_close(logprobs, expected, rtol=0, atol=1e-4)  # KV-cache decode vs one full forward
+
+
+def test_routes_that_do_not_fit_the_batch_are_refused():
+    with pytest.raises(ValueError, match="routes of sample 0 cover 3 tokens, its mask 4"):
+        routing.aligned([torch.zeros(3, 1, 2, dtype=routing.ROUTE_DTYPE)], torch.ones(1, 4))
+
+
+def test_routing_record_is_for_our_policy_only():
+    with pytest.raises(TypeError, match="no R1MoEModel"):
+        routing.moe_gates(torch.nn.Linear(2, 2))

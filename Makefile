@@ -5,7 +5,9 @@
 #   make grpo ACCELERATE_CONFIG=recipes/accelerate/ddp.yaml
 #   make plan RECIPE=x            validates the recipe and prints the plan (--dry-run): no training
 #   make serve RUN=x STAGE=align  an OpenAI-compatible server on 127.0.0.1:8000 over a stage's final/
+#                                 (GGUF=1: its `make export` GGUF, served by llama.cpp)
 #   make chat RUN=x STAGE=align   a terminal chat with that server
+#   make export RUN=x STAGE=align TYPE=q8_0   the checkpoint as GGUF for llama.cpp / Ollama
 #   make test                     installs what it needs, then runs the tests
 
 SYSTEM_PYTHON ?= python3
@@ -18,7 +20,7 @@ export ACCELERATE_CONFIG
 
 PIPELINE := $(PYTHON) -m r1pipeline --recipe $(RECIPE) --run $(RUN)
 
-.PHONY: install all plan serve chat sft grpo rejection align eval report test test-fast bench clean-runs
+.PHONY: install all plan serve chat export sft grpo rejection align eval report test test-fast bench clean-runs
 
 install: $(VENV)/.installed
 
@@ -44,7 +46,11 @@ plan: install
 STAGE ?=
 PORT ?= 8000
 serve: install
-	$(PYTHON) -m r1pipeline.serve --run $(RUN) $(if $(STAGE),--stage $(STAGE)) --port $(PORT)
+	$(PYTHON) -m r1pipeline.serve --run $(RUN) $(if $(STAGE),--stage $(STAGE)) --port $(PORT) $(if $(GGUF),--gguf)
+
+TYPE ?= f32
+export: install
+	$(PYTHON) -m r1pipeline export --run $(RUN) $(if $(STAGE),--stage $(STAGE)) --gguf --type $(TYPE)
 
 chat: install
 	$(PYTHON) -m r1pipeline.chat --run $(RUN) $(if $(STAGE),--stage $(STAGE)) --url http://127.0.0.1:$(PORT)

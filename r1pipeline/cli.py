@@ -2,7 +2,8 @@
 
 STAGE is one of the stages (sft, grpo, rejection, align), `eval` (every finished stage on the
 held-out problems), `report` (runs/<run>/report.md and plots), or `all` (the recipe's stages, in R1's
-order, then eval and report). `--dry-run` validates and prints the plan without running it. With
+order, then eval and report). `python -m r1pipeline export --run R --stage S --gguf` writes a stage's
+checkpoint as GGUF (r1pipeline/export.py). `--dry-run` validates and prints the plan without running it. With
 ACCELERATE_CONFIG=<file> (or --accelerate-config) the stages run under `accelerate launch` with that
 config; the recipe is validated once here first, so a bad recipe fails before any process starts.
 Evaluation and the report run in this process. Hub names are read from R1PIPELINE_HUB_MIRROR, a
@@ -58,7 +59,12 @@ def check_sharding(recipe: dict, accelerate_config: str | None, dry_run: bool) -
 
 
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:  # `python -m r1pipeline export --run R --stage S --gguf`: r1pipeline/export.py
+        from r1pipeline.export import main as export
+
+        return export(argv[1:])
+    args = parse_args(argv)
     stages = [s for s in [args.stage] if s in STAGE_ORDER]
     evaluates = args.stage in ("eval", "all")
     reports = args.stage in ("report", "all")
@@ -89,7 +95,7 @@ def main(argv=None) -> int:
         return 0
     if planned and args.accelerate_config:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", args.accelerate_config,
-                   "-m", "r1pipeline", *(sys.argv[1:] if argv is None else argv)]
+                   "-m", "r1pipeline", *argv]
         env = {**os.environ, LAUNCHED: "1"}
         if not torch.cuda.is_available():
             # accelerate's multi-process launcher assumes GPUs; without any, each process would train

@@ -1,6 +1,7 @@
 """`make serve RUN=... STAGE=...`: an OpenAI-compatible server on 127.0.0.1 over a stage's final
 checkpoint, with transformers' own `transformers serve` (FastAPI + uvicorn: /health,
-/v1/chat/completions, streaming too).
+/v1/chat/completions, streaming too). With GGUF=1 (`--gguf`), the stage's GGUF export (`make export`)
+served by llama.cpp's own server (the xllamacpp wheel), the same endpoints.
 
 Our DeepSeek-V3-format checkpoints load there as transformers' DeepseekV3ForCausalLM (the MTP layer
 is ignored); the tokenizer's chat template renders the conversation. Two pitfalls are handled here:
@@ -53,12 +54,48 @@ def parse_args(argv):
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", default="auto", help="cpu, cuda:0, or auto")
+    parser.add_argument("--gguf", nargs="?", const="auto", default=None,
+                        help="serve a GGUF with llama.cpp instead: a path, or (no value) the stage's `make export`")
     return parser.parse_args(argv)
+
+
+def gguf_of(checkpoint: Path, given: str) -> Path:
+    """The GGUF to serve: `given`, or the newest `make export` wrote for the checkpoint's stage."""
+    if given != "auto":
+        return Path(given)
+    exported = sorted((checkpoint.parent / "export").glob("*.gguf"), key=lambda path: path.stat().st_mtime)
+    if not exported:
+        raise SystemExit(f"r1pipeline serve: error: no GGUF in {checkpoint.parent / 'export'}; run `make export` first")
+    return exported[-1]
+
+
+def serve_gguf(gguf: Path, host: str, port: int) -> int:
+    """llama.cpp's server (llama-server's code, from the xllamacpp wheel) until SIGINT/SIGTERM."""
+    import signal
+    import threading
+
+    import xllamacpp
+
+    params = xllamacpp.CommonParams()
+    params.model.path = str(gguf)
+    params.hostnames = [host]
+    params.port = port
+    params.cpuparams.n_threads = max(1, (os.cpu_count() or 2) // 2)
+    server = xllamacpp.Server(params)
+    print(f"[r1pipeline] serving {gguf} with llama.cpp on {server.listening_address}/v1", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    del server
+    return 0
 
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     checkpoint = checkpoint_of(args.runs_dir, args.run, args.stage)
+    if args.gguf:
+        return serve_gguf(gguf_of(checkpoint, args.gguf), args.host, args.port)
     print(f"[r1pipeline] serving {checkpoint} on http://{args.host}:{args.port}/v1 (model name in requests: "
           f"{checkpoint}); `make chat` talks to it", flush=True)
     return subprocess.call(server_command(checkpoint, args.host, args.port, args.device), env=server_env(checkpoint))

@@ -1,6 +1,7 @@
 """Stage 2, GRPO with rule-based rewards: TRL's GRPOTrainer, groups of `num_generations`
 completions per prompt, the recipe's rewards and weights. Rollouts come from transformers
-`generate`, or vLLM (its CPU build here, CUDA on GPU) with `use_vllm: true`."""
+`generate`, or vLLM (its CPU build here, CUDA on GPU) with `use_vllm: true`. Routing replay, FP8
+rollouts and the train/rollout mismatch metrics: stages/rollouts.py."""
 
 import contextlib
 import dataclasses

@@ -21,13 +21,14 @@ def tiny_policy(**overrides) -> R1MoEForCausalLM:
     return model
 
 
-def rollout(model, prompts: torch.Tensor, prompt_mask: torch.Tensor, new_tokens: int, perturbed: bool):
+def rollout(model, prompts: torch.Tensor, prompt_mask: torch.Tensor, new_tokens: int, perturbed: bool,
+            use_cache: bool = True):
     """Sampled completions with the routes and sampling logprobs recorded, FP8 weights if perturbed."""
     sampled = SampledLogprobs(temperature=1.0)
     torch.manual_seed(1)
     with torch.no_grad(), routing.recording(model) as log, (fp8_compute(model) if perturbed else _nothing()):
         out = model.generate(input_ids=prompts, attention_mask=prompt_mask, do_sample=True, temperature=1.0,
-                             top_k=0, max_new_tokens=new_tokens, pad_token_id=PAD,
+                             top_k=0, max_new_tokens=new_tokens, pad_token_id=PAD, use_cache=use_cache,
                              logits_processor=[sampled])
     return out, log, sampled.finish(out)
 
@@ -48,10 +49,12 @@ def batch():
     return prompts.masked_fill(mask == 0, PAD), mask
 
 
-def test_replayed_routing_equals_the_recorded_routing_exactly():
+@pytest.mark.parametrize("use_cache", [True, False], ids=["kv-cache", "no-cache"])
+def test_replayed_routing_equals_the_recorded_routing_exactly(use_cache):
+    """Also without a KV cache, when each generation step recomputes (and re-records) the whole sequence."""
     model = tiny_policy().eval()
     prompts, prompt_mask = batch()
-    out, log, _ = rollout(model, prompts, prompt_mask, new_tokens=10, perturbed=True)
+    out, log, _ = rollout(model, prompts, prompt_mask, new_tokens=10, perturbed=True, use_cache=use_cache)
     lengths = [10] * 4
     per_sample = routing.generated_routes(log, prompt_mask, lengths)
     attention = torch.cat([prompt_mask, torch.ones(4, 10, dtype=torch.long)], dim=1)

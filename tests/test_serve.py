@@ -33,13 +33,31 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_server_over_a_stage_checkpoint_answers_a_chat_completion(tmp_path):
+def stage_checkpoint(tmp_path):
+    """runs/demo/align/final: a tiny policy and its tokenizer, as a finished stage."""
     final = tmp_path / "runs" / "demo" / "align" / "final"
     tokenizer = build_tokenizer([f"{a} + {b} = {a + b}" for a in range(30) for b in range(30)])
     policy.build_from_preset("tiny", {}, tokenizer, seed=0).save_pretrained(final)
     tokenizer.save_pretrained(final)
     (final.parent / "manifest.json").write_text("{}")
+    return final
+
+
+def wait_healthy(url, server, seconds):
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                assert json.loads(response.read())["status"] == "ok"
+            return
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()
+            time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_server_over_a_stage_checkpoint_answers_a_chat_completion(tmp_path):
+    final = stage_checkpoint(tmp_path)
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "r1pipeline.serve", "--runs-dir", str(tmp_path / "runs"),
                                "--run", "demo", "--port", str(port), "--device", "cpu"], cwd=ROOT,
@@ -47,15 +65,7 @@ def test_server_over_a_stage_checkpoint_answers_a_chat_completion(tmp_path):
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    assert json.loads(response.read()) == {"status": "ok"}
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()
-                time.sleep(1)
+        wait_healthy(url, server, 180)
         reply = ask(url, str(final.resolve()), [{"role": "user", "content": "What is 2 + 3?"}], max_tokens=8)
         assert isinstance(reply, str)
         assert (tmp_path / "runs" / "demo" / ".hf_cache").is_dir(), "the server's cache directory exists"
@@ -67,3 +77,27 @@ def test_server_over_a_stage_checkpoint_answers_a_chat_completion(tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_llama_cpp_server_over_a_stage_gguf_answers_a_chat_completion(tmp_path):
+    """`make export` then `make serve GGUF=1`: llama.cpp's server on loopback over the GGUF."""
+    final = stage_checkpoint(tmp_path)
+    runs = ["--runs-dir", str(tmp_path / "runs"), "--run", "demo"]
+    done = subprocess.run([sys.executable, "-m", "r1pipeline", "export", *runs, "--gguf", "--type", "q8_0"], cwd=ROOT,
+                          env=pipeline_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    exported = final.parent / "export" / "demo-align-q8_0.gguf"
+    assert exported.is_file() and (final.parent / "export" / "Modelfile").read_text().startswith("# Ollama")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "r1pipeline.serve", *runs, "--port", str(port), "--gguf"],
+                              cwd=ROOT, env=pipeline_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, server, 120)
+        reply = ask(url, "demo", [{"role": "user", "content": "What is 2 + 3?"}], max_tokens=8)
+        assert isinstance(reply, str)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        assert server.wait(timeout=30) == 0

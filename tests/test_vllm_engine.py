@@ -187,6 +187,19 @@ def test_server_mode_cannot_start_on_the_cpu_build():
     assert "No package metadata was found for vllm" in done.stderr
 
 
+@cpu_build_only
+def test_the_cpu_build_cannot_return_routed_experts(checkpoint):
+    """Why routing replay (R3) and the routing metrics are not wired to vLLM rollouts here
+    (stages/rollouts.py refuses the combination): vLLM returns each sequence's experts
+    (`CompletionOutput.routed_experts`) through its aux-output connector, which only Model Runner V2
+    builds; V2 needs Triton, which the CPU build lacks (and on a CPU without AMX, MLA also turns off
+    the prefix caching the connector requires). The ids themselves are right: hooked in-process on the
+    V1 runner, vLLM's CPU router chose our Gate's top-k sets on 56 of 56 (token, layer) probes. When
+    this test fails, the first obstacle is gone."""
+    with pytest.raises(Exception, match="Model Runner V2"):
+        vllm_engine.build_llm(str(checkpoint), max_model_len=256, seed=0, enable_return_routed_experts=True)
+
+
 def test_a_bf16_engine_holds_the_trainers_weights_after_the_same_rounding(checkpoint, tokenizer, trainer_model, llm):
     """An fp32 trainer syncing into a bf16 engine: every engine tensor equals the trainer's cast to the
     engine's dtype (the router's, kept in fp32 by vLLM, exactly), after the load and after a reload.

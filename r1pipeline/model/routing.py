@@ -86,17 +86,17 @@ def replaying(model, routes: torch.Tensor | None):
 
 def generated_routes(log, prompt_mask: torch.Tensor, completion_lengths: list[int]) -> list[torch.Tensor]:
     """Per sample, the routes of its real tokens in order (prompt then completion), from a recording of
-    one `generate` call: a prefill over the left-padded prompts [B, P], then one forward per new token.
-    The last token of a completion that ran to the length limit was never fed back: NO_ROUTE."""
-    used = torch.cat([used for used, _ in log], dim=1)                     # [B, P + steps - 1, L, K]
-    P = prompt_mask.shape[1]
+    one `generate` call over left-padded prompts [B, P]: a prefill, then one forward per new token, each
+    covering the newest token (with a KV cache) or the whole sequence so far (without). The last token
+    of a completion that ran to the length limit was never fed back: NO_ROUTE."""
+    P, total = prompt_mask.shape[1], 0
+    used = torch.full((prompt_mask.shape[0], P + len(log), *log[0][0].shape[2:]), NO_ROUTE, dtype=ROUTE_DTYPE)
+    for step, (routes, _) in enumerate(log):
+        total = routes.shape[1] if step == 0 else total + 1
+        used[:, total - routes.shape[1]:total] = routes.cpu()
     out = []
     for i, n in enumerate(completion_lengths):
-        completion = used[i, P:P + n]
-        if completion.shape[0] < n:
-            missing = torch.full((n - completion.shape[0], *used.shape[2:]), NO_ROUTE, dtype=used.dtype)
-            completion = torch.cat([completion, missing.to(used.device)])
-        out.append(torch.cat([used[i, :P][prompt_mask[i].bool()], completion]))
+        out.append(torch.cat([used[i, :P][prompt_mask[i].bool().cpu()], used[i, P:P + n]]))
     return out
 
 

@@ -1,0 +1,249 @@
+"""MoE RL on the embedded default's policy: routing replay against the train/rollout mismatch, and
+short GRPO runs with and without R3 + FP8 rollouts from one SFT checkpoint.
+
+1. Mismatch, on one batch of held-out prompts x G samples, with the pieces the GRPO trainer uses
+   (stages/rollouts.py: recorded routes, the sampling logprobs read off `generate`, FP8 rollouts):
+   - fp8_rollout: rollouts with block-FP8 weights (router and head fp32), the training forward in
+     fp32, with no replay and with R3 (the rollout's experts replayed);
+   - bf16_rollout: the same with a bf16 copy of the policy as the rollout engine (the usual pairing
+     of a bf16 inference engine with fp32 master weights);
+   - num_iterations_2: rollouts in the policy's own precision, one GRPO update on the batch (TRL's
+     default loss, group-normalised accuracy rewards, Adam at the recipe's learning rate), then the
+     second pass's forward with no replay, R2 (the first pass's experts) and R3.
+   For each: k3 KL(train ‖ rollout) per completion token (mean), mean |Δlogp|, the share of
+   (token, MoE layer) whose expert set differs from the rollout's in the forward that is trained,
+   and the same for the experts the trainer's router would choose itself.
+2. GRPO from the same SFT checkpoint, `--grpo-steps` each: baseline (rollouts in fp32, no replay),
+   FP8 rollouts without replay, FP8 rollouts with R3; held-out pass@1 (the run's eval section) and the
+   reward and mismatch curves' means over the first and last quarter of steps.
+
+Writes benchmarks/results/moe_rl.json.
+
+    python benchmarks/moe_rl.py [--sft-steps N | --sft CHECKPOINT] [--grpo-steps 100] [--prompts 32] [--skip-grpo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from r1pipeline import config as cfg  # noqa: E402
+from r1pipeline.model import R1MoEForCausalLM, routing  # noqa: E402
+from r1pipeline.model.layers import fp8_compute  # noqa: E402
+from stages.rollouts import SampledLogprobs  # noqa: E402
+
+RECIPE = ROOT / "recipes" / "tiny.yaml"
+VARIANTS = {"baseline": [], "fp8_rollout": ["grpo.rollout_precision=fp8"],
+            "fp8_rollout_r3": ["grpo.rollout_precision=fp8", "grpo.routing_replay=r3"]}
+
+
+def pipeline(runs: Path, run: str, *args: str) -> None:
+    subprocess.run([sys.executable, "-m", "r1pipeline", "--runs-dir", str(runs), "--run", run, *args], cwd=ROOT,
+                   check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+# ---- 1. mismatch on one batch -------------------------------------------------------------------
+
+
+def held_out_batch(recipe: dict, tokenizer, prompts: int, group: int):
+    from data.loading import build_datasets
+    from r1pipeline.evaluate import heldout_rows
+
+    data = recipe["data"]
+    rows = heldout_rows(build_datasets(data)["heldout"], data["system_prompt"])[:prompts]
+    rows = [row for row in rows for _ in range(group)]
+    tokenizer.padding_side = "left"
+    encoded = tokenizer([row["prompt"] for row in rows], return_tensors="pt", padding=True)
+    return rows, encoded["input_ids"], encoded["attention_mask"]
+
+
+def generate(model, prompt_ids, prompt_mask, max_new_tokens: int, fp8: bool, seed: int):
+    """Sampled completions (T = 1) with their routes and sampling logprobs, as the trainer's rollout."""
+    sampled = SampledLogprobs(temperature=1.0)
+    torch.manual_seed(seed)
+    precision = fp8_compute(model) if fp8 else torch.no_grad()
+    with torch.no_grad(), precision, routing.recording(model) as log:
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=1.0,
+                             top_k=0, max_new_tokens=max_new_tokens, logits_processor=[sampled])
+    completion = out[:, prompt_ids.shape[1]:]
+    eos = model.config.eos_token_id
+    ends = (completion == eos).int().cumsum(1)
+    completion_mask = ((ends == 0) | ((ends == 1) & (completion == eos))).long()  # up to and including EOS
+    lengths = completion_mask.sum(1).tolist()
+    per_sample = routing.generated_routes(log, prompt_mask, lengths)
+    attention = torch.cat([prompt_mask, completion_mask], dim=1)
+    return out, attention, completion_mask, sampled.finish(out), routing.aligned(per_sample, attention)
+
+
+def train_logps(model, sequences, attention, completion_len: int, replay=None, grad: bool = False):
+    """Per-token logprobs of the completion tokens (fp32, T = 1) and (routes used, routes free)."""
+    with torch.set_grad_enabled(grad), routing.replaying(model, replay), routing.recording(model) as log:
+        logits = model(input_ids=sequences, attention_mask=attention).logits[:, -completion_len - 1:-1]
+    logps = logits.float().log_softmax(-1).gather(2, sequences[:, -completion_len:, None]).squeeze(2)
+    return logps, log[0]
+
+
+def measure(train, rollout, completion_mask, routes_rollout, routes, prompt_len: int) -> dict:
+    d = (train.detach() - rollout)[completion_mask.bool()]
+    tokens = torch.cat([torch.zeros(completion_mask.shape[0], prompt_len, dtype=torch.long), completion_mask], 1)
+    used, free = routes
+    return {"k3_kl": (torch.expm1(d) - d).mean().item(), "abs_dlogp_mean": d.abs().mean().item(),
+            "router_mismatch": routing.mismatch(routes_rollout, used, tokens)["router"],
+            "token_mismatch": routing.mismatch(routes_rollout, used, tokens)["token"],
+            "router_mismatch_free": routing.mismatch(routes_rollout, free, tokens)["router"]}
+
+
+def grpo_update(model, rows, sequences, attention, completion_mask, logps, rollout_logps, tokenizer, lr: float,
+                group: int, replay=None) -> None:
+    """One GRPO step on the batch: TRL's default loss (token-level, clipped ratio against the rollout's
+    logprobs, eps 0.2), advantages from the accuracy reward normalised per group, Adam."""
+    from rewards.registry import resolve
+
+    completions = tokenizer.batch_decode(sequences[:, -completion_mask.shape[1]:], skip_special_tokens=True)
+    accuracy = resolve([{"name": "accuracy"}])[0].fn
+    rewards = torch.tensor([r if r is not None else 0.0 for r in
+                            accuracy([row["prompt"] for row in rows], completions,
+                                     solution=[row["solution"] for row in rows])])
+    grouped = rewards.view(-1, group)
+    advantages = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1, 1)
+    ratio = torch.exp(logps - rollout_logps)
+    loss = -torch.min(ratio * advantages, ratio.clamp(0.8, 1.2) * advantages)
+    loss = (loss * completion_mask).sum() / completion_mask.sum()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    loss.backward()
+    optimizer.step()
+    model.zero_grad()
+
+
+def mismatch_figures(checkpoint: Path, recipe: dict, prompts: int, group: int, seed: int) -> dict:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = R1MoEForCausalLM.from_pretrained(checkpoint).eval()
+    rows, prompt_ids, prompt_mask = held_out_batch(recipe, tokenizer, prompts, group)
+    max_new, P = int(recipe["grpo"]["max_completion_length"]), prompt_ids.shape[1]
+    figures = {}
+
+    for name in ("fp8_rollout", "bf16_rollout"):
+        engine = copy.deepcopy(model).to(torch.bfloat16) if name == "bf16_rollout" else model
+        sequences, attention, completion_mask, rollout, routes = generate(engine, prompt_ids, prompt_mask, max_new,
+                                                                          name == "fp8_rollout", seed)
+        C = completion_mask.shape[1]
+        figures[name] = {}
+        for replay in ("none", "r3"):
+            logps, used = train_logps(model, sequences, attention, C, routes if replay == "r3" else None)
+            figures[name][replay] = measure(logps, rollout.float(), completion_mask, routes, used, P)
+
+    sequences, attention, completion_mask, rollout, routes = generate(model, prompt_ids, prompt_mask, max_new, False, seed)
+    C = completion_mask.shape[1]
+    first = {}
+    for replay in ("none", "r2", "r3"):
+        trial = R1MoEForCausalLM.from_pretrained(checkpoint).train()
+        trial.config.use_cache = False
+        logps, first_routes = train_logps(trial, sequences, attention, C, routes if replay == "r3" else None, grad=True)
+        first.setdefault("before_update", measure(logps, rollout, completion_mask, routes, first_routes, P))
+        replayed = {"none": None, "r2": first_routes[0], "r3": routes}[replay]
+        grpo_update(trial, rows, sequences, attention, completion_mask, logps, rollout, tokenizer,
+                    float(recipe["grpo"]["learning_rate"]), group, replayed)
+        trial.eval()
+        logps2, second_routes = train_logps(trial, sequences, attention, C, replayed)
+        first[replay] = measure(logps2, rollout, completion_mask, routes, second_routes, P)
+        if replay == "none":
+            # The aux-loss-free bias update after the step (γ · sign of the load error, the load counted
+            # in the training forward): the routers it alone flips, against those the gradient step flipped.
+            trial.update_routing_bias()
+            _, after_bias = train_logps(trial, sequences, attention, C)
+            tokens = torch.cat([torch.zeros(len(rows), P, dtype=torch.long), completion_mask], 1)
+            first["bias_update"] = {
+                "bias_update_speed": trial.config.bias_update_speed,
+                "router_flips_from_bias_update": routing.mismatch(second_routes[1], after_bias[1], tokens)["router"],
+                "router_flips_from_gradient_step": routing.mismatch(first_routes[1], second_routes[1], tokens)["router"]}
+    figures["num_iterations_2"] = first
+    figures["batch"] = {"prompts": prompts, "group": group, "sequences": len(rows), "completion_tokens":
+                        int(completion_mask.sum()), "route_bytes": routing.nbytes(routes)}
+    return figures
+
+
+# ---- 2. GRPO runs -------------------------------------------------------------------------------
+
+
+def quarters(rows: list[dict], key: str) -> dict:
+    values = [row[key] for row in rows if isinstance(row.get(key), (int, float))]
+    if len(values) < 4:
+        return {}
+    q = len(values) // 4
+    return {"first_quarter": sum(values[:q]) / q, "last_quarter": sum(values[-q:]) / q}
+
+
+def grpo_runs(runs: Path, sft: Path, steps: int) -> dict:
+    results = {}
+    for name, overrides in VARIANTS.items():
+        start = time.monotonic()
+        pipeline(runs, name, "grpo", f"grpo.init_from={sft}", f"grpo.max_steps={steps}", "grpo.save_steps=1000",
+                 *overrides)
+        wall = time.monotonic() - start
+        pipeline(runs, name, "eval")
+        evaluated = json.loads((runs / name / "eval" / "grpo.json").read_text())
+        rows = [json.loads(line) for line in (runs / name / "grpo" / "metrics.jsonl").read_text().splitlines()]
+        results[name] = {"overrides": overrides, "grpo_wall_s": round(wall, 1), "pass@1": evaluated["pass@1"],
+                         "k": evaluated["k"], "reward": quarters(rows, "reward"),
+                         **{key.split("/")[-1]: quarters(rows, key) for key in
+                            ("sampling/kl_k3", "routing/router_mismatch", "routing/router_mismatch_free",
+                             "sampling/is_clip_frac")}}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sft-steps", type=int, help="default: the recipe's")
+    parser.add_argument("--sft", help="an SFT checkpoint to start from instead (skips the SFT run)")
+    parser.add_argument("--grpo-steps", type=int, default=100)
+    parser.add_argument("--prompts", type=int, default=32, help="held-out prompts in the mismatch batch (x 8)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-grpo", action="store_true", help="part 1 only")
+    parser.add_argument("--runs-dir", help="keep the runs here (default: a temporary directory)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "moe_rl.json"))
+    args = parser.parse_args()
+    recipe = cfg.load_recipe(str(RECIPE))
+    group = int(recipe["grpo"]["num_generations"])
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = Path(args.runs_dir or tmp)
+        start = time.monotonic()
+        sft = Path(args.sft) if args.sft else runs / "sft" / "sft" / "final"
+        if not args.sft:
+            steps = [f"sft.max_steps={args.sft_steps}"] if args.sft_steps else []
+            pipeline(runs, "sft", "sft", *steps, "sft.save_steps=100000")
+        record = {"benchmark": "MoE RL: routing replay vs train/rollout mismatch (benchmarks/moe_rl.py)",
+                  "host": {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+                           "cores": os.cpu_count(), "torch": torch.__version__},
+                  "recipe": str(RECIPE.relative_to(ROOT)), "sft": str(args.sft or "the recipe's sft stage"),
+                  "sft_steps": args.sft_steps or recipe["sft"]["max_steps"],
+                  "mismatch": mismatch_figures(sft, recipe, args.prompts, group, args.seed)}
+        for name in ("fp8_rollout", "bf16_rollout", "num_iterations_2"):
+            none, r3 = record["mismatch"][name]["none"]["k3_kl"], record["mismatch"][name]["r3"]["k3_kl"]
+            record["mismatch"][name]["k3_kl_cut_by_r3"] = none / r3 if r3 else float("inf")
+        if not args.skip_grpo:
+            record["grpo"] = {"steps": args.grpo_steps, "runs": grpo_runs(runs, sft, args.grpo_steps)}
+        record["wall_s"] = round(time.monotonic() - start, 1)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record["mismatch"], indent=2))
+    if "grpo" in record:
+        print(json.dumps(record["grpo"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

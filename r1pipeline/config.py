@@ -19,13 +19,14 @@ from typing import Any
 import yaml
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-SECTIONS = ("model", "data", "sft", "grpo", "rejection", "align", "eval")
+SECTIONS = ("model", "data", "sft", "grpo", "rejection", "align", "distill", "eval")
 
 # Help texts shared by the stage modules' schemas (their `Options` dataclasses).
 INIT_FROM_HELP = "'model', a stage name, or a checkpoint path / hub name"
 REWARDS_HELP = "list of {name: <registered> | function: 'pkg.module:fn', weight: <float>, args: {...}}"
 # What a stage's TRL fields are checked against.
-TRL_CONFIG = {"sft": "SFTConfig", "grpo": "GRPOConfig", "rejection": "SFTConfig", "align": "GRPOConfig"}
+TRL_CONFIG = {"sft": "SFTConfig", "grpo": "GRPOConfig", "rejection": "SFTConfig", "align": "GRPOConfig",
+              "distill": "SFTConfig"}
 # Set by the run directory, never by a recipe.
 MANAGED_KEYS = {"output_dir", "resume_from_checkpoint", "logging_dir", "overwrite_output_dir"}
 

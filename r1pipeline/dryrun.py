@@ -139,7 +139,7 @@ def describe(recipe: dict, planned: list, heldout, accelerate_config: str | None
     if heldout is not None:
         lines.append(f"held-out: {len(heldout)} problems (eval)")
     for stage in planned:
-        ref = stage.input_path() or f"preset {model.get('preset')}"
+        ref = stage.input_path() or f"preset {stage.model_section.get('preset')}"
         lines.append(f"- {stage.name}: from {ref} -> {stage.stage_dir / 'final'}")
         if stage.sample_from:
             lines.append(f"    samples from {stage.sample_path()}")

@@ -28,7 +28,7 @@ from rewards.code import extract_code, problem_for
 from rewards.math import verify_many
 from rewards.math_extract import MAX_ANSWER_CHARS, extract_prediction, normalise
 
-STAGES = ("sft", "grpo", "rejection", "align")
+STAGES = ("sft", "grpo", "rejection", "align", "distill")
 BENCHMARKS = ("humaneval",)
 CODE_TIMEOUT_S = 10.0
 NUM_SAMPLES = 4  # completions kept in the eval file for the report

@@ -22,9 +22,10 @@ from r1pipeline import config as cfg
 from r1pipeline import rundir, schema
 
 # Each stage starts from the one before, except stage 3, which fine-tunes the model stage 1 started
-# from (as R1 retrains the base) on samples of stage 2: the `init_from` and `sample_from` defaults
-# of each stage's Options (stages/<stage>.py).
-STAGE_ORDER = ("sft", "grpo", "rejection", "align")
+# from (as R1 retrains the base) on samples of stage 2, and stage 5 (R1-Distill), which trains a
+# student of its own on samples of stage 4: the `init_from` and `sample_from` defaults of each stage's
+# Options (stages/<stage>.py).
+STAGE_ORDER = ("sft", "grpo", "rejection", "align", "distill")
 RL_STAGES = ("grpo", "align")
 DRY_RUN_ROWS = 512  # rows of each external split a dry run reads and checks
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -47,7 +48,7 @@ class Stage:
     rewards: list = field(default_factory=list)
     datasets: object = None  # datasets.DatasetDict with "train" and "heldout"
     world_size: int = 1
-    sample_from: str | None = None  # stage 3: where its samples come from
+    sample_from: str | None = None  # stages 3 and 5: where their samples come from
 
     @property
     def stage_dir(self) -> Path:
@@ -56,6 +57,17 @@ class Stage:
     @property
     def section(self) -> dict:
         return self.recipe.get(self.name) or {}
+
+    @property
+    def model_section(self) -> dict:
+        """What `init_from: model` means for this stage: the recipe's `model`, or the distillation
+        student's (`distill.student`), which keeps the run's dtype."""
+        model = self.recipe.get("model") or {}
+        if self.name == "distill":
+            from r1pipeline.policy import DISTILL_STUDENT
+
+            return {"dtype": model.get("dtype", "float32"), **(self.section.get("student") or DISTILL_STUDENT)}
+        return model
 
     def resolved_config(self) -> dict:
         """What determines this stage's output (hashed into the manifest)."""
@@ -68,7 +80,7 @@ class Stage:
         from r1pipeline.hub import model_path
 
         if ref == "model":
-            name = (self.recipe.get("model") or {}).get("name_or_path")
+            name = self.model_section.get("name_or_path")
             return model_path(name) if name else None
         if ref in STAGE_ORDER:
             return str(self.run_dir / ref / "final")
@@ -79,13 +91,13 @@ class Stage:
         return self.resolve(self.init_from)
 
     def sample_path(self) -> str:
-        """The checkpoint stage 3 samples from."""
+        """The checkpoint stage 3 (and 5) samples from."""
         return self.resolve(self.sample_from)
 
     def _ref(self, path: str | None) -> dict:
         if path is None:
-            return {"kind": "preset", "preset": self.recipe["model"]["preset"],
-                    "hash": rundir.config_hash(self.recipe["model"])}
+            return {"kind": "preset", "preset": self.model_section["preset"],
+                    "hash": rundir.config_hash(self.model_section)}
         if Path(path).exists():
             return {"kind": "checkpoint", "path": str(path), "hash": rundir.content_hash(Path(path))}
         return {"kind": "hub", "name": path, "hash": None}
@@ -232,10 +244,9 @@ def plan(recipe: dict, stages: list[str], run_dir: Path, world_size: int = 1, dr
             recipe[name] = {**trl_fields, **{key: value for key, value in own.items() if key in recipe[name]}}
         init_from = own["init_from"]
         check_stage_ref(planned, run_dir, f"{name}.init_from", init_from)
-        sample_from = None
-        if name == "rejection":
-            sample_from = own["sample_from"]
-            check_stage_ref(planned, run_dir, "rejection.sample_from", sample_from)
+        sample_from = own.get("sample_from")
+        if sample_from is not None:
+            check_stage_ref(planned, run_dir, f"{name}.sample_from", sample_from)
         if (own.get("vllm_sync") or {}).get("verify") and ((recipe.get("model") or {}).get("config") or {}).get("fp8"):
             raise cfg.ConfigError(f"{name}.vllm_sync.verify = true with model.config.fp8: an FP8 engine's weights are "
                                   "not read back; set it false")

@@ -45,6 +45,9 @@ def config_fields() -> set[str]:
     return set(R1MoEConfig().to_dict())
 
 
+DISTILL_STUDENT = {"preset": "tiny-dense"}  # stage 5's default student (distill.student)
+
+
 def build_from_preset(preset: str, overrides: dict, tokenizer, seed: int, dtype: str = "float32"):
     """A freshly initialised policy whose vocabulary and special tokens are the tokenizer's."""
     fields = {**PRESETS[preset], **(overrides or {})}

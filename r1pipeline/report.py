@@ -5,6 +5,7 @@ before and after RL. A piece that is missing (a stage not run, no eval yet) is n
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 from data.template import USER_PREFIX  # noqa: E402
 from r1pipeline import rundir  # noqa: E402
 
-STAGES = ("sft", "grpo", "rejection", "align")  # the pipeline's order (DESIGN.md)
+STAGES = ("sft", "grpo", "rejection", "align", "distill")  # the pipeline's order (DESIGN.md)
 RL_STAGES = ("grpo", "align")
 BEFORE_RL, AFTER_RL = ("sft",), ("grpo", "align")
 # metrics.jsonl keys (TRL's GRPOTrainer names) drawn as curves, in this order, when logged.
@@ -55,9 +56,26 @@ def _save(fig, plots: Path, name: str) -> str:
     return f"![{name}](plots/{name})"
 
 
+def parameters(checkpoint: Path) -> int | None:
+    """Weights in a checkpoint's safetensors (FP8 scales not counted), read from the file headers."""
+    from safetensors import safe_open
+
+    files = sorted(Path(checkpoint).glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for path in files:
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():
+                if not name.endswith("_scale_inv"):
+                    shape = f.get_slice(name).get_shape()
+                    total += math.prod(shape)
+    return total
+
+
 def table(run_dir: Path, evals: dict) -> list[str]:
-    lines = ["## Stages", "", "| stage | steps | wall time (s) | k | pass@1 | cons@k | pass@k |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["## Stages", "", "| stage | parameters | steps | wall time (s) | k | pass@1 | cons@k | pass@k |",
+             "|---|---|---|---|---|---|---|---|"]
     notes = []
     for stage in STAGES:
         manifest = rundir.read_manifest(run_dir / stage)
@@ -71,7 +89,9 @@ def table(run_dir: Path, evals: dict) -> list[str]:
             notes.append(f"- {stage}: not evaluated yet (`make eval`)")
             result = {}
         k = result.get("k")
-        lines.append(f"| {stage} | {steps[-1] if steps else '–'} | {wall} | {k or '–'} | "
+        size = parameters(run_dir / stage / "final")
+        lines.append(f"| {stage} | {f'{size / 1e6:.2f}M' if size else '–'} | {steps[-1] if steps else '–'} | {wall} | "
+                     f"{k or '–'} | "
                      f"{_fmt(result.get('pass@1'))} | {_fmt(result.get('cons@k'))} | "
                      f"{_fmt(result.get('pass@k', {}).get(str(k)))} |")
     return lines + [""] + notes + ([""] if notes else [])

@@ -42,7 +42,7 @@ def completion_of(row: dict) -> str:
 def load_policy(stage: Stage, tokenizer=None):
     """(model, tokenizer) this stage starts from: a fresh preset or a checkpoint / hub model. A fresh
     preset takes `tokenizer` when given (stage 3 retrains the base on text of stage 2's tokenizer)."""
-    model_cfg = stage.recipe.get("model") or {}
+    model_cfg = stage.model_section
     dtype = model_cfg.get("dtype", "float32")
     path = stage.input_path()
     if path is None:
@@ -68,7 +68,7 @@ def load_policy(stage: Stage, tokenizer=None):
 
 def peft_config(stage: Stage):
     """TRL's `peft_config` from `model.lora` (None: every weight is trained)."""
-    return policy.lora_config((stage.recipe.get("model") or {}).get("lora"))
+    return policy.lora_config(stage.model_section.get("lora"))
 
 
 MASTER_WEIGHTS = "master_weights.safetensors"

@@ -19,6 +19,9 @@ FAST_REJECTION = ["rejection.max_steps=4", "rejection.save_steps=2", "rejection.
 FAST_ALIGN = ["align.max_steps=4", "align.save_steps=2", "align.per_device_train_batch_size=8",
               "align.num_generations=4", "align.max_completion_length=12", "align.reward_model.num_pairs=64",
               "align.reward_model.max_steps=4"]
+FAST_DISTILL = ["distill.max_steps=2", "distill.save_steps=2", "distill.per_device_train_batch_size=8",
+                "distill.logging_steps=1", "distill.warmup_steps=0", "distill.sampling.num_prompts=12",
+                "distill.sampling.max_new_tokens=24", "distill.accept_threshold=0.0"]
 FAST_EVAL = ["eval.k=2", "eval.num_problems=4", "eval.max_new_tokens=12"]
 
 

@@ -36,8 +36,8 @@ def test_full_run(tmp_path):
     report = write_report(run_dir)
     text = report.read_text()
     assert report == run_dir / "report.md"
-    assert "| sft | 6 | 30 | 4 | 0.250 | 0.300 | 0.450 |" in text
-    assert "| grpo | 5 | 12 | 4 | 0.625 | 0.700 | 0.825 |" in text
+    assert "| sft | – | 6 | 30 | 4 | 0.250 | 0.300 | 0.450 |" in text
+    assert "| grpo | – | 5 | 12 | 4 | 0.625 | 0.700 | 0.825 |" in text
     assert "- rejection: not run" in text and "- align: not run" in text
     pngs = {path.name for path in (run_dir / "plots").glob("*.png")}
     expected = {"reward.png", "rewards_accuracy_mean.png", "rewards_format_mean.png", "completions_mean_length.png",
@@ -54,13 +54,13 @@ def test_missing_pieces(tmp_path):
     run_dir = tmp_path / "run"
     write_stage(run_dir, "sft", 3)
     text = write_report(run_dir).read_text()
-    assert "| sft | 3 | 12 | – | – | – | – |" in text and "- sft: not evaluated yet" in text
+    assert "| sft | – | 3 | 12 | – | – | – | – |" in text and "- sft: not evaluated yet" in text
     assert "no metrics.jsonl in grpo or align" in text and "after RL: no evaluated grpo or align" in text
     assert list((run_dir / "plots").glob("*.png")) == []
 
     write_eval(run_dir, "grpo", 0.5)  # a code eval (no cons@k), its stage directory since set aside
     text = write_report(run_dir).read_text()
-    assert "| grpo | – | – | 4 | 0.500 | – | 0.700 |" in text
+    assert "| grpo | – | – | – | 4 | 0.500 | – | 0.700 |" in text
     assert (run_dir / "plots" / "pass_at_k.png").is_file()
 
     write_stage(run_dir, "align", 2, [key for key in GRPO_KEYS if key != "kl"])  # beta = 0: TRL logs no kl

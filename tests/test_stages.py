@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAST_ALIGN, FAST_DATA, FAST_EVAL, FAST_GRPO, FAST_REJECTION, FAST_SFT, ROOT, pipeline_env
+from conftest import (FAST_ALIGN, FAST_DATA, FAST_DISTILL, FAST_EVAL, FAST_GRPO, FAST_REJECTION, FAST_SFT, ROOT,
+                      pipeline_env)
 
 pytestmark = pytest.mark.slow
 
@@ -141,35 +142,47 @@ def test_grpo_killed_then_resumed_equals_uninterrupted(tmp_path, sft_checkpoint)
 
 def test_all_chains_stages_and_skips_done_ones(tmp_path):
     runs = tmp_path / "runs"
-    args = [*FAST_DATA, *FAST_SFT, *FAST_GRPO, *FAST_REJECTION, *FAST_ALIGN, *FAST_EVAL, "grpo.max_steps=2",
-            "sft.max_steps=2", "rejection.max_steps=2", "align.max_steps=2"]
+    args = [*FAST_DATA, *FAST_SFT, *FAST_GRPO, *FAST_REJECTION, *FAST_ALIGN, *FAST_DISTILL, *FAST_EVAL,
+            "grpo.max_steps=2", "sft.max_steps=2", "rejection.max_steps=2", "align.max_steps=2"]
     code, out = pipeline(runs, "chain", "all", *args)
     assert code == 0, out
     run = runs / "chain"
-    manifests = {name: json.loads((run / name / "manifest.json").read_text())
-                 for name in ("sft", "grpo", "rejection", "align")}
+    stages = ("sft", "grpo", "rejection", "align", "distill")
+    manifests = {name: json.loads((run / name / "manifest.json").read_text()) for name in stages}
     assert manifests["sft"]["input"]["kind"] == "preset"
     # The chain: each stage names the output it started from, with that output's content hash.
     for stage, source in (("grpo", "sft"), ("rejection", "sft"), ("align", "rejection")):  # tiny.yaml: stage 3 from sft
         assert manifests[stage]["input"]["path"] == str(run / source / "final")
         assert manifests[stage]["input"]["hash"] == sft_output_hash(run / source / "final")
-    sampled = manifests["rejection"]["input"]["sampled_from"]
-    assert sampled["path"] == str(run / "grpo" / "final") and sampled["hash"] == sft_output_hash(run / "grpo" / "final")
+    for stage, teacher in (("rejection", "grpo"), ("distill", "align")):
+        sampled = manifests[stage]["input"]["sampled_from"]
+        assert sampled["path"] == str(run / teacher / "final")
+        assert sampled["hash"] == sft_output_hash(run / teacher / "final")
+    # Stage 5's student: a dense preset of its own, trained with the teacher's tokenizer.
+    assert manifests["distill"]["input"]["kind"] == "preset" and manifests["distill"]["input"]["preset"] == "tiny-dense"
+    distill_rows = (run / "distill" / "distill_data.jsonl").read_text().splitlines()
+    assert len(distill_rows) > 0 and (run / "distill" / "final" / "tokenizer.json").read_text() == \
+        (run / "align" / "final" / "tokenizer.json").read_text()
     grpo = manifests["grpo"]
     assert {"torch", "transformers", "trl"} <= grpo["versions"].keys() and grpo["wall_time_s"] > 0
-    assert {path.stem for path in (run / "eval").glob("*.json")} == {"sft", "grpo", "rejection", "align"}
-    assert (run / "report.md").is_file() and list((run / "plots").glob("*.png"))
+    assert {path.stem for path in (run / "eval").glob("*.json")} == set(stages)
+    report = (run / "report.md").read_text()
+    stages_table = report.split("## Stages")[1].split("##")[0]
+    sizes = {line.split("|")[1].strip(): float(line.split("|")[2].strip().rstrip("M"))
+             for line in stages_table.splitlines() if line.startswith(("| align |", "| distill |"))}
+    assert 0 < sizes["distill"] < 0.5 * sizes["align"], report  # the dense student against the MoE teacher
+    assert list((run / "plots").glob("*.png"))
 
     code, out = pipeline(runs, "chain", "all", *args)
     assert code == 0, out
-    assert all(f"{name}: done, skipping" in out for name in ("sft", "grpo", "rejection", "align"))
+    assert all(f"{name}: done, skipping" in out for name in stages)
 
     # A changed stage-3 setting re-runs stage 3 and, its output being new, stage 4; old outputs are
     # kept aside.
     code, out = pipeline(runs, "chain", "all", *args, "rejection.learning_rate=1e-3")
     assert code == 0, out
     assert "sft: done, skipping" in out and "grpo: done, skipping" in out
-    assert not any(f"{name}: done, skipping" in out for name in ("rejection", "align"))
+    assert not any(f"{name}: done, skipping" in out for name in ("rejection", "align", "distill"))
     assert list(run.glob("rejection.old-*/manifest.json")) and list(run.glob("align.old-*/manifest.json"))
 
 

@@ -132,3 +132,7 @@ PRESETS: dict[str, dict] = {
         max_position_embeddings=163840, tie_word_embeddings=False,
     ),
 }
+
+# The distillation student of the embedded default (stage 5, R1-Distill): the tiny preset's attention
+# and dense FFN in every layer, no routed experts, no MTP module.
+PRESETS["tiny-dense"] = {**PRESETS["tiny"], "first_k_dense_replace": 2, "num_nextn_predict_layers": 0}

@@ -1,5 +1,5 @@
 # r1pipeline: one target per stage. Outputs go to runs/$(RUN)/<stage>/.
-#   make all                      the embedded default: the four stages (skipping those already
+#   make all                      the embedded default: the five stages (skipping those already
 #                                 done), then eval and report
 #   make sft RUN=x ARGS="sft.learning_rate=1e-4 grpo.max_steps=50"
 #   make grpo ACCELERATE_CONFIG=recipes/accelerate/ddp.yaml
@@ -20,7 +20,7 @@ export ACCELERATE_CONFIG
 
 PIPELINE := $(PYTHON) -m r1pipeline --recipe $(RECIPE) --run $(RUN)
 
-.PHONY: install all plan serve chat export sft grpo rejection align eval report test test-fast bench clean-runs
+.PHONY: install all plan serve chat export sft grpo rejection align distill eval report test test-fast bench clean-runs
 
 install: $(VENV)/.installed
 
@@ -55,7 +55,7 @@ export: install
 chat: install
 	$(PYTHON) -m r1pipeline.chat --run $(RUN) $(if $(STAGE),--stage $(STAGE)) --url http://127.0.0.1:$(PORT)
 
-sft grpo rejection align eval report: install
+sft grpo rejection align distill eval report: install
 	$(PIPELINE) $@ $(ARGS)
 
 test: install

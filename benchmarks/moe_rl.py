@@ -188,9 +188,10 @@ def quarters(rows: list[dict], key: str) -> dict:
     return {"first_quarter": sum(values[:q]) / q, "last_quarter": sum(values[-q:]) / q}
 
 
-def grpo_runs(runs: Path, sft: Path, steps: int) -> dict:
+def grpo_runs(runs: Path, sft: Path, steps: int, variants: list[str]) -> dict:
     results = {}
-    for name, overrides in VARIANTS.items():
+    for name in variants:
+        overrides = VARIANTS[name]
         start = time.monotonic()
         pipeline(runs, name, "grpo", f"grpo.init_from={sft}", f"grpo.max_steps={steps}", "grpo.save_steps=1000",
                  *overrides)
@@ -214,9 +215,13 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32, help="held-out prompts in the mismatch batch (x 8)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-grpo", action="store_true", help="part 1 only")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="GRPO runs of part 2, of " + ", ".join(VARIANTS))
     parser.add_argument("--runs-dir", help="keep the runs here (default: a temporary directory)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "moe_rl.json"))
     args = parser.parse_args()
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        parser.error(f"--variants: unknown {sorted(unknown)}; known: {', '.join(VARIANTS)}")
     recipe = cfg.load_recipe(str(RECIPE))
     group = int(recipe["grpo"]["num_generations"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -236,7 +241,8 @@ def main() -> None:
             none, r3 = record["mismatch"][name]["none"]["k3_kl"], record["mismatch"][name]["r3"]["k3_kl"]
             record["mismatch"][name]["k3_kl_cut_by_r3"] = none / r3 if r3 else float("inf")
         if not args.skip_grpo:
-            record["grpo"] = {"steps": args.grpo_steps, "runs": grpo_runs(runs, sft, args.grpo_steps)}
+            record["grpo"] = {"steps": args.grpo_steps,
+                              "runs": grpo_runs(runs, sft, args.grpo_steps, args.variants.split(","))}
         record["wall_s"] = round(time.monotonic() - start, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")

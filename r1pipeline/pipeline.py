@@ -275,10 +275,10 @@ def plan(recipe: dict, stages: list[str], run_dir: Path, world_size: int = 1, dr
             if trl_fields.get("use_vllm"):
                 check_vllm_model(recipe.get("model") or {}, f"{name}.use_vllm = true")
                 if own["routing_replay"] == "r3" or own["rollout_precision"] == "fp8":
-                    raise cfg.ConfigError(
-                        f"{name}.routing_replay = {own['routing_replay']!r}, {name}.rollout_precision = "
-                        f"{own['rollout_precision']!r} with use_vllm: vLLM's CPU build returns no routed experts "
-                        f"and its FP8 path is CUDA's; set {name}.use_vllm=false (transformers rollouts run both)")
+                    from stages.rollouts import VLLM_REFUSAL
+
+                    raise cfg.ConfigError(f"{name}: " + VLLM_REFUSAL.format(replay=own["routing_replay"],
+                                                                          precision=own["rollout_precision"]))
             if trl_fields.get("use_vllm") and trl_fields.get("vllm_importance_sampling_correction") is False:
                 raise cfg.ConfigError(
                     f"{name}.vllm_importance_sampling_correction = false with use_vllm: vLLM samples from slightly "

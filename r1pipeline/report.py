@@ -126,7 +126,7 @@ def mismatch_table(series: dict) -> list[str]:
     for stage, metrics in series.items():
         values = {key: [row[key] for row in metrics if isinstance(row.get(key), (int, float))] for key in MISMATCH}
         if values["sampling/kl_k3"]:
-            cells = [_fmt(max(v) if key.endswith("/max") else sum(v) / len(v), 5) if v else "–"
+            cells = [f"{max(v) if key.endswith('/max') else sum(v) / len(v):.3g}" if v else "–"
                      for key, v in values.items()]
             rows.append(f"| {stage} | {len(values['sampling/kl_k3'])} | {' | '.join(cells)} |")
     if not rows:
@@ -136,7 +136,8 @@ def mismatch_table(series: dict) -> list[str]:
             "r = π_train / π_rollout, per token), the share the importance-sampling correction cut, and the share of "
             "(token, MoE layer) whose experts differ from the rollout's: in the trained forward (0 under routing "
             "replay) and as the trainer's router would choose freely.", "",
-            "| stage | logged steps | " + " | ".join(MISMATCH.values()) + " |", "|---" * (2 + len(MISMATCH)) + "|",
+            "| stage | logged steps | " + " | ".join(name.replace("|", "\\|") for name in MISMATCH.values()) + " |",
+            "|---" * (2 + len(MISMATCH)) + "|",
             *rows, ""]
 
 

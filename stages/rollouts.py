@@ -49,6 +49,11 @@ from r1pipeline.schema import key
 
 REPLAY_MODES = ("none", "r2", "r3")
 PRECISIONS = ("model", "fp8")
+# vLLM 0.31 returns routed experts only from its Model Runner V2, which needs Triton: its CPU build cannot
+# (tests/test_vllm_engine.py); the GPU path is not wired yet, nor an FP8 engine's weight sync.
+VLLM_REFUSAL = ("routing_replay = {replay!r}, rollout_precision = {precision!r} with use_vllm: the vLLM rollout path "
+                "carries no routed experts (vLLM 0.31 returns them only from its Model Runner V2, which its CPU build "
+                "cannot start) and no FP8 rollout weights; set use_vllm=false, whose transformers rollouts do both")
 FP8_IS_DEFAULTS = {"vllm_importance_sampling_mode": "token_truncate", "vllm_importance_sampling_clip_max": 2.0}
 
 
@@ -115,9 +120,7 @@ class RolloutRecordMixin:
                 raise ValueError(f"{name} = {value!r} needs our MoE policy; {type(self._policy()).__name__} has "
                                  "no routers to replay and no FP8 rollout path")
         if self.args.use_vllm and (self.rollout_precision == "fp8" or self.routing_replay == "r3"):
-            raise ValueError(f"use_vllm with routing_replay = {self.routing_replay!r}, rollout_precision = "
-                             f"{self.rollout_precision!r}: vLLM's CPU build returns no routed experts and its FP8 path "
-                             "is CUDA's; on the transformers path both run (use_vllm: false)")
+            raise ValueError(VLLM_REFUSAL.format(replay=self.routing_replay, precision=self.rollout_precision))
         if self.routing_replay == "r2" and not self._keeps_old_logps():
             log("routing_replay = r2: each batch is trained on once and no forward precedes it, so there is "
                 "nothing to replay (set num_iterations > 1 or steps_per_generation > 1)")

@@ -330,5 +330,5 @@ def test_routing_replay_with_vllm_rollouts_is_refused_before_any_work(tmp_path, 
     code, out = pipeline(runs, "vllm", "grpo", *FAST_DATA, *FAST_GRPO, "model.preset=tiny-vllm",
                          f"grpo.init_from={sft_checkpoint}",
                          "grpo.use_vllm=true", "grpo.routing_replay=r3")
-    assert code != 0 and "grpo.routing_replay = 'r3'" in out and "use_vllm=false" in out
+    assert code != 0 and "grpo: routing_replay = 'r3'" in out and "use_vllm=false" in out
     assert not (runs / "vllm" / "grpo").exists(), "refused before any work"

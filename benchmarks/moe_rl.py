@@ -10,7 +10,7 @@ short GRPO runs with and without R3 + FP8 rollouts from one SFT checkpoint.
    - num_iterations_2: rollouts in the policy's own precision, one GRPO update on the batch (TRL's
      default loss, group-normalised accuracy rewards, Adam at the recipe's learning rate), then the
      second pass's forward with no replay, R2 (the first pass's experts) and R3.
-   For each: k3 KL(train ‖ rollout) per completion token (mean), mean |Δlogp|, the share of
+   For each: k3 KL(π_rollout ‖ π_train) per completion token (mean), mean |Δlogp|, the share of
    (token, MoE layer) whose expert set differs from the rollout's in the forward that is trained,
    and the same for the experts the trainer's router would choose itself.
 2. GRPO from the same SFT checkpoint, `--grpo-steps` each: baseline (rollouts in fp32, no replay),

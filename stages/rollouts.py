@@ -8,7 +8,9 @@ difference by truncated importance sampling. Here the transformers path supplies
 logprobs (a logits processor reads them off while `generate` samples), so TRL's correction and its
 `sampling/*` metrics run for it too, and the mismatch metrics below hold for every rollout engine:
 
-    sampling/kl_k3               k3 estimate of KL(train ‖ rollout) per sampled token (AReaL's)
+    sampling/kl_k3               k3 estimate (r - 1 - log r, r = π_train / π_rollout) of the
+                                 rollout–trainer KL, KL(π_rollout ‖ π_train), per sampled token
+                                 (AReaL's "KL(train ‖ rollout)")
     sampling/abs_dlogp_mean      mean |log π_train − log π_rollout|
     sampling/frac_dlogp_gt_ln2   share of tokens whose probabilities differ by more than 2×
     sampling/is_clip_frac        share of tokens (sequences, in TRL's sequence modes) that the

@@ -115,12 +115,12 @@ class RolloutRecordMixin:
         self.routing_replay = options.get("routing_replay", "none")
         self.rollout_precision = options.get("rollout_precision", "model")
         self.mismatch_metrics = options.get("mismatch_metrics", True)
-        ours = isinstance(self._policy(), policy.POLICY_CLASS)
-        for name, value, default in (("routing_replay", self.routing_replay, "none"),
-                                     ("rollout_precision", self.rollout_precision, "model")):
-            if value != default and not ours:
-                raise ValueError(f"{name} = {value!r} needs our MoE policy; {type(self._policy()).__name__} has "
-                                 "no routers to replay and no FP8 rollout path")
+        if self.routing_replay != "none" and not self._routed():
+            raise ValueError(f"routing_replay = {self.routing_replay!r} needs our MoE policy with MoE layers; "
+                             f"{type(self._policy()).__name__} has no routers to replay")
+        if self.rollout_precision != "model" and not isinstance(self._policy(), policy.POLICY_CLASS):
+            raise ValueError(f"rollout_precision = {self.rollout_precision!r} needs our policy (its FP8 GEMMs); "
+                             f"{type(self._policy()).__name__} has none")
         if self.args.use_vllm and (self.rollout_precision == "fp8" or self.routing_replay == "r3"):
             raise ValueError(VLLM_REFUSAL.format(replay=self.routing_replay, precision=self.rollout_precision))
         if self.routing_replay == "r2" and not self._keeps_old_logps():
@@ -132,6 +132,11 @@ class RolloutRecordMixin:
 
         model = self.accelerator.unwrap_model(self.model)
         return model.get_base_model() if is_peft_model(model) else model
+
+    def _routed(self) -> bool:
+        """Whether the policy has routers to record: our model with at least one MoE layer."""
+        model = self._policy()
+        return isinstance(model, policy.POLICY_CLASS) and any(layer.is_moe for layer in model.model.layers)
 
     def _own_rollouts(self) -> bool:
         """Whether this trainer's transformers rollouts keep sampling logprobs (and routes, and FP8)."""
@@ -169,9 +174,8 @@ class RolloutRecordMixin:
         plain = model.generate
 
         def generate(*args, **kwargs):
-            ours = isinstance(self._policy(), policy.POLICY_CLASS)
             fp8 = fp8_compute(model) if self.rollout_precision == "fp8" else contextlib.nullcontext()
-            record = routing.recording(model) if ours else contextlib.nullcontext()
+            record = routing.recording(model) if self._routed() else contextlib.nullcontext()
             with fp8, record as routes:
                 out = plain(*args, logits_processor=LogitsProcessorList([sampled]), **kwargs)
             seen.update(sequences=out, prompt_mask=kwargs["attention_mask"], routes=routes)
@@ -224,7 +228,7 @@ class RolloutRecordMixin:
             batch["rollout"] = routing.aligned(self._rollout_routes, attention_mask)
             replay = batch["rollout"] if self.routing_replay == "r3" else None
         text_only = all(value is None for name, value in kwargs.items() if not name.startswith("compute_"))
-        if not isinstance(self._policy(), policy.POLICY_CLASS) or not text_only or not (first or replay is not None):
+        if not self._routed() or not text_only or not (first or replay is not None):
             return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                               batch_size, **kwargs)
         batch_size = batch_size or input_ids.size(0)

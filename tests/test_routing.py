@@ -127,3 +127,6 @@ def test_routes_that_do_not_fit_the_batch_are_refused():
 def test_routing_record_is_for_our_policy_only():
     with pytest.raises(TypeError, match="no R1MoEModel"):
         routing.moe_gates(torch.nn.Linear(2, 2))
+    dense = tiny_policy(first_k_dense_replace=3)  # the distillation student's shape: every layer dense
+    with pytest.raises(TypeError, match="no MoE layer"), routing.recording(dense):
+        pass

@@ -51,6 +51,8 @@ def routing_of(model, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]
 def recording(model) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
     """Within it, every forward of the backbone appends `routing_of` its batch to the yielded list."""
     base, gates = backbone(model), moe_gates(model)
+    if not gates:
+        raise TypeError(f"{type(model).__name__} has no MoE layer: there is no routing to record")
     log: list = []
     base.routing_log = log
     for gate in gates:

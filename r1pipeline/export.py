@@ -45,7 +45,6 @@ def hparams(config: dict) -> list[tuple[str, tuple]]:
     """(GGUFWriter method, arguments) for the model's `deepseek2.*` keys."""
     import gguf
 
-    moe_layers = config["num_hidden_layers"] - config["first_k_dense_replace"]
     n_group, topk_group = config.get("n_group") or 1, config.get("topk_group") or 1
     keys = [("add_context_length", (config["max_position_embeddings"],)),
             ("add_embedding_length", (config["hidden_size"],)),
@@ -65,16 +64,17 @@ def hparams(config: dict) -> list[tuple[str, tuple]]:
             ("add_vocab_size", (config["vocab_size"],))]
     if config.get("q_lora_rank"):
         keys.append(("add_q_lora_rank", (config["q_lora_rank"],)))
-    if moe_layers:
-        keys += [("add_expert_count", (config["n_routed_experts"],)),
-                 ("add_expert_used_count", (config["num_experts_per_tok"],)),
-                 ("add_expert_shared_count", (config["n_shared_experts"],)),
-                 ("add_expert_feed_forward_length", (config["moe_intermediate_size"],)),
-                 ("add_expert_weights_scale", (float(config["routed_scaling_factor"]),)),
-                 ("add_expert_weights_norm", (bool(config["norm_topk_prob"]),)),
-                 ("add_expert_gating_func", (gguf.ExpertGatingFuncType.SIGMOID,))]
-        if n_group > 1 and topk_group < n_group:
-            keys += [("add_expert_group_count", (n_group,)), ("add_expert_group_used_count", (topk_group,))]
+    # The expert keys go in for an all-dense model too (leading_dense_block_count = block_count, as the
+    # distillation student): llama.cpp reads them for every deepseek2 model and will not load without.
+    keys += [("add_expert_count", (config["n_routed_experts"],)),
+             ("add_expert_used_count", (config["num_experts_per_tok"],)),
+             ("add_expert_shared_count", (config["n_shared_experts"],)),
+             ("add_expert_feed_forward_length", (config["moe_intermediate_size"],)),
+             ("add_expert_weights_scale", (float(config["routed_scaling_factor"]),)),
+             ("add_expert_weights_norm", (bool(config["norm_topk_prob"]),)),
+             ("add_expert_gating_func", (gguf.ExpertGatingFuncType.SIGMOID,))]
+    if n_group > 1 and topk_group < n_group:
+        keys += [("add_expert_group_count", (n_group,)), ("add_expert_group_used_count", (topk_group,))]
     return keys
 
 

@@ -1,6 +1,6 @@
 """`python -m r1pipeline [--recipe R] [--run NAME] STAGE [section.field=value ...]`
 
-STAGE is one of the stages (sft, grpo, rejection, align), `eval` (every finished stage on the
+STAGE is one of the stages (sft, grpo, rejection, align, distill), `eval` (every finished stage on the
 held-out problems), `report` (runs/<run>/report.md and plots), or `all` (the recipe's stages, in R1's
 order, then eval and report). `python -m r1pipeline export --run R --stage S --gguf` writes a stage's
 checkpoint as GGUF (r1pipeline/export.py). `--dry-run` validates and prints the plan without running it. With

@@ -100,9 +100,9 @@ def measure(train, rollout, completion_mask, routes_rollout, routes, prompt_len:
     d = (train.detach() - rollout)[completion_mask.bool()]
     tokens = torch.cat([torch.zeros(completion_mask.shape[0], prompt_len, dtype=torch.long), completion_mask], 1)
     used, free = routes
+    trained = routing.mismatch(routes_rollout, used, tokens)
     return {"k3_kl": (torch.expm1(d) - d).mean().item(), "abs_dlogp_mean": d.abs().mean().item(),
-            "router_mismatch": routing.mismatch(routes_rollout, used, tokens)["router"],
-            "token_mismatch": routing.mismatch(routes_rollout, used, tokens)["token"],
+            "router_mismatch": trained["router"], "token_mismatch": trained["token"],
             "router_mismatch_free": routing.mismatch(routes_rollout, free, tokens)["router"]}
 
 

@@ -73,10 +73,11 @@ def run(stage: Stage) -> dict:
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
 
     model, tokenizer = load_policy(stage, teacher_tokenizer)
-    log(f"distill: student {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters, "
+    size = sum(p.numel() for p in model.parameters())
+    log(f"distill: student {type(model).__name__}, {size:,} parameters, "
         f"on {len(rows)} rows ({len(rows) - len(fresh)} from stage 3, {selection['kept']} fresh, "
         f"{selection['chat_rows']} chat)")
     metrics = sft.train(stage, dataset, model, tokenizer)
-    metrics.update({"student_parameters": sum(p.numel() for p in model.parameters()), "rows": len(rows),
+    metrics.update({"student_parameters": size, "rows": len(rows),
                     "fresh_kept": selection["kept"], "fresh_samples": selection["samples"]})
     return metrics

@@ -221,9 +221,9 @@ class RolloutRecordMixin:
                                            **kwargs):
         """TRL's, chunk by chunk, with the batch's routes replayed; the first training forward of a
         generation batch (TRL's old-logprob pass) also records the experts it used and would choose."""
-        batch = getattr(self, "_batch_routes", None)
+        batch = self._batch_routes
         first = batch is not None and batch["train"] is None and model is self.model
-        replay = getattr(self, "_loss_routes", None)
+        replay = self._loss_routes
         if first and self._rollout_routes is not None:
             batch["rollout"] = routing.aligned(self._rollout_routes, attention_mask)
             replay = batch["rollout"] if self.routing_replay == "r3" else None

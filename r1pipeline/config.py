@@ -196,21 +196,22 @@ def coerce(value: Any, tp) -> tuple[bool, Any]:
     return True, value
 
 
-def check_trl_fields(stage: str, fields: dict) -> dict:
-    """Validate a stage's TRL keys by name and type; returns them with numeric strings coerced."""
-    cls = trl_config_class(stage)
+def check_trl_fields(stage: str, fields: dict, cls=None, where: str | None = None) -> dict:
+    """Validate a stage's TRL keys by name and type; returns them with numeric strings coerced. With
+    `cls`, the keys of a nested section (`where`, e.g. distill.on_policy) against that TRL config."""
+    own = [] if cls is not None else [f.name for f in dataclasses.fields(stage_options(stage))]
+    cls, where = cls or trl_config_class(stage), where or stage
     known = {f.name: f for f in dataclasses.fields(cls) if f.init}
     checked = {}
     for key, value in fields.items():
         if key in MANAGED_KEYS:
-            raise ConfigError(f"{stage}.{key} is set by the run directory (runs/<RUN>/{stage}/); choose RUN=<name> instead")
+            raise ConfigError(f"{where}.{key} is set by the run directory (runs/<RUN>/{stage}/); choose RUN=<name> instead")
         if key not in known:
-            own = list(dataclasses.fields(stage_options(stage)))
-            raise unknown_key_error(f"{stage} ({cls.__name__} fields and {sorted(f.name for f in own)})", key,
-                                    list(known) + [f.name for f in own])
+            what = f"{cls.__name__} fields" + (f" and {sorted(own)}" if own else "")
+            raise unknown_key_error(f"{where} ({what})", key, list(known) + own)
         ok, coerced = coerce(value, known[key].type)
         if not ok:
-            raise ConfigError(f"{stage}.{key} = {value!r} ({type(value).__name__}) has the wrong type: "
+            raise ConfigError(f"{where}.{key} = {value!r} ({type(value).__name__}) has the wrong type: "
                               f"expected {describe_type(known[key].type)}")
         checked[key] = coerced
     return checked

@@ -4,21 +4,27 @@ GGUF file for llama.cpp (`llama-server -m model.gguf --jinja`) and Ollama, with 
 chat template, a .sha256 beside it and an Ollama Modelfile.
 
 The writer is ours, on PyPI `gguf` (llama.cpp's own gguf-py); llama.cpp's `convert_hf_to_gguf.py` is
-not a package and rejects any vocabulary it does not know by hash, ours included. The mapping is
-llama.cpp's for DeepSeek-V3 (arch `deepseek2`, src/models/deepseek2.cpp):
-- MLA absorbed (`key_length_mla`/`value_length_mla` written), `kv_b_proj` split into `attn_k_b`
-  (the key half, transposed) and `attn_v_b`; one KV head;
-- routed experts stacked per layer; the routing bias as `exp_probs_b.bias`; sigmoid gating
-  (`expert_gating_func = 2`: without it llama.cpp routes by softmax); group-limited routing keys only
-  when topk_group < n_group (llama.cpp aborts on topk_group == n_group, which restricts nothing);
-- FP8 checkpoints dequantised; the MTP module dropped (llama.cpp's converter drops it too: it serves
-  speculation only);
-- our tokenizer (single digits, then byte-level BPE) as `gpt2` with llama.cpp's `refact`
-  pre-tokenizer, which splits the same way; eos/pad ids and add_bos_token = false written (llama.cpp's
-  BPE defaults are wrong for it).
-Refused with the reason: other architectures and tokenizers (use llama.cpp's converter for stock
-models), `rope_interleave: false`, rope scaling, and 26/27-layer models with `q_lora_rank` (llama.cpp
-reads those as DeepSeek-V2-Lite and expects `attn_q`).
+not a package and rejects any vocabulary it does not know by hash, ours included. Architectures:
+- our DeepSeek-V3 policy, in llama.cpp's mapping (arch `deepseek2`, src/models/deepseek2.cpp):
+  MLA absorbed (`key_length_mla`/`value_length_mla` written), `kv_b_proj` split into `attn_k_b`
+  (the key half, transposed) and `attn_v_b`; one KV head; routed experts stacked per layer; the
+  routing bias as `exp_probs_b.bias`; sigmoid gating (`expert_gating_func = 2`: without it
+  llama.cpp routes by softmax); group-limited routing keys only when topk_group < n_group
+  (llama.cpp aborts on topk_group == n_group, which restricts nothing); FP8 checkpoints
+  dequantised; the MTP module dropped (llama.cpp's converter drops it too: it serves speculation
+  only);
+- the dense stock architectures `llama` (Llama 2/3, the query/key rows permuted to llama.cpp's
+  adjacent-pair rotation; Llama 3.1/3.2's `llama3` rope scaling as the `rope_freqs` factors) and
+  `qwen2` (Qwen2/2.5, query/key/value biases, rotate-half kept), as convert_hf_to_gguf.py writes
+  them; tied embeddings leave `output.weight` out (llama.cpp then reads `token_embd`).
+Tokenizers are byte-level BPE, written as `gpt2` with the llama.cpp pre-tokenizer that splits
+like the tokenizer's own: ours (single digits, then the GPT-2 regex) as `refact`, Qwen2's regex as
+`qwen2`, Llama 3's as `llama-bpe`; eos/pad/bos ids and whether a BOS is prepended are written as
+the tokenizer behaves (llama.cpp's BPE defaults are wrong for ours).
+Refused with the reason: other architectures and tokenizers (llama.cpp's converter knows more
+stock ones), `rope_interleave: false`, other rope scalings, sliding windows, biases llama.cpp's
+llama does not read, and 26/27-layer DeepSeek models with `q_lora_rank` (llama.cpp reads those as
+DeepSeek-V2-Lite and expects `attn_q`).
 """
 
 from __future__ import annotations
@@ -34,7 +40,12 @@ import numpy as np
 import torch
 
 TYPES = ("f32", "f16", "bf16", "q8_0")
+ARCHITECTURES = {"deepseek_v3": "deepseek2", "llama": "llama", "qwen2": "qwen2"}  # HF model_type: llama.cpp arch
 PRE_TOKENIZER = "refact"  # llama.cpp's name for `\p{N}` single digits, then the GPT-2 regex
+# The split regexes of the stock tokenizers' tokenizer.json (then byte-level without a regex), by
+# llama.cpp pre-tokenizer name; they differ in digits: Qwen2 splits single digits, Llama 3 up to three.
+_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|%s| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+STOCK_SPLITS = {_SPLIT % r"\p{N}": "qwen2", _SPLIT % r"\p{N}{1,3}": "llama-bpe"}
 
 
 class ExportError(ValueError):
@@ -82,30 +93,122 @@ def rope_theta(config: dict) -> float:
     return float((config.get("rope_parameters") or {}).get("rope_theta") or config.get("rope_theta") or 10000.0)
 
 
-def check_exportable(config: dict, tokenizer: dict) -> None:
-    if config.get("model_type") != "deepseek_v3":
-        raise ExportError(f"model_type {config.get('model_type')!r}: this exporter writes our DeepSeek-V3 policy "
-                          "(llama.cpp arch deepseek2); for a stock architecture with a stock tokenizer use llama.cpp's "
-                          "convert_hf_to_gguf.py")
+def stock_hparams(config: dict) -> list[tuple[str, tuple]]:
+    """(GGUFWriter method, arguments) for a llama or qwen2 model's keys."""
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    keys = [("add_context_length", (config["max_position_embeddings"],)),
+            ("add_embedding_length", (config["hidden_size"],)),
+            ("add_block_count", (config["num_hidden_layers"],)),
+            ("add_feed_forward_length", (config["intermediate_size"],)),
+            ("add_head_count", (heads,)),
+            ("add_head_count_kv", (config.get("num_key_value_heads") or heads,)),
+            ("add_layer_norm_rms_eps", (config["rms_norm_eps"],)),
+            ("add_rope_freq_base", (rope_theta(config),)),
+            ("add_rope_dimension_count", (head_dim,)),
+            ("add_vocab_size", (config["vocab_size"],))]
+    if head_dim != config["hidden_size"] // heads:
+        keys += [("add_key_length", (head_dim,)), ("add_value_length", (head_dim,))]
+    return keys
+
+
+def rope_scaling(config: dict) -> dict:
+    return config.get("rope_parameters") or config.get("rope_scaling") or {}
+
+
+def rope_freqs(model) -> torch.Tensor | None:
+    """Llama 3.1/3.2's `llama3` rope scaling as llama.cpp reads it: per-frequency divisors
+    (`rope_freqs.weight`), here the ratio of transformers' own unscaled and scaled inverse frequencies."""
+    if rope_scaling(model.config.to_dict()).get("rope_type") != "llama3":
+        return None
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rotary = model.model.rotary_emb
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](model.config, "cpu")
+    default, _ = rotary.compute_default_rope_parameters(model.config, "cpu")
+    return (default / scaled).float()
+
+
+def permute_rope_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """A llama query/key projection's rows from HF's rotate-half order to llama.cpp's adjacent pairs
+    (convert_hf_to_gguf.py's permute); qwen2 keeps rotate-half (llama.cpp's NEOX rope)."""
+    return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2) \
+        .reshape(weight.shape)
+
+
+def stock_tensors(model) -> list[tuple[str, torch.Tensor]]:
+    """(GGUF name, fp32 tensor) for a llama or qwen2 model, as convert_hf_to_gguf.py names them."""
+    config = model.config
+    heads = config.num_attention_heads
+    kv_heads = config.num_key_value_heads or heads
+
+    names = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+             "self_attn.o_proj.weight": "attn_output.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
+             "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+    for part in ("q", "k", "v"):
+        names[f"self_attn.{part}_proj.weight"] = f"attn_{part}.weight"
+        names[f"self_attn.{part}_proj.bias"] = f"attn_{part}.bias"
+    state = {name: tensor.detach().float() for name, tensor in model.state_dict().items()}
+    out = [("token_embd.weight", state["model.embed_tokens.weight"]), ("output_norm.weight", state["model.norm.weight"])]
+    if not config.tie_word_embeddings:
+        out.append(("output.weight", state["lm_head.weight"]))
+    factors = rope_freqs(model)
+    if factors is not None:
+        out.append(("rope_freqs.weight", factors))
+    for name, tensor in state.items():
+        if not name.startswith("model.layers."):
+            continue
+        index, local = name[len("model.layers."):].split(".", 1)
+        if local not in names:
+            raise ExportError(f"no llama.cpp name for {name}")
+        if config.model_type == "llama" and local.startswith(("self_attn.q_proj", "self_attn.k_proj")):
+            tensor = permute_rope_rows(tensor, heads if "q_proj" in local else kv_heads)
+        out.append((f"blk.{index}.{names[local]}", tensor))
+    return out
+
+
+def pre_tokenizer(tokenizer: dict) -> str:
+    """The llama.cpp pre-tokenizer that splits like this tokenizer.json, or ExportError."""
+    pre = tokenizer.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
+    byte_bpe = (tokenizer.get("model") or {}).get("type") == "BPE" and len(steps) == 2 \
+        and steps[1].get("type") == "ByteLevel"
+    if byte_bpe and steps[0].get("type") == "Digits" and steps[0].get("individual_digits") \
+            and steps[1].get("use_regex", True):
+        return PRE_TOKENIZER
+    if byte_bpe and steps[0].get("type") == "Split" and not steps[1].get("use_regex", True) \
+            and (steps[0].get("pattern") or {}).get("Regex") in STOCK_SPLITS:
+        return STOCK_SPLITS[steps[0]["pattern"]["Regex"]]
+    raise ExportError("the tokenizer is neither ours (single digits, then byte-level BPE) nor a byte-level BPE with "
+                      "Qwen2's or Llama 3's split: llama.cpp picks its pre-tokenizer by name and this exporter maps "
+                      f"only those ({PRE_TOKENIZER!r}, {', '.join(map(repr, STOCK_SPLITS.values()))}); use llama.cpp's "
+                      "convert_hf_to_gguf.py for other tokenizers")
+
+
+def check_exportable(config: dict, tokenizer: dict) -> str:
+    """Refuse what llama.cpp would misread; returns the llama.cpp pre-tokenizer name."""
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise ExportError(f"model_type {model_type!r}: this exporter writes {', '.join(ARCHITECTURES)} models; for "
+                          "another architecture llama.cpp supports, use its convert_hf_to_gguf.py")
+    pre = pre_tokenizer(tokenizer)
+    rope = rope_scaling(config).get("rope_type", rope_scaling(config).get("type", "default"))
+    if model_type != "deepseek_v3":
+        if rope not in ("default", None) and not (model_type == "llama" and rope == "llama3"):
+            raise ExportError(f"rope scaling {rope!r} on {model_type} is not exported (llama3 on llama is)")
+        if config.get("use_sliding_window") or config.get("attention_bias") or config.get("mlp_bias"):
+            raise ExportError(f"{model_type} with sliding-window attention or attention/MLP biases is not exported")
+        return pre
     if not config.get("rope_interleave", True):
         raise ExportError("rope_interleave = false: llama.cpp's deepseek2 rotates adjacent pairs (DeepSeek's "
                           "layout); exporting the other layout needs the rope rows permuted, which is not done")
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise ExportError(f"rope scaling {rope.get('rope_type') or rope.get('type')!r} is not exported (untested)")
+    if rope not in ("default", None):
+        raise ExportError(f"rope scaling {rope!r} is not exported (untested)")
     if config["num_hidden_layers"] in (26, 27) and config.get("q_lora_rank"):
         raise ExportError(f"{config['num_hidden_layers']} layers with q_lora_rank = {config['q_lora_rank']}: llama.cpp "
                           "takes 26/27-layer deepseek2 models for DeepSeek-V2-Lite, whose queries have no low-rank "
                           "projection, and would not load it")
-    pre = tokenizer.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
-    ours = (len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits")
-            and steps[1].get("type") == "ByteLevel" and steps[1].get("use_regex", True)
-            and (tokenizer.get("model") or {}).get("type") == "BPE")
-    if not ours:
-        raise ExportError("the tokenizer is not ours (single digits, then byte-level BPE): llama.cpp picks its "
-                          "pre-tokenizer by name and this exporter knows only the one that splits like ours "
-                          f"({PRE_TOKENIZER!r}); use llama.cpp's convert_hf_to_gguf.py for a stock tokenizer")
+    return pre
 
 
 def tensors(model) -> list[tuple[str, torch.Tensor]]:
@@ -163,7 +266,11 @@ def encoded(name: str, tensor: torch.Tensor, kind: str):
     return gguf.quants.quantize(data, qtype), qtype
 
 
-def add_tokenizer(writer, tokenizer: dict, tokenizer_config: dict, vocab_size: int) -> None:
+def add_tokenizer(writer, tokenizer: dict, tokenizer_config: dict, vocab_size: int, pre: str = PRE_TOKENIZER,
+                  add_bos: bool = False) -> None:
+    """The vocabulary, merges, special ids and chat template; `pre` names llama.cpp's pre-tokenizer and
+    `add_bos` says whether the tokenizer prepends its BOS (ours does not: prompts start with the system
+    text; Llama 3's does)."""
     import gguf
 
     vocab = tokenizer["model"]["vocab"]
@@ -183,7 +290,7 @@ def add_tokenizer(writer, tokenizer: dict, tokenizer_config: dict, vocab_size: i
             types.append(gguf.TokenType.UNUSED)
     merges = [" ".join(m) if isinstance(m, list) else m for m in tokenizer["model"].get("merges", [])]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(PRE_TOKENIZER)
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
@@ -194,7 +301,7 @@ def add_tokenizer(writer, tokenizer: dict, tokenizer_config: dict, vocab_size: i
         token = token.get("content") if isinstance(token, dict) else token
         if token in ids:
             add(ids[token])
-    writer.add_add_bos_token(False)  # our prompts start with the system text; there is no BOS
+    writer.add_add_bos_token(add_bos)
     if tokenizer_config.get("chat_template"):
         writer.add_chat_template(tokenizer_config["chat_template"])
 
@@ -204,32 +311,38 @@ def _json(path: Path) -> dict:
 
 
 def export_gguf(checkpoint: str | Path, out: str | Path, kind: str = "f32") -> Path:
-    """Write `checkpoint` (our DeepSeek-V3 format, fp32/bf16 or FP8) as GGUF `out`, atomically, with
-    `out`.sha256 beside it. Returns `out`."""
+    """Write `checkpoint` (our DeepSeek-V3 format, fp32/bf16 or FP8, or a llama / qwen2 model) as GGUF
+    `out`, atomically, with `out`.sha256 beside it. Returns `out`."""
     import gguf
+    from transformers import AutoTokenizer
 
-    from r1pipeline.model import R1MoEForCausalLM
+    from r1pipeline import policy
 
     if kind not in TYPES:
         raise ExportError(f"--type {kind!r}; allowed: {', '.join(TYPES)}")
     checkpoint, out = Path(checkpoint), Path(out)
     config = _json(checkpoint / "config.json")
     tokenizer = _json(checkpoint / "tokenizer.json")
-    check_exportable(config, tokenizer)
+    pre = check_exportable(config, tokenizer)
     tokenizer_config = _json(checkpoint / "tokenizer_config.json")
     template = checkpoint / "chat_template.jinja"
     if template.is_file():
         tokenizer_config.setdefault("chat_template", template.read_text())
-    model = R1MoEForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)   # FP8 dequantised
+    hf_tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    add_bos = hf_tokenizer.bos_token_id is not None and hf_tokenizer("1")["input_ids"][:1] == [hf_tokenizer.bos_token_id]
+    model = policy.load_pretrained(str(checkpoint), "float32")   # FP8 dequantised
+    arch = ARCHITECTURES[config["model_type"]]
+    keys, weights = (hparams(config), tensors(model)) if arch == "deepseek2" else (stock_hparams(config),
+                                                                                  stock_tensors(model))
     partial = out.with_name(out.name + ".partial")
-    writer = gguf.GGUFWriter(str(partial), "deepseek2")
+    writer = gguf.GGUFWriter(str(partial), arch)
     writer.add_name(checkpoint.parent.name if checkpoint.name == "final" else checkpoint.name)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                           "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind])
-    for method, args in hparams(config):
+    for method, args in keys:
         getattr(writer, method)(*args)
-    add_tokenizer(writer, tokenizer, tokenizer_config, config["vocab_size"])
-    for name, tensor in tensors(model):
+    add_tokenizer(writer, tokenizer, tokenizer_config, config["vocab_size"], pre, add_bos)
+    for name, tensor in weights:
         data, qtype = encoded(name, tensor, kind)
         writer.add_tensor(name, data, raw_dtype=qtype)
     writer.write_header_to_file()
@@ -253,6 +366,20 @@ PARAMETER stop "{eos}"
 PARAMETER temperature 0.6
 PARAMETER top_p 0.95
 """
+CHAT_MODELFILE = """# Ollama (untested here: no Ollama binary on the build machines). This run used its model's chat template
+# (data.prompt_format: chat), which the GGUF carries; Ollama maps known templates from it.
+FROM ./{gguf}
+PARAMETER temperature 0.6
+PARAMETER top_p 0.95
+"""
+
+
+def modelfile(checkpoint: Path, gguf_name: str) -> str:
+    """The Ollama Modelfile: R1's plain template (data.prompt_format r1, the default), or the model's own."""
+    config = _json(checkpoint.parent / "stage_config.json").get("config") or {}
+    if (config.get("data") or {}).get("prompt_format") == "chat":
+        return CHAT_MODELFILE.format(gguf=gguf_name)
+    return MODELFILE.format(gguf=gguf_name, eos=_json(checkpoint / "tokenizer_config.json").get("eos_token") or "")
 
 
 def parse_args(argv):
@@ -277,8 +404,7 @@ def main(argv=None) -> int:
     except ExportError as exc:
         print(f"r1pipeline export: error: {exc}", file=sys.stderr)
         return 2
-    eos = (_json(checkpoint / "tokenizer_config.json").get("eos_token") or "")
-    (out.parent / "Modelfile").write_text(MODELFILE.format(gguf=out.name, eos=eos))
+    (out.parent / "Modelfile").write_text(modelfile(checkpoint, out.name))
     print(f"[r1pipeline] {out} ({out.stat().st_size / 2**20:.1f} MiB, sha256 in {out.name}.sha256); "
           f"llama.cpp: llama-server -m {out} --jinja; Ollama: ollama create NAME -f {out.parent / 'Modelfile'}")
     return 0

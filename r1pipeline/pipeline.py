@@ -204,16 +204,17 @@ def required_columns(name: str, rewards: list) -> set[str]:
     return columns
 
 
-def check_stage_ref(planned: list, run_dir: Path, where: str, ref) -> None:
+def check_stage_ref(planned: list, run_dir: Path, where: str, ref, otherwise: str = "set {where} to a checkpoint path"
+                    ) -> None:
     """A stage's input: an earlier stage of this run (done, or scheduled before it), 'model', or a
-    checkpoint."""
+    checkpoint. `otherwise` says what else the user can do when the stage is missing."""
     if ref in STAGE_ORDER:
         scheduled = [s.name for s in planned]
         if ref not in scheduled and rundir.read_manifest(run_dir / ref) is None:
             stage = where.split(".")[0]
             raise cfg.ConfigError(
                 f"{where} = {ref!r}: its output {run_dir / ref / 'final'} is missing or unfinished (no "
-                f"manifest.json); run `make {ref} RUN={run_dir.name}` first, or set {where} to a checkpoint path"
+                f"manifest.json); run `make {ref} RUN={run_dir.name}` first, or {otherwise.format(where=where)}"
                 + (f" (stage {stage} runs after {ref})" if ref != stage else ""))
     elif ref != "model":
         check_checkpoint_ref(where, ref)
@@ -240,10 +241,16 @@ def plan(recipe: dict, stages: list[str], run_dir: Path, world_size: int = 1, dr
         own = {**schema.defaults(options), **schema.validate(name, options, {
             key: section.pop(key) for key in list(section) if key in schema.fields(options)})}
         trl_fields = cfg.check_trl_fields(name, section)
+        if own.get("on_policy"):
+            from stages.distill import check_on_policy
+
+            own["on_policy"] = check_on_policy(own["on_policy"], trl_fields, run_dir / name / "on_policy")
         if name in recipe:  # what was checked, coerced, is what the run uses and hashes
             recipe[name] = {**trl_fields, **{key: value for key, value in own.items() if key in recipe[name]}}
         init_from = own["init_from"]
         check_stage_ref(planned, run_dir, f"{name}.init_from", init_from)
+        if own.get("data_from"):  # distill: stage 3's selected rows
+            check_stage_ref(planned, run_dir, f"{name}.data_from", own["data_from"], "unset {where}")
         sample_from = own.get("sample_from")
         if sample_from is not None:
             check_stage_ref(planned, run_dir, f"{name}.sample_from", sample_from)

@@ -153,9 +153,10 @@ class RunDirCallback(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
-def callbacks(stage: Stage) -> list[TrainerCallback]:
+def callbacks(stage: Stage, directory: Path | None = None) -> list[TrainerCallback]:
+    """The callbacks of a trainer writing into `directory` (default: the stage's directory)."""
     # The routing-bias update first, so that the imbalance it logs reaches metrics.jsonl.
-    return [RoutingBiasCallback(), RunDirCallback(stage.stage_dir)]
+    return [RoutingBiasCallback(), RunDirCallback(directory or stage.stage_dir)]
 
 
 def read_metrics(stage_dir: Path) -> list[dict]:
@@ -169,17 +170,20 @@ def truncate_metrics(stage_dir: Path, step: int) -> None:
     rundir.atomic_write_text(Path(stage_dir) / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def train_and_save(trainer, stage: Stage) -> dict:
-    """Train (resuming from the newest complete checkpoint), then write final/ atomically."""
-    checkpoint = rundir.latest_complete_checkpoint(stage.stage_dir)
+def train_and_save(trainer, stage: Stage, final: Path | None = None) -> dict:
+    """Train (resuming from the newest complete checkpoint in the trainer's output_dir), then write
+    `final` (default: the stage's final/) atomically."""
+    directory = Path(trainer.args.output_dir)
+    checkpoint = rundir.latest_complete_checkpoint(directory)
     if checkpoint is not None:
         step = int(rundir.CHECKPOINT.fullmatch(checkpoint.name).group(1))
         log(f"{stage.name}: resuming from {checkpoint} (step {step})")
         if trainer.is_world_process_zero():
-            truncate_metrics(stage.stage_dir, step)
+            truncate_metrics(directory, step)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
-    final, staging = stage.stage_dir / "final", stage.stage_dir / "final.tmp"
+    final = Path(final) if final is not None else stage.stage_dir / "final"
+    staging = final.with_name(final.name + ".tmp")
     if trainer.is_world_process_zero() and staging.exists():
         shutil.rmtree(staging)
     trainer.accelerator.wait_for_everyone()

@@ -185,9 +185,9 @@ def select(stage: Stage, sampling: dict, filters: dict, tokenizer) -> dict:
     samples = score(stage, records, tokenizer)
     kept, removed = apply_filters(samples, filters)
     if not kept:
-        raise RuntimeError(f"rejection: none of the {len(samples)} samples was correct and readable "
-                           f"(removed: {removed}); sample more (rejection.sampling.num_samples) or relax "
-                           f"rejection.filters / accept_threshold")
+        raise RuntimeError(f"{stage.name}: none of the {len(samples)} samples was correct and readable "
+                           f"(removed: {removed}); sample more ({stage.name}.sampling.num_samples) or relax "
+                           f"{stage.name}.filters / accept_threshold")
     source = {"checkpoint": stage.sample_path(), "hash": stage.input_ref()["sampled_from"]["hash"]}
     rows = [{**sft_row(stage, s["question"], s["completion"]), "origin": "rejection"} for s in kept]
     ratio = float(stage.section.get("chat_ratio", DEFAULT_CHAT_RATIO))

@@ -28,13 +28,14 @@ def build_dataset(stage: Stage):
     return train.map(lambda row: sft_row(stage, row["prompt"], completion_of(row)), remove_columns=train.column_names)
 
 
-def train(stage: Stage, dataset, model, tokenizer) -> dict:
-    """SFT on prompt-completion rows (stage 1's data, or stage 3's selected samples)."""
+def train(stage: Stage, dataset, model, tokenizer, final=None) -> dict:
+    """SFT on prompt-completion rows (stage 1's data, or stage 3's selected samples), saved to
+    `final` (default: the stage's final/)."""
     # completion_only_loss=None means TRL's default for prompt-completion data: loss on the completion.
     args = SFTConfig(**trainer_args(stage, model))
     trainer = ResumableSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                   callbacks=callbacks(stage), peft_config=peft_config(stage))
-    return train_and_save(trainer, stage)
+    return train_and_save(trainer, stage, final)
 
 
 def run(stage: Stage) -> dict:

@@ -54,6 +54,26 @@ def test_wrong_types_and_values(capsys, runs_dir, args, fragments):
     assert_rejected(capsys, runs_dir, args, *fragments, stage="sft")
 
 
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["distill.on_policy={max_step: 3}"], ["distill.on_policy (DistillationConfig fields)", "'max_step'",
+                                               "did you mean max_steps"]),
+        (["distill.on_policy={beta: high}"], ["distill.on_policy.beta = 'high'", "expected float"]),
+        (["distill.on_policy={use_vllm: true}"], ["distill.on_policy.use_vllm = true", "transformers"]),
+        (["distill.on_policy={output_dir: /tmp/x}"], ["distill.on_policy.output_dir is set by the run directory"]),
+        (["distill.data_from=grpo"], ["distill.data_from = 'grpo' must be 'rejection' (stage 3) or unset"]),
+    ],
+)
+def test_distill_keys_are_checked_before_work(capsys, runs_dir, args, fragments):
+    assert_rejected(capsys, runs_dir, args, *fragments, stage="all")
+
+
+def test_distill_data_from_a_stage_that_has_not_run(capsys, runs_dir):
+    assert_rejected(capsys, runs_dir, [], "distill.data_from = 'rejection'", "make rejection RUN=bad",
+                    "or unset distill.data_from", stage="distill")
+
+
 def test_batch_not_divisible_by_num_generations(capsys, runs_dir):
     assert_rejected(capsys, runs_dir, ["grpo.num_generations=3", "grpo.per_device_train_batch_size=8"],
                     "not divisible by num_generations (3)", "per_device_train_batch_size (8)", "[2, 4, 8]",

@@ -237,6 +237,38 @@ def test_align_killed_then_resumed_equals_uninterrupted(tmp_path, sft_checkpoint
     assert "reward_model/accuracy" in manifest["metrics"] or any(k.startswith("reward_model/") for k in manifest["metrics"])
 
 
+def test_distill_on_policy_killed_then_resumed_equals_uninterrupted(tmp_path, sft_checkpoint):
+    """Stage 5 with on-policy distillation (TRL DistillationTrainer, the SFT'd student against the
+    teacher's distributions): killed inside the on-policy phase, it skips the finished SFT phase,
+    resumes from on_policy/checkpoint-2 and ends with the uninterrupted run's weights."""
+    runs = tmp_path / "runs"
+    args = [*FAST_DATA, *FAST_DISTILL, f"distill.sample_from={sft_checkpoint}", "distill.data_from=null",
+            "distill.sampling.max_new_tokens=12",
+            "distill.filters={over_long: false}",
+            "distill.on_policy={max_steps: 4, save_steps: 2, per_device_train_batch_size: 4, "
+            "max_completion_length: 12, logging_steps: 1, learning_rate: 1.0e-3, gradient_checkpointing: false}"]
+    code, out = pipeline(runs, "straight", "distill", *args)
+    assert code == 0, out
+    straight = runs / "straight" / "distill"
+    assert not torch.equal(weights(straight)["model.embed_tokens.weight"],
+                           load_file(str(straight / "sft_final" / "model.safetensors"))["model.embed_tokens.weight"])
+    logged = [json.loads(line) for line in (straight / "on_policy" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged if "loss" in row] == [1, 2, 3, 4]
+    manifest = json.loads((straight / "manifest.json").read_text())
+    assert manifest["metrics"]["on_policy/train_loss"] > 0 and manifest["metrics"]["student_parameters"] > 0
+
+    stage = runs / "killed" / "distill"
+    checkpoint = stage / "on_policy" / "checkpoint-2"
+    code, _ = pipeline(runs, "killed", "distill", *args, kill_when=lambda: (checkpoint / "COMPLETE").exists())
+    assert code == -signal.SIGKILL and not (stage / "manifest.json").exists()
+    code, out = pipeline(runs, "killed", "distill", *args)
+    assert code == 0, out
+    assert f"distill: resuming from {checkpoint} (step 2)" in out and "distill: student" not in out
+    assert_same_weights(straight, stage)
+    assert json.loads((stage / "manifest.json").read_text())["metrics"]["student_parameters"] == \
+        manifest["metrics"]["student_parameters"]
+
+
 def killed_after_checkpoint_2_resumes_exactly(runs, name: str, args: list[str]):
     """Run stage `name` straight (run "straight"), then again (run "killed") SIGKILLed once
     checkpoint-2 is complete, then re-run it: it must resume from checkpoint-2 and end with the

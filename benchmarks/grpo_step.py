@@ -1,0 +1,209 @@
+"""A whole GRPO step, ours against TRL's GRPOTrainer on stock transformers: rollout generation,
+rewards and training, from one SFT checkpoint of the embedded default, with the same prompts, group
+size, completion lengths, reward functions, GRPOConfig fields and seeds.
+
+- ours: stage 2 as `make grpo` runs it (stages/grpo.py: our trainer subclass over our DeepSeek-V3
+  policy, R1MoEForCausalLM, with its mismatch metrics);
+- trl: `trl.GRPOTrainer` over transformers' `DeepseekV3ForCausalLM` loaded from the same checkpoint.
+
+Two completion lengths: the embedded default's (`max_completion_length` 96; completions end at EOS,
+~50 tokens on a trained policy) and 4x that with every completion forced to the full length
+(`generation_kwargs.min_new_tokens`, given to both), since a trained policy stops by itself long
+before. Each side runs in its own process, one warm-up step then timed steps, the sides alternating
+(ours, trl, trl, ours, ...); the figure is the median step time over all timed steps, with its split:
+generation (TRL's own profiling of `generate`), rewards (its profiling of each reward function), and
+the rest (logprob forwards, loss, backward, optimizer step, our mismatch metrics).
+
+Writes benchmarks/results/grpo_step.json.
+
+    python benchmarks/grpo_step.py [--sft CHECKPOINT | --sft-steps 400] [--prompts 16] [--lengths 96,384]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+RECIPE = ROOT / "recipes" / "tiny.yaml"
+SIDES = ("ours", "trl")
+
+
+# ---- one side, in its own process ---------------------------------------------------------------
+
+
+def grpo_stage(sft: str, length: int, forced: bool, prompts: int, group: int, steps: int, run_dir: Path):
+    """Stage 2 of the embedded default, planned as `make grpo` plans it, with these sizes."""
+    from r1pipeline import config as cfg
+    from r1pipeline.pipeline import plan
+
+    overrides = [f"grpo.init_from={sft}", f"grpo.max_completion_length={length}", f"grpo.max_steps={steps}",
+                 f"grpo.per_device_train_batch_size={prompts * group}", f"grpo.num_generations={group}",
+                 "grpo.logging_steps=1", "grpo.save_steps=100000"]
+    if forced:
+        overrides.append(f"grpo.generation_kwargs={{min_new_tokens: {length}}}")
+    recipe = cfg.apply_overrides(cfg.load_recipe(str(RECIPE)), overrides)
+    [stage] = plan(recipe, ["grpo"], run_dir)
+    return stage
+
+
+def step_timer():
+    """A callback timing each optimizer step, split by TRL's profiling contexts (which it otherwise
+    reports to wandb/mlflow/trackio only)."""
+    from transformers import TrainerCallback
+    from trl.extras import profiling
+
+    spans: list[tuple[str, float]] = []
+    log_metrics = profiling.ProfilingContext._log_metrics
+
+    def record(self, duration):
+        spans.append((self.name, duration))
+        log_metrics(self, duration)
+
+    profiling.ProfilingContext._log_metrics = record
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.steps, self.start = [], None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            spans.clear()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            total = time.perf_counter() - self.start
+            generation = sum(d for name, d in spans if "generate" in name)
+            rewards = sum(d for name, d in spans if name.split(".")[-1] in self.reward_names)
+            self.steps.append({"step_s": total, "generation_s": generation, "reward_s": rewards,
+                               "rest_s": total - generation - rewards})
+
+    return StepTimer()
+
+
+def worker(side: str, sft: str, length: int, forced: bool, prompts: int, group: int, steps: int, out: Path) -> None:
+    import torch
+
+    from stages import grpo
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        stage = grpo_stage(sft, length, forced, prompts, group, steps, Path(tmp))
+        timer = step_timer()
+        timer.reward_names = {reward.fn.__name__ for reward in stage.rewards}
+        lengths = []
+        if side == "ours":
+            ours = grpo.callbacks
+            grpo.callbacks = lambda stage: [*ours(stage), timer]
+            grpo.run(stage)
+            lengths = [row["completions/mean_length"] for row in grpo.read_metrics(stage.stage_dir)
+                       if "completions/mean_length" in row]
+        else:
+            from transformers import AutoTokenizer, DeepseekV3ForCausalLM
+            from trl import GRPOTrainer
+
+            model = DeepseekV3ForCausalLM.from_pretrained(sft, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(sft)
+            tokenizer.padding_side = "left"
+            trainer = GRPOTrainer(model=model, reward_funcs=[reward.fn for reward in stage.rewards],
+                                  args=grpo.grpo_config(stage, model), train_dataset=grpo.build_dataset(stage),
+                                  processing_class=tokenizer, callbacks=[timer])
+            trainer.train()
+            lengths = [row["completions/mean_length"] for row in trainer.state.log_history
+                       if "completions/mean_length" in row]
+    out.write_text(json.dumps({"side": side, "model": "R1MoEForCausalLM" if side == "ours" else
+                               "DeepseekV3ForCausalLM", "steps": timer.steps, "mean_completion_length": lengths}))
+
+
+# ---- the comparison -----------------------------------------------------------------------------
+
+
+def run_side(side, sft, length, forced, prompts, group, steps, directory: Path) -> dict:
+    out = directory / f"{side}-{length}-{time.monotonic_ns()}.json"
+    command = [sys.executable, __file__, "--worker", side, "--sft", str(sft), "--length", str(length),
+               "--prompts", str(prompts), "--group", str(group), "--steps", str(steps), "--out", str(out)]
+    subprocess.run(command + (["--forced"] if forced else []), cwd=ROOT, check=True,
+                   env={**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"})
+    return json.loads(out.read_text())
+
+
+def summary(runs: list[dict]) -> dict:
+    timed = [step for run in runs for step in run["steps"][1:]]  # each process's first step warms up
+    median = {key: statistics.median(step[key] for step in timed) for key in timed[0]}
+    lengths = [value for run in runs for value in run["mean_completion_length"]]
+    return {**{key: round(value, 3) for key, value in median.items()}, "timed_steps": len(timed),
+            "mean_completion_length": round(statistics.mean(lengths), 1) if lengths else None,
+            "model": runs[0]["model"]}
+
+
+def measure(sft, lengths, prompts, group, steps, repeats, directory) -> dict:
+    results = {}
+    for index, length in enumerate(lengths):
+        forced = index > 0  # the recipe's own length ends at EOS; the longer ones are forced
+        runs = {side: [] for side in SIDES}
+        for repeat in range(repeats):
+            for side in SIDES if repeat % 2 == 0 else SIDES[::-1]:
+                runs[side].append(run_side(side, sft, length, forced, prompts, group, steps, directory))
+                print(f"[grpo_step] length {length}: {side} run {repeat + 1} done", flush=True)
+        figures = {side: summary(runs[side]) for side in SIDES}
+        figures["speedup"] = round(figures["trl"]["step_s"] / figures["ours"]["step_s"], 2)
+        figures["generation_speedup"] = round(figures["trl"]["generation_s"] / figures["ours"]["generation_s"], 2)
+        figures["max_completion_length"], figures["forced_to_full_length"] = length, forced
+        results[str(length)] = figures
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sft", help="the SFT checkpoint both sides start from (default: train one)")
+    parser.add_argument("--sft-steps", type=int, default=400, help="SFT steps when --sft is not given")
+    parser.add_argument("--lengths", default="96,384", help="max completion lengths; all but the first forced")
+    parser.add_argument("--prompts", type=int, default=16, help="prompts per step (x group completions)")
+    parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=4, help="steps per process, the first one a warm-up")
+    parser.add_argument("--repeats", type=int, default=2, help="processes per side and length, alternating")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "grpo_step.json"))
+    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--forced", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker, args.sft, args.length, args.forced, args.prompts, args.group, args.steps,
+                      Path(args.out))
+    lengths = [int(n) for n in args.lengths.split(",")]
+    if args.steps < 2 or args.repeats < 1 or any(n < 1 for n in lengths):
+        parser.error("--steps must be >= 2 (one warm-up), --repeats >= 1, --lengths positive")
+    import torch
+
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        sft = Path(args.sft) if args.sft else Path(tmp) / "runs" / "sft" / "sft" / "final"
+        if not args.sft:
+            subprocess.run([sys.executable, "-m", "r1pipeline", "--runs-dir", str(Path(tmp) / "runs"), "--run", "sft",
+                            "sft", f"sft.max_steps={args.sft_steps}", "sft.save_steps=100000"], cwd=ROOT, check=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        record = {"benchmark": "a whole GRPO step, ours vs TRL GRPOTrainer + transformers DeepseekV3ForCausalLM "
+                               "(benchmarks/grpo_step.py)",
+                  "host": {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+                           "cores": os.cpu_count(), "torch": torch.__version__},
+                  "recipe": str(RECIPE.relative_to(ROOT)), "sft": str(args.sft or f"{args.sft_steps} SFT steps"),
+                  "prompts": args.prompts, "group": args.group, "steps_per_process": args.steps,
+                  "repeats": args.repeats,
+                  "lengths": measure(sft, lengths, args.prompts, args.group, args.steps, args.repeats, Path(tmp))}
+    record["wall_s"] = round(time.monotonic() - start, 1)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record["lengths"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

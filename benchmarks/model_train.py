@@ -46,12 +46,13 @@ TRANSFORMERS_EXPERTS = ("eager", "grouped_mm")
 V3_GEMMS = [(4096, 24576, 1536), (4096, 7168, 16384), (4096, 4096, 7168), (4096, 2048, 7168), (4096, 7168, 2048)]
 
 
-def build(device, dtype, directory):
+def build(device, dtype, directory, config=CONFIG):
     """Our model and transformers' with identical weights: {name: model}."""
     from transformers import DeepseekV3ForCausalLM
 
     torch.manual_seed(0)
-    ours = R1MoEForCausalLM(R1MoEConfig(**CONFIG))
+    with torch.device(device):  # a mid-size config initialises in seconds on a GPU, minutes on its CPU
+        ours = R1MoEForCausalLM(R1MoEConfig(**config)).to(dtype)
     ours.save_pretrained(directory)
     models = {"ours": ours.to(device, dtype).train()}
     for impl in TRANSFORMERS_EXPERTS:
@@ -85,26 +86,28 @@ def time_interleaved(models, batch, reps, device):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def fresh(name, device, dtype):
+def fresh(name, device, dtype, config=CONFIG):
     """A randomly initialised model of `name` (weights do not change memory use)."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    if name == "ours":
-        return R1MoEForCausalLM(R1MoEConfig(**CONFIG)).to(device, dtype).train()
-    model = DeepseekV3ForCausalLM(DeepseekV3Config(**CONFIG)).to(device, dtype).train()
+    with torch.device(device):
+        if name == "ours":
+            return R1MoEForCausalLM(R1MoEConfig(**config)).to(dtype).train()
+        model = DeepseekV3ForCausalLM(DeepseekV3Config(**config)).to(dtype).train()
     model.set_experts_implementation(name.removeprefix("transformers_"))
     return model
 
 
-def peak_memory_mb(name, device, dtype) -> float:
+def peak_memory_mb(name, device, dtype, config=CONFIG, batch=BATCH, seq=SEQ) -> float:
     """Peak memory a training step adds to the model: in a fresh process on CPU (peak RSS), in this
     one on a GPU (max_memory_allocated)."""
     if device == "cpu":
-        out = subprocess.run([sys.executable, __file__, "--memory-of", name], capture_output=True, text=True,
-                             check=True)
+        out = subprocess.run([sys.executable, __file__, "--memory-of", name, "--shape",
+                              json.dumps({"config": config, "batch": batch, "seq": seq})],
+                             capture_output=True, text=True, check=True)
         return float(out.stdout.strip().splitlines()[-1])
-    model = fresh(name, device, dtype)
-    batch = torch.randint(0, CONFIG["vocab_size"], (BATCH, SEQ), device=device)
+    model = fresh(name, device, dtype, config)
+    batch = torch.randint(0, config["vocab_size"], (batch, seq), device=device)
     step(model, batch)
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -122,9 +125,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def memory_child(name):
-    model = fresh(name, "cpu", torch.float32)
-    batch = torch.randint(0, CONFIG["vocab_size"], (BATCH, SEQ))
+def memory_child(name, shape):
+    config, batch, seq = shape["config"], shape["batch"], shape["seq"]
+    model = fresh(name, "cpu", torch.float32, config)
+    batch = torch.randint(0, config["vocab_size"], (batch, seq))
     base = peak_rss_mb()
     step(model, batch)
     print(peak_rss_mb() - base)
@@ -152,10 +156,11 @@ def fp8_vs_bf16_gemms(reps=10):
     return results
 
 
-def measure(device, dtype, reps):
+def measure(device, dtype, reps, config=CONFIG, batch=BATCH, seq=SEQ):
     with tempfile.TemporaryDirectory() as d:
-        models = build(device, dtype, d)
-    batch = torch.randint(0, CONFIG["vocab_size"], (BATCH, SEQ), device=device)
+        models = build(device, dtype, d, config)
+    shape = (batch, seq)
+    batch = torch.randint(0, config["vocab_size"], shape, device=device)
     load_before = os.getloadavg()[0]
     # transformers' implementations are first raced against each other (interleaved, 2 repetitions);
     # the fastest then alternates with ours for the full count.
@@ -163,10 +168,10 @@ def measure(device, dtype, reps):
     fastest = min(probe, key=probe.get)
     seconds = time_interleaved({"ours": models["ours"], fastest: models[fastest]}, batch, reps, device)
     load_after = os.getloadavg()[0]
-    tokens = BATCH * SEQ
+    tokens = shape[0] * shape[1]
     figures = {name: {"tokens_per_s": tokens / s, "step_ms": s * 1e3} for name, s in seconds.items()}
     for name in figures:
-        figures[name]["peak_memory_mb"] = peak_memory_mb(name, device, dtype)
+        figures[name]["peak_memory_mb"] = peak_memory_mb(name, device, dtype, config, *shape)
     baseline = fastest
     return {
         "device": torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()} CPU",
@@ -185,9 +190,11 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
+    parser.add_argument("--shape", default=json.dumps({"config": CONFIG, "batch": BATCH, "seq": SEQ}),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_of:
-        return memory_child(args.memory_of)
+        return memory_child(args.memory_of, json.loads(args.shape))
     result = {"config": CONFIG, "batch": BATCH, "seq_len": SEQ, "torch": torch.__version__,
               "cpu": measure("cpu", torch.float32, args.reps)}
     if torch.cuda.is_available():

@@ -196,8 +196,10 @@ def check_exportable(config: dict, tokenizer: dict) -> str:
     if model_type != "deepseek_v3":
         if rope not in ("default", None) and not (model_type == "llama" and rope == "llama3"):
             raise ExportError(f"rope scaling {rope!r} on {model_type} is not exported (llama3 on llama is)")
-        if config.get("use_sliding_window") or config.get("attention_bias") or config.get("mlp_bias"):
-            raise ExportError(f"{model_type} with sliding-window attention or attention/MLP biases is not exported")
+        if config.get("use_sliding_window") or "sliding_attention" in (config.get("layer_types") or []):
+            raise ExportError(f"{model_type} with sliding-window attention is not exported")
+        if model_type == "llama" and (config.get("attention_bias") or config.get("mlp_bias")):
+            raise ExportError("llama with attention or MLP biases is not exported (llama.cpp's llama reads none)")
         return pre
     if not config.get("rope_interleave", True):
         raise ExportError("rope_interleave = false: llama.cpp's deepseek2 rotates adjacent pairs (DeepSeek's "

@@ -28,6 +28,7 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 from trl import DistillationConfig, DistillationTrainer
 
+from r1pipeline import config as cfg
 from r1pipeline import rundir
 from r1pipeline.pipeline import Stage, log
 from r1pipeline.policy import ModelSection
@@ -63,10 +64,6 @@ def on_policy_fields(section: dict, fields: dict) -> dict:
 
 def check_on_policy(fields: dict, section: dict, output_dir) -> dict:
     """distill.on_policy checked against TRL's DistillationConfig, before any work; returns it coerced."""
-    from trl import DistillationConfig
-
-    from r1pipeline import config as cfg
-
     checked = cfg.check_trl_fields("distill", fields, DistillationConfig, "distill.on_policy")
     if checked.get("use_vllm"):
         raise cfg.ConfigError("distill.on_policy.use_vllm = true: the student's on-policy samples are generated with "

@@ -210,6 +210,10 @@ def test_what_llama_cpp_would_misread_is_refused(checkpoints, tmp_path):
         export.check_exportable({**stock, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, tokenizer)
     with pytest.raises(export.ExportError, match="sliding-window"):
         export.check_exportable({**stock, "use_sliding_window": True}, tokenizer)
+    llama = json.loads((checkpoints["llama"] / "config.json").read_text())
+    with pytest.raises(export.ExportError, match="llama with attention or MLP biases"):
+        export.check_exportable({**llama, "attention_bias": True}, tokenizer)
+    export.check_exportable(llama, tokenizer)  # llama3 rope scaling is exported
 
 
 def test_the_modelfile_follows_the_runs_prompt_format(checkpoints, tmp_path):

@@ -5,6 +5,7 @@ every part at toy sizes on the CPU. What it measures on a GPU (the FP8 kernel ag
 GEMM and model speed, a GRPO stage) can only run there."""
 
 import json
+import shutil
 import subprocess
 import sys
 from importlib.metadata import version
@@ -40,10 +41,11 @@ def test_the_carry_list_pins_the_installed_versions_and_fetches_per_python_wheel
 
 
 def test_the_wrapper_installs_carried_wheels_for_this_python_and_skips_others(tmp_path):
-    wheels = tmp_path / "wheels"
+    wheels, probe = tmp_path / "wheels", tmp_path / "wheel_probe"
     wheels.mkdir()
+    shutil.copytree(ROOT / "tests" / "data" / "wheel_probe", probe)  # the build writes beside its source
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(wheels), str(ROOT / "tests" / "data" / "wheel_probe")], check=True)
+                    str(wheels), str(probe)], check=True)
     (wheels / "other-1.0-py2-none-any.whl").write_bytes(b"not a wheel for this Python")
     site = tmp_path / "site"
     done = gpu_check("--carry-list", env={"GPU_CHECK_WHEELS": str(wheels), "GPU_CHECK_SITE": str(site)})

@@ -19,7 +19,8 @@ short GRPO runs with and without R3 + FP8 rollouts from one SFT checkpoint.
 
 Writes benchmarks/results/moe_rl.json.
 
-    python benchmarks/moe_rl.py [--sft-steps N | --sft CHECKPOINT] [--grpo-steps 100] [--prompts 32] [--skip-grpo]
+    python benchmarks/moe_rl.py [--sft-steps N | --sft CHECKPOINT] [--model-config YAML] [--grpo-steps 100]
+                                [--prompts 32] [--skip-grpo]
 """
 
 from __future__ import annotations
@@ -211,6 +212,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sft-steps", type=int, help="default: the recipe's")
     parser.add_argument("--sft", help="an SFT checkpoint to start from instead (skips the SFT run)")
+    parser.add_argument("--model-config", help="overrides of the preset for the SFT run, as in a recipe's "
+                                               "model.config, e.g. '{num_hidden_layers: 4, n_routed_experts: 16}'")
     parser.add_argument("--grpo-steps", type=int, default=100)
     parser.add_argument("--prompts", type=int, default=32, help="held-out prompts in the mismatch batch (x 8)")
     parser.add_argument("--seed", type=int, default=0)
@@ -230,12 +233,13 @@ def main() -> None:
         sft = Path(args.sft) if args.sft else runs / "sft" / "sft" / "final"
         if not args.sft:
             steps = [f"sft.max_steps={args.sft_steps}"] if args.sft_steps else []
-            pipeline(runs, "sft", "sft", *steps, "sft.save_steps=100000")
+            shape = [f"model.config={args.model_config}"] if args.model_config else []
+            pipeline(runs, "sft", "sft", *steps, *shape, "sft.save_steps=100000")
         record = {"benchmark": "MoE RL: routing replay vs train/rollout mismatch (benchmarks/moe_rl.py)",
                   "host": {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
                            "cores": os.cpu_count(), "torch": torch.__version__},
                   "recipe": str(RECIPE.relative_to(ROOT)), "sft": str(args.sft or "the recipe's sft stage"),
-                  "sft_steps": args.sft_steps or recipe["sft"]["max_steps"],
+                  "sft_steps": args.sft_steps or recipe["sft"]["max_steps"], "model_config": args.model_config,
                   "mismatch": mismatch_figures(sft, recipe, args.prompts, group, args.seed)}
         for name in ("fp8_rollout", "bf16_rollout", "num_iterations_2"):
             none, r3 = record["mismatch"][name]["none"]["k3_kl"], record["mismatch"][name]["r3"]["k3_kl"]

@@ -148,6 +148,9 @@ def part_grpo(dry: bool) -> dict:
     return {"sft_steps": sft_steps, "prompts": prompts, "steps": steps, "lengths": figures}
 
 
+RUNNERS = {"fp8": part_fp8, "model": part_model, "grpo": part_grpo}
+
+
 def child_env() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
             "TOKENIZERS_PARALLELISM": "false"}
@@ -157,7 +160,7 @@ def run_part(part: str, dry: bool, out: Path) -> None:
     """In the part's own process: compute, then write gpu_<part>.json."""
     start = time.monotonic()
     result = {"part": part, "device": device_name(), "dry_run": dry, "versions": versions()}
-    result.update({"part_fp8": part_fp8, "part_model": part_model, "part_grpo": part_grpo}[f"part_{part}"](dry))
+    result.update(RUNNERS[part](dry))
     result["wall_s"] = round(time.monotonic() - start, 1)
     out.write_text(json.dumps(result, indent=2) + "\n")
 

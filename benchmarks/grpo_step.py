@@ -57,9 +57,9 @@ def grpo_stage(sft: str, length: int, forced: bool, prompts: int, group: int, st
     return stage
 
 
-def step_timer():
+def step_timer(reward_names: set[str]):
     """A callback timing each optimizer step, split by TRL's profiling contexts (which it otherwise
-    reports to wandb/mlflow/trackio only)."""
+    reports to wandb/mlflow/trackio only); `reward_names` are the reward functions' names."""
     from transformers import TrainerCallback
     from trl.extras import profiling
 
@@ -83,7 +83,7 @@ def step_timer():
         def on_step_end(self, args, state, control, **kwargs):
             total = time.perf_counter() - self.start
             generation = sum(d for name, d in spans if "generate" in name)
-            rewards = sum(d for name, d in spans if name.split(".")[-1] in self.reward_names)
+            rewards = sum(d for name, d in spans if name.split(".")[-1] in reward_names)
             self.steps.append({"step_s": total, "generation_s": generation, "reward_s": rewards,
                                "rest_s": total - generation - rewards})
 
@@ -98,8 +98,7 @@ def worker(side: str, sft: str, length: int, forced: bool, prompts: int, group: 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         stage = grpo_stage(sft, length, forced, prompts, group, steps, Path(tmp))
-        timer = step_timer()
-        timer.reward_names = {reward.fn.__name__ for reward in stage.rewards}
+        timer = step_timer({reward.fn.__name__ for reward in stage.rewards})
         lengths = []
         if side == "ours":
             ours = grpo.callbacks

@@ -192,7 +192,8 @@ def check_exportable(config: dict, tokenizer: dict) -> str:
         raise ExportError(f"model_type {model_type!r}: this exporter writes {', '.join(ARCHITECTURES)} models; for "
                           "another architecture llama.cpp supports, use its convert_hf_to_gguf.py")
     pre = pre_tokenizer(tokenizer)
-    rope = rope_scaling(config).get("rope_type", rope_scaling(config).get("type", "default"))
+    scaling = rope_scaling(config)
+    rope = scaling.get("rope_type", scaling.get("type", "default"))
     if model_type != "deepseek_v3":
         if rope not in ("default", None) and not (model_type == "llama" and rope == "llama3"):
             raise ExportError(f"rope scaling {rope!r} on {model_type} is not exported (llama3 on llama is)")

@@ -141,9 +141,13 @@ def run(stage: Stage) -> dict:
         rundir.atomic_write_text(stage.stage_dir / "distill_data.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
 
-    sft_final = stage.stage_dir / ("sft_final" if stage.section.get("on_policy") else "final")
-    phase_metrics = stage.stage_dir / "sft_metrics.json"
-    if sft_final.name == "final" or not sft_final.is_dir():  # a resumed run whose SFT phase is done skips it
+    two_phases = bool(stage.section.get("on_policy"))
+    sft_final = stage.stage_dir / ("sft_final" if two_phases else "final")
+    phase_metrics = stage.stage_dir / "sft_metrics.json"  # for a resumed run that skips the finished SFT
+    if two_phases and sft_final.is_dir():
+        metrics = rundir.read_json(phase_metrics) if phase_metrics.is_file() else {}
+        tokenizer = AutoTokenizer.from_pretrained(sft_final)
+    else:
         model, tokenizer = load_policy(stage, teacher_tokenizer)
         size = sum(p.numel() for p in model.parameters())
         log(f"distill: student {type(model).__name__}, {size:,} parameters, "
@@ -151,12 +155,9 @@ def run(stage: Stage) -> dict:
             f"{selection['chat_rows']} chat)")
         metrics = {**sft.train(stage, dataset, model, tokenizer, sft_final), "student_parameters": size}
         del model
-        if state.is_main_process:
+        if two_phases and state.is_main_process:
             rundir.atomic_write_json(phase_metrics, metrics)
-    else:
-        metrics = rundir.read_json(phase_metrics) if phase_metrics.is_file() else {}
-        tokenizer = AutoTokenizer.from_pretrained(sft_final)
-    if stage.section.get("on_policy"):
+    if two_phases:
         metrics.update(on_policy(stage, sft_final, tokenizer))
     metrics.update({"rows": len(rows), "fresh_kept": selection["kept"], "fresh_samples": selection["samples"]})
     return metrics

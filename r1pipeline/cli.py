@@ -45,17 +45,19 @@ def check_sharding(recipe: dict, accelerate_config: str | None, dry_run: bool) -
     """A sharded accelerate config (FSDP, ZeRO-3) that cannot do what it says:
     - with LoRA: final/ is the merged model, merged on one process, where a sharded model is not whole;
     - without GPUs (not refused in a dry run, which plans for the recipe's machine): the stages run as
-      one gloo group (ACCELERATE_USE_CPU, below), and accelerate then turns an FSDP or DeepSpeed config
-      into plain data parallel (MULTI_CPU, measured with accelerate 1.x), sharding nothing, silently."""
+      one gloo group (ACCELERATE_USE_CPU, below). FSDP2 runs there (r1pipeline/sharding.py puts back
+      the plugin accelerate leaves out on CPU); FSDP1 and DeepSpeed would become plain data parallel
+      (MULTI_CPU, measured with accelerate 1.x), sharding nothing, silently."""
     sharded = accelerate_setup(accelerate_config)["sharded"]
     if (recipe.get("model") or {}).get("lora") and sharded:
         raise ConfigError(f"model.lora with {accelerate_config} ({sharded}): merging the adapter into a sharded model "
                           "for final/ is not supported yet; train LoRA with recipes/accelerate/ddp.yaml (the base is "
                           "frozen, so its weights need no sharding of optimizer state), or train every weight")
-    if sharded and not dry_run and not torch.cuda.is_available():
+    if sharded not in (None, "FSDP2") and not dry_run and not torch.cuda.is_available():
         raise ConfigError(f"ACCELERATE_CONFIG = {accelerate_config} ({sharded}) on a machine without GPUs: accelerate "
                           "would run it as plain data parallel on the CPU, sharding nothing; use "
-                          "recipes/accelerate/cpu2.yaml for CPU data parallel, or run it where GPUs are")
+                          "recipes/accelerate/fsdp2-cpu2.yaml for sharded training on the CPU (FSDP2 over gloo), "
+                          "recipes/accelerate/cpu2.yaml for data parallel, or run it where GPUs are")
 
 
 def main(argv=None) -> int:

@@ -397,6 +397,7 @@ def execute(stage: Stage) -> dict:
         "metrics": metrics,
         "wall_time_s": round(time.time() - start, 2),
         "world_size": state.num_processes,
+        "distributed_type": str(state.distributed_type.value),  # FSDP when the trainer really sharded
         "versions": versions(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
 from transformers import AutoTokenizer, TrainerCallback
 
 from data import R1_SYSTEM_PROMPT, build_tokenizer, completion_for, prompt_for, render_completion, render_prompt
@@ -86,6 +87,21 @@ class ExactResumeMixin:
     With FP8 on, the DeepSeek-V3 format holds e4m3 weights, not the fp32 masters being trained, so
     checkpoints also keep the masters, and a resume loads those."""
 
+    def create_accelerator_and_postprocess(self) -> None:
+        from r1pipeline.sharding import enable_fsdp_on_cpu
+
+        super().create_accelerator_and_postprocess()
+        if enable_fsdp_on_cpu(self.accelerator):
+            self.is_fsdp_enabled = True
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        from r1pipeline.sharding import load_sharded_optimizer, sharded_checkpoints
+
+        if not (checkpoint and self.is_fsdp_enabled and sharded_checkpoints(self.accelerator)):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        load_sharded_optimizer(self.model, self.optimizer, checkpoint)
+        self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / "scheduler.pt", weights_only=True))
+
     def _checkpoint_dir(self, trial) -> Path:
         """The directory the Trainer has just written for this step."""
         return Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
@@ -101,7 +117,8 @@ class ExactResumeMixin:
 
             buffers = {name: buffer.detach().contiguous() for name, buffer in self.model.named_buffers()}
             save_file(buffers, str(self._checkpoint_dir(trial) / BUFFERS))
-        if getattr(self.model.config, "fp8", False) and self.args.should_save:
+        # Under FSDP the checkpoint holds the sharded parameters, which are the fp32 masters already.
+        if getattr(self.model.config, "fp8", False) and self.args.should_save and not self.is_fsdp_enabled:
             from safetensors.torch import save_file
 
             masters = {name: tensor.detach().contiguous() for name, tensor in self.model.state_dict().items()}
@@ -202,6 +219,18 @@ def save_final(trainer, directory: Path) -> None:
     is merged into the base first (and kept alone in final/adapter/), so final/ never needs peft."""
     from accelerate.utils import is_peft_model
 
+    if trainer.is_fsdp_enabled:  # whatever the checkpoints' state-dict type, final/ is whole
+        state_dict = trainer.accelerator.get_state_dict(trainer.model)  # every rank takes part
+        if trainer.is_world_process_zero():
+            # The gathered tensors are copies: tied weights (an embedding shared with the LM head) come
+            # back as two tensors, which save_pretrained would write twice. One tensor per tie again:
+            first = {}
+            for name, param in trainer.model.named_parameters(remove_duplicate=False):
+                if id(param) in first and name in state_dict:
+                    state_dict[name] = state_dict[first[id(param)]]
+                first.setdefault(id(param), name)
+            trainer._save(str(directory), state_dict=state_dict)
+        return
     if not is_peft_model(trainer.model):
         trainer.save_model(str(directory))
         return

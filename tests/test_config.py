@@ -217,13 +217,17 @@ def test_shipped_recipes_validate(tmp_path, monkeypatch, hub_mirror):
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for machines without GPUs")
-@pytest.mark.parametrize("name, sharded", [("fsdp2.yaml", "FSDP2"), ("zero3.yaml", "ZeRO-3")])
-def test_a_sharded_accelerate_config_without_gpus_is_refused(capsys, runs_dir, name, sharded):
-    """accelerate runs an FSDP/DeepSpeed config on CPU as plain data parallel (MULTI_CPU): refused, not
-    silently unsharded. A dry run still plans it."""
+@pytest.mark.parametrize("name, sharded", [("fsdp1", "FSDP1"), ("zero3.yaml", "ZeRO-3")])
+def test_a_sharded_accelerate_config_without_gpus_is_refused(capsys, runs_dir, tmp_path, name, sharded):
+    """accelerate runs an FSDP1/DeepSpeed config on CPU as plain data parallel (MULTI_CPU): refused, not
+    silently unsharded (FSDP2 runs there for real: tests/test_sharding.py). A dry run still plans it."""
     from r1pipeline.config import RECIPES_DIR
 
     config = str(RECIPES_DIR / "accelerate" / name)
-    assert_rejected(capsys, runs_dir, ["--accelerate-config", config], f"({sharded}) on a machine without GPUs",
-                    "cpu2.yaml", stage="sft")
-    assert run_cli(runs_dir, "--accelerate-config", config, "--dry-run", stage="sft") == 0
+    if name == "fsdp1":
+        config = tmp_path / "fsdp1.yaml"
+        config.write_text((RECIPES_DIR / "accelerate" / "fsdp2.yaml").read_text().replace("fsdp_version: 2",
+                                                                                          "fsdp_version: 1"))
+    assert_rejected(capsys, runs_dir, ["--accelerate-config", str(config)], f"({sharded}) on a machine without GPUs",
+                    "fsdp2-cpu2.yaml", stage="sft")
+    assert run_cli(runs_dir, "--accelerate-config", str(config), "--dry-run", stage="sft") == 0

@@ -36,7 +36,7 @@ def test_dry_run_prints_the_per_device_plan_of_each_accelerate_config(config, tm
     out = capsys.readouterr().out
     assert f"devices: {setup['processes']} process(es)" in out
     assert f"x {setup['processes']} process(es)" in out, "the batch arithmetic uses the world size"
-    assert ("sharded" in out) == (config.stem in ("fsdp2", "zero3"))
+    assert ("sharded" in out) == (config.stem in ("fsdp2", "fsdp2-cpu2", "zero3"))
 
 
 def test_a_bad_recipe_fails_the_dry_run_before_anything(tmp_path, capsys):

@@ -45,14 +45,29 @@ def pipeline(runs_dir, run, stage, *overrides, env=None, kill_when=None, acceler
         deadline = time.monotonic() + 600
         while process.poll() is None and time.monotonic() < deadline:
             if kill_when is not None and kill_when():
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+                kill_tree(process)
                 break
             time.sleep(0.01)
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+            kill_tree(process)
             pytest.fail(f"timed out: {command}")
     return process.returncode, log.read_text()
+
+
+def kill_tree(process) -> None:
+    """SIGKILL the process and every descendant: torchrun starts accelerate's workers in sessions of
+    their own, out of reach of the process group."""
+    import psutil
+
+    family = psutil.Process(process.pid).children(recursive=True)
+    os.killpg(process.pid, signal.SIGKILL)
+    for child in family:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    process.wait()
+    psutil.wait_procs(family, timeout=30)
 
 
 def weights(stage_dir: Path) -> dict:

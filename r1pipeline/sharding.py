@@ -64,3 +64,13 @@ def sharded_checkpoints(accelerator) -> bool:
     """FSDP2 writing distributed-checkpoint shards (SHARDED_STATE_DICT, the shipped configs' choice)."""
     plugin = accelerator.state.fsdp_plugin
     return plugin is not None and plugin.fsdp_version == 2 and "SHARDED" in str(plugin.state_dict_type)
+
+
+
+def whole_state_dict(model) -> dict:
+    """`model.state_dict()` with FSDP2's DTensor shards made whole (a collective per tensor: every rank
+    calls it, in the same order); the state dict itself for a model that is not sharded."""
+    from torch.distributed.tensor import DTensor
+
+    return {name: tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+            for name, tensor in model.state_dict().items()}

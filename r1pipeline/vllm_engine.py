@@ -152,15 +152,33 @@ def vllm_version() -> str:
 def shutdown(llm) -> None:
     """Free an in-process engine and vLLM's parallel groups, and the default process group when vLLM
     started it (not a trainer's), so that a trainer or the next engine in this process starts clean."""
-    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+    from vllm.distributed import parallel_state
 
     owns_process_group = getattr(llm, "r1_owns_process_group", True)
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    destroy_model_parallel()
-    if owns_process_group:
-        destroy_distributed_environment()
+    # The engine core's own shutdown ends in parallel_state.destroy_distributed_environment, which
+    # destroys torch's default process group too, even one accelerate started and still needs (the
+    # stage's closing barrier then fails on every rank). Without ownership only vLLM's groups go.
+    destroy = parallel_state.destroy_distributed_environment
+    if not owns_process_group:
+        parallel_state.destroy_distributed_environment = _destroy_vllm_world_group
+    try:
+        llm.llm_engine.engine_core.shutdown()  # once: it detaches the engine's own finalizer
+        del llm
+        parallel_state.destroy_model_parallel()
+        parallel_state.destroy_distributed_environment()
+    finally:
+        parallel_state.destroy_distributed_environment = destroy
     gc.collect()
+
+
+def _destroy_vllm_world_group() -> None:
+    """destroy_distributed_environment less its last line: vLLM's world group, not torch's default one."""
+    from vllm.distributed import parallel_state
+
+    if parallel_state._WORLD:
+        parallel_state._WORLD.destroy()
+    parallel_state._WORLD = None
+    parallel_state._NODE_COUNT = None
 
 
 def reload_weights(llm, weights) -> None:

@@ -67,6 +67,7 @@ class CheckpointFormatVLLM(VLLMGeneration):
     def _iter_named_params(self):
         # Replaces trl/generation/vllm_generation.py L435-479. Every rank iterates: gathering ZeRO-3
         # shards is a collective (TRL's own rule).
+        # FSDP2 shards are made whole by vllm_weights itself (sharding.whole_state_dict).
         with self._dist.gather_params(list(self.model.parameters())), self._merged_policy() as merged:
             yield from merged.vllm_weights()
 
@@ -162,7 +163,10 @@ def colocated_engine_settings(args, model):
     cpu_dtype = {"dtype": str(model.dtype).removeprefix("torch.")} if vllm_engine.on_cpu() else {}
 
     def build(**kwargs):
-        return vllm_engine.started(vllm.LLM, **vllm_engine.engine_kwargs(**cpu_dtype, **kwargs))
+        owns_process_group = not torch.distributed.is_initialized()  # else accelerate's (several processes)
+        llm = vllm_engine.started(vllm.LLM, **vllm_engine.engine_kwargs(**cpu_dtype, **kwargs))
+        llm.r1_owns_process_group = owns_process_group
+        return llm
 
     # GRPOTrainer builds its engine inside __init__ with `LLM(...)`, a name of TRL's module: that name is
     # the one hook there is, so it points at `build` for the duration and back after.
@@ -188,14 +192,22 @@ class ResumableGRPOTrainer(ExactResumeMixin, RolloutRecordMixin, GRPOTrainer):
         with colocated_engine_settings(kwargs.get("args"), kwargs.get("model")):
             super().__init__(*args, **kwargs)
         if self.use_vllm and isinstance(unwrapped(self.vllm_generation.model), policy.POLICY_CLASS):
-            if self.vllm_generation._dist.is_fsdp:
-                raise ValueError("use_vllm with our MoE policy under FSDP: the checkpoint-format weight sync "
-                                 "gathers DeepSpeed ZeRO-3 shards but not FSDP's; train with DDP or ZeRO")
+            if self.vllm_generation._dist.is_fsdp and not self.accelerator.is_fsdp2:
+                raise ValueError("use_vllm with our MoE policy under FSDP1: the checkpoint-format weight sync "
+                                 "gathers FSDP2 and DeepSpeed ZeRO-3 shards; set fsdp_version: 2")
             # GRPOTrainer.__init__ builds its VLLMGeneration (grpo_trainer.py L1107) with no hook for the
             # class; the subclass only overrides methods, so switching the instance's class is safe.
             self.vllm_generation.__class__ = CheckpointFormatVLLM
             self.vllm_generation.verify_sync = verify_default(unwrapped(self.model), (vllm_sync or {}).get("verify"))
             self.vllm_generation.sync_timeout = (vllm_sync or {}).get("timeout", 600.0)
+
+    def close_engine(self) -> None:
+        """Shut the colocated vLLM engine down now, not whenever it is collected: under accelerate the
+        process group is the trainer's, and it must outlive the engine (vllm_engine.shutdown)."""
+        llm = getattr(self.vllm_generation, "llm", None) if self.use_vllm else None
+        if llm is not None:
+            self.vllm_generation.llm = None
+            vllm_engine.shutdown(llm)
 
     def _state_file(self, checkpoint: str) -> Path:
         return Path(checkpoint) / f"grpo_state_rank{self.accelerator.process_index}.pt"
@@ -280,6 +292,7 @@ def train(stage: Stage, dataset) -> dict:
     )
     trainer.configure_rollouts(stage.section)
     metrics = train_and_save(trainer, stage)
+    trainer.close_engine()
     metrics.update(reward_trend(stage.stage_dir))
     if "reward_first_quarter" in metrics:
         log(f"{stage.name}: mean reward {metrics['reward_first_quarter']:.3f} over the first quarter of steps, "

@@ -306,19 +306,6 @@ def sft_output_hash(path):
     return content_hash(path)
 
 
-def test_two_cpu_processes_under_accelerate(tmp_path):
-    runs = tmp_path / "runs"
-    args = [*FAST_DATA, *FAST_SFT, *FAST_GRPO, "sft.max_steps=2", "grpo.max_steps=2",
-            "sft.per_device_train_batch_size=4", "grpo.per_device_train_batch_size=4",
-            "grpo.num_generations=4"]
-    for stage in ("sft", "grpo"):
-        code, out = pipeline(runs, "ddp", stage, *args, accelerate_config=ROOT / "recipes/accelerate/cpu2.yaml")
-        assert code == 0, out
-        manifest = json.loads((runs / "ddp" / stage / "manifest.json").read_text())
-        assert manifest["world_size"] == 2
-        assert (runs / "ddp" / stage / "final" / "model.safetensors").exists()
-
-
 def test_fp8_resume_restores_the_fp32_masters(tmp_path):
     """With FP8 on, checkpoints hold e4m3 weights (the DeepSeek-V3 format); a resume must still
     continue from the fp32 master weights, or the resumed run drifts from the uninterrupted one."""

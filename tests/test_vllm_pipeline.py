@@ -12,7 +12,7 @@ pytest.importorskip("vllm")  # `make install` installs it on CPU machines; GPU o
 
 from r1pipeline.rollout import read_samples
 
-from conftest import FAST_ALIGN, FAST_DATA, FAST_DISTILL, FAST_EVAL, FAST_GRPO, FAST_REJECTION, FAST_SFT
+from conftest import FAST_ALIGN, FAST_DATA, FAST_DISTILL, FAST_EVAL, FAST_GRPO, FAST_REJECTION, FAST_SFT, ROOT
 from test_stages import assert_same_weights, pipeline
 
 pytestmark = pytest.mark.slow
@@ -67,3 +67,24 @@ def test_grpo_on_vllm_killed_then_resumed_equals_uninterrupted(tmp_path):
     assert code == 0, out
     assert f"grpo: resuming from {stage / 'checkpoint-3'} (step 3)" in out
     assert_same_weights(runs / "straight" / "grpo", stage)
+
+
+def test_grpo_on_vllm_under_fsdp2_in_two_processes(tmp_path):
+    """Each of two FSDP2 processes runs its colocated engine; the weight sync gathers the DTensor shards
+    (every rank, in the same order) and is read back and compared (CPU default): the engines sample from
+    the trainer's weights (k3 KL at float rounding). The engine's shutdown leaves accelerate's process
+    group alone, so the stage's closing barrier passes."""
+    runs = tmp_path / "runs"
+    code, out = pipeline(runs, "base", "sft", *FAST_DATA, *FAST_SFT, "model.preset=tiny-vllm")
+    assert code == 0, out
+    code, out = pipeline(runs, "fsdp", "grpo", *FAST_DATA, *FAST_GRPO, "model.preset=tiny-vllm", "grpo.use_vllm=true",
+                         f"grpo.init_from={runs / 'base' / 'sft' / 'final'}", "grpo.max_steps=3",
+                         "grpo.per_device_train_batch_size=4", "grpo.logging_steps=1",
+                         accelerate_config=ROOT / "recipes" / "accelerate" / "fsdp2-cpu2.yaml")
+    assert code == 0, out[-3000:]
+    assert "vLLM 0.31.0 engine (CPU build, in this process) up in" in out  # (logged by the main process)
+    manifest = json.loads((runs / "fsdp" / "grpo" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["distributed_type"] == "FSDP"
+    rows = [json.loads(line) for line in (runs / "fsdp" / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    kl = [row["sampling/kl_k3"] for row in rows if "sampling/kl_k3" in row]
+    assert len(kl) == 3 and max(kl) < 1e-8, kl

@@ -200,8 +200,12 @@ class R1MoEForCausalLM(R1MoEPreTrainedModel, GenerationMixin):
         return checkpoint.load(cls, pretrained_model_name_or_path, config=config, dtype=dtype)
 
     def vllm_weights(self, fp8: bool | None = None, include_mtp: bool = False):
-        """(name, tensor) in checkpoint format for vLLM's `load_weights` (see checkpoint.checkpoint_tensors)."""
-        return checkpoint.checkpoint_tensors(self, fp8=self.config.fp8 if fp8 is None else fp8, include_mtp=include_mtp)
+        """(name, tensor) in checkpoint format for vLLM's `load_weights` (see checkpoint.checkpoint_tensors);
+        under FSDP2 every rank calls it (the shards are gathered)."""
+        from r1pipeline.sharding import whole_state_dict
+
+        return checkpoint.checkpoint_tensors(self, fp8=self.config.fp8 if fp8 is None else fp8, include_mtp=include_mtp,
+                                             state_dict=whole_state_dict(self))
 
 
 __all__ = ["R1MoEForCausalLM", "R1MoEModel", "R1MoEPreTrainedModel", "attention_mask_4d"]

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from r1pipeline.config import ConfigError, apply_overrides, load_recipe
-from r1pipeline.pipeline import STAGE_ORDER, accelerate_setup, execute, log, plan, plan_eval, world_size_of
+from r1pipeline.pipeline import (STAGE_ORDER, accelerate_setup, execute, log, plan, plan_eval, start_process_group,
+                                 world_size_of)
 
 LAUNCHED = "R1PIPELINE_UNDER_ACCELERATE"
 
@@ -60,6 +61,20 @@ def check_sharding(recipe: dict, accelerate_config: str | None, dry_run: bool) -
                           "recipes/accelerate/cpu2.yaml for data parallel, or run it where GPUs are")
 
 
+# Per-node settings of a multi-node launch (the config file holds what every node shares):
+# environment variable -> `accelerate launch` option.
+NODE_SETTINGS = {"MACHINE_RANK": "--machine_rank", "MAIN_PROCESS_IP": "--main_process_ip",
+                 "MAIN_PROCESS_PORT": "--main_process_port"}
+
+
+def launch_command(accelerate_config: str, argv: list[str], environ) -> list[str]:
+    """`accelerate launch` of this same command line, with the node's own rank and rendezvous address
+    when the environment gives them (one config file for every node)."""
+    node = [item for name, option in NODE_SETTINGS.items() if environ.get(name) for item in (option, environ[name])]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config, *node,
+            "-m", "r1pipeline", *argv]
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["export"]:  # `python -m r1pipeline export --run R --stage S --gguf`: r1pipeline/export.py
@@ -79,6 +94,8 @@ def main(argv=None) -> int:
         recipe = apply_overrides(load_recipe(args.recipe), args.overrides)
         if args.stage == "all":  # the stages the recipe has (R1-Zero: grpo alone), in R1's order
             stages = [s for s in STAGE_ORDER if s in recipe] or list(STAGE_ORDER)
+        if os.environ.get(LAUNCHED):
+            start_process_group(recipe, stages)
         planned = plan(recipe, stages, run_dir, world_size_of(args.accelerate_config), dry_run=args.dry_run)
         check_sharding(recipe, args.accelerate_config, args.dry_run)
         heldout = plan_eval(recipe, planned) if evaluates else None
@@ -96,8 +113,7 @@ def main(argv=None) -> int:
             execute(stage)
         return 0
     if planned and args.accelerate_config:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", args.accelerate_config,
-                   "-m", "r1pipeline", *argv]
+        command = launch_command(args.accelerate_config, argv, os.environ)
         env = {**os.environ, LAUNCHED: "1"}
         if not torch.cuda.is_available():
             # accelerate's multi-process launcher assumes GPUs; without any, each process would train

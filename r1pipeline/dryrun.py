@@ -100,8 +100,26 @@ def _batch(stage) -> str:
         completions = per_device * world * (fields.get("steps_per_generation") or accumulation)
         text += (f"; {completions // generations} prompts x {generations} completions per generation batch, "
                  f"up to {fields.get('max_completion_length', cfg.field_default('grpo', 'max_completion_length'))} "
-                 f"tokens each; rollouts with {'vLLM' if fields.get('use_vllm') else 'transformers'}")
+                 f"tokens each; rollouts with {_rollouts(stage)}")
+    if world > 1:
+        text += (f"; a stuck collective raises after ddp_timeout = {_field(stage, 'ddp_timeout')} s "
+                 "instead of hanging")
     return text
+
+
+def _field(stage, key: str):
+    """The stage's TRL field, or TRL's default for it."""
+    return stage.trl_fields.get(key, cfg.field_default(stage.name, key))
+
+
+def _rollouts(stage) -> str:
+    if not stage.trl_fields.get("use_vllm"):
+        return "transformers"
+    if _field(stage, "vllm_mode") != "server":
+        return "vLLM, colocated in each training process"
+    where = stage.trl_fields.get("vllm_server_base_url") or f"{_field(stage, 'vllm_server_host')}:{_field(stage, 'vllm_server_port')}"
+    return (f"the vLLM server at {where} (start it first with `trl vllm-serve`; the trainers wait "
+            f"vllm_server_timeout = {_field(stage, 'vllm_server_timeout'):g} s for it, then raise)")
 
 
 def describe(recipe: dict, planned: list, heldout, accelerate_config: str | None) -> str:
@@ -117,7 +135,8 @@ def describe(recipe: dict, planned: list, heldout, accelerate_config: str | None
     vocabulary = f" (vocabulary <= {config.vocab_size})" if "preset" in model else ""
     lines.append(f"model: {source} ({config.model_type}), {counted['total'] / 1e6:,.2f}M parameters{vocabulary}{moe}, "
                  f"{dtype}")
-    lines.append(f"devices: {setup['processes']} process(es) on {setup['machines']} machine(s)"
+    per_machine = f", {setup['processes'] // setup['machines']} per machine" if setup["machines"] > 1 else ""
+    lines.append(f"devices: {setup['processes']} process(es) on {setup['machines']} machine(s){per_machine}"
                  + (f" ({setup['config']}: {setup['distributed_type']}"
                     f"{', ' + setup['sharded'] if setup['sharded'] else ''}, mixed precision {setup['mixed_precision']})"
                     if setup["config"] else ""))

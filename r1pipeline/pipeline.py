@@ -355,6 +355,22 @@ def versions() -> dict:
     return found
 
 
+def start_process_group(recipe: dict, stages: list[str]) -> None:
+    """In a process `accelerate launch` started: the process group, first thing, with the first
+    stage's `ddp_timeout`, so that a collective stuck longer raises instead of hanging. The first
+    group a process sets up is the one it keeps, and transformers' TrainingArguments (which the
+    plan's checks build) set one up without a timeout on the CPU (ACCELERATE_USE_CPU), where it
+    would wait 30 minutes. Stages launched together share the group."""
+    from datetime import timedelta
+
+    from accelerate import PartialState
+
+    name = stages[0] if stages else "sft"
+    timeout = (recipe.get(name) or {}).get("ddp_timeout", cfg.field_default(name, "ddp_timeout"))
+    PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "false").lower() == "true",
+                 timeout=timedelta(seconds=float(timeout)))
+
+
 def execute(stage: Stage) -> dict:
     """Run one stage unless it is done; returns its manifest."""
     from accelerate import PartialState

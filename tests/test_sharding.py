@@ -16,13 +16,14 @@ What must hold, and to what tolerance:
 
 import json
 import shutil
+import time
 
 import pytest
 import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from conftest import FAST_DATA, ROOT
+from conftest import FAST_DATA, ROOT, pipeline_env
 from test_stages import assert_same_weights, pipeline, weights
 
 pytestmark = pytest.mark.slow
@@ -132,3 +133,32 @@ def test_fsdp2_grpo_equals_ddp_and_resumes_exactly(model_recipe, sft_runs, tmp_p
     assert len(loss_a) == 4 and loss_b == pytest.approx(loss_a, rel=1e-5, abs=1e-7)
     assert norm_b == pytest.approx(norm_a, rel=1e-4, abs=1e-7) and max(norm_a) > 0, "some step had advantages"
     resume_from_a_copy(runs, sharded, "grpo", args)
+
+
+STALLING_REWARD = '''
+import os, time
+
+def stall(prompts, completions, completion_ids=None, **columns):
+    """Process 1 never comes back from its reward: process 0 waits for it in the rewards' gather."""
+    if os.environ.get("RANK") == "1":
+        time.sleep(600)
+    return [0.0] * len(completions)
+'''
+
+
+def test_a_stuck_collective_raises_after_ddp_timeout(sft_runs, tmp_path, model_recipe):
+    """The multi-node failure users meet most: one process stalls and the others wait in a collective
+    forever. With the process group set up before anything else (pipeline.start_process_group),
+    `ddp_timeout` holds on the CPU too, and the launch fails instead of hanging."""
+    if model_recipe[0] != "ours":
+        pytest.skip("model-independent")
+    plugins = tmp_path / "plugins"
+    (plugins / "stalling").mkdir(parents=True)
+    (plugins / "stalling" / "__init__.py").write_text(STALLING_REWARD)
+    started = time.monotonic()
+    code, out = pipeline(tmp_path / "runs", "stuck", "grpo", *model_recipe[1], *FAST_DATA, *GRPO[:-1],
+                         f"grpo.init_from={sft_runs / 'single' / 'sft' / 'final'}", "grpo.ddp_timeout=10",
+                         "grpo.rewards=[{function: 'stalling:stall', weight: 1.0}]",
+                         accelerate_config=DDP, env=pipeline_env(plugins))
+    assert code != 0 and "Timed out waiting 10000ms" in out, out[-3000:]
+    assert time.monotonic() - started < 300, "the stall ended the launch long before process 1 woke up"

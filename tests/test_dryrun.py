@@ -36,7 +36,30 @@ def test_dry_run_prints_the_per_device_plan_of_each_accelerate_config(config, tm
     out = capsys.readouterr().out
     assert f"devices: {setup['processes']} process(es)" in out
     assert f"x {setup['processes']} process(es)" in out, "the batch arithmetic uses the world size"
-    assert ("sharded" in out) == (config.stem in ("fsdp2", "fsdp2-cpu2", "zero3"))
+    assert ("sharded" in out) == (setup["sharded"] is not None)
+    assert ("per machine" in out) == (setup["machines"] > 1)
+
+
+def test_the_multi_node_plan_names_the_layout_the_rollouts_and_the_timeouts(tmp_path, capsys):
+    config = RECIPES_DIR / "accelerate" / "multinode-fsdp2.yaml"
+    assert cli.main(["--recipe", "tiny", "--runs-dir", str(tmp_path), "all", "--dry-run", "--accelerate-config",
+                     str(config), "model.preset=tiny-vllm", "grpo.use_vllm=true", "grpo.vllm_mode=server",
+                     "grpo.vllm_server_host=10.0.0.9", "grpo.ddp_timeout=900"]) == 0
+    out = capsys.readouterr().out
+    assert "devices: 16 process(es) on 2 machine(s), 8 per machine" in out and "(sharded 16 ways)" in out
+    grpo = out.split("- grpo:")[1].split("\n- ")[0]
+    assert "x 16 process(es)" in grpo and "the vLLM server at 10.0.0.9:8000" in grpo
+    assert "vllm_server_timeout = 240 s" in grpo and "ddp_timeout = 900 s" in grpo
+
+
+def test_each_node_passes_its_rank_and_rendezvous_to_accelerate():
+    env = {"MACHINE_RANK": "1", "MAIN_PROCESS_IP": "10.0.0.1"}
+    command = cli.launch_command("multinode.yaml", ["grpo", "--run", "x"], env)
+    launch = command[command.index("accelerate.commands.launch"):]
+    assert launch[:7] == ["accelerate.commands.launch", "--config_file", "multinode.yaml", "--machine_rank", "1",
+                          "--main_process_ip", "10.0.0.1"]
+    assert launch[7:] == ["-m", "r1pipeline", "grpo", "--run", "x"]
+    assert "--machine_rank" not in cli.launch_command("one-node.yaml", [], {})
 
 
 def test_a_bad_recipe_fails_the_dry_run_before_anything(tmp_path, capsys):

@@ -163,3 +163,44 @@ def test_other_models_keep_trls_sync(tmp_path, monkeypatch, tokenizer):
     trainer.vllm_generation.sync_weights()
     loaded = [name for name, _ in trainer.vllm_generation.llm.loaded]
     assert loaded == [name for name, _ in model.named_parameters()]
+
+
+class FakeZeRO3:
+    """Test double for DeepSpeed ZeRO-3 (not a dependency; its trainer path fails on TRL's fused LM head,
+    README "Sharded training"): each parameter's data is replaced by an empty shard, as ZeRO-3 leaves
+    it outside a gather, and `gathered` (in the place of TRL's `gather_params`, which enters
+    `deepspeed.zero.GatheredParameters` under ZeRO-3) puts the whole tensors back for the while."""
+
+    def __init__(self, model):
+        self.whole = {param: param.data for param in model.parameters()}
+        self.gathers = 0
+        self.partition()
+
+    def partition(self):
+        for param in self.whole:
+            param.data = torch.empty(0, dtype=param.dtype)
+
+    @contextlib.contextmanager
+    def gathered(self, params):
+        self.gathers += 1
+        for param in params:
+            param.data = self.whole[param]
+        try:
+            yield
+        finally:
+            self.partition()
+
+
+def test_the_sync_gathers_zero3_shards_before_reading_the_policy(tmp_path, monkeypatch, tokenizer):
+    """The colocated sync under ZeRO-3 (a test double: see FakeZeRO3) reads every tensor inside TRL's
+    gather, so the engine gets whole weights, not the empty local shards."""
+    model = build(tokenizer)
+    trainer = grpo_trainer(tmp_path, monkeypatch, tokenizer, model, "colocate")
+    expected = [(name, tensor.clone()) for name, tensor in model.vllm_weights()]
+    fake = FakeZeRO3(model)
+    monkeypatch.setattr(trainer.vllm_generation._dist, "gather_params", fake.gathered)
+    with pytest.raises((RuntimeError, IndexError)):
+        list(model.vllm_weights())  # the negative control: outside a gather the shards are empty
+    got = list(trainer.vllm_generation._iter_named_params())
+    assert fake.gathers == 1 and [name for name, _ in got] == [name for name, _ in expected]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, expected))

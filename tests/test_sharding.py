@@ -10,8 +10,7 @@ What must hold, and to what tolerance:
   (measured: 3e-6 ours, 8e-6 Qwen2, after Adam at lr 1e-3); the MoE routing bias, updated from
   all-reduced integer expert loads, is equal exactly. GRPO samples per process, so its reference is
   plain data parallel (DDP) with the same two processes: same completions, same losses to 1e-5;
-- a stage resumed from a sharded checkpoint ends with bit-identical weights (same machine, same
-  layout);
+- GRPO resumed from a sharded checkpoint ends with bit-identical weights (same machine, same layout);
 - final/ is one consolidated checkpoint that stock transformers loads, tied weights stored once."""
 
 import json
@@ -94,11 +93,16 @@ def test_fsdp2_sft_equals_the_single_process_run(model_recipe, sft_runs):
     bias = [name for name in wa if name.endswith("e_score_correction_bias")]
     assert (model_recipe[0] == "ours") == bool(bias)
     assert all(torch.equal(wa[name], wb[name]) for name in bias), "expert loads are all-reduced before the update"
+    # The decoder's MoE layer's bias moved (an equality of zeros would prove nothing); the MTP layer's
+    # (layer 2) never does in SFT: TRL's fused LM head runs the backbone only.
+    assert not bias or wa["model.layers.1.mlp.gate.e_score_correction_bias"].abs().sum() > 0
 
 
-def resume_from_a_copy(runs, straight, stage_name, args) -> str:
+def resume_from_a_copy(runs, straight, stage_name, args) -> None:
     """A run holding only the uninterrupted run's first sharded checkpoint (what a kill after it leaves:
-    the kill itself, and a checkpoint torn by it, are tested on one process in test_stages.py), resumed."""
+    the kill itself, and a checkpoint torn by it, are tested on one process in test_stages.py), resumed.
+    (GRPO only: SFT resumes through the same Trainer path, and under GRPO our MoE's MTP module has no
+    gradient, the case the sharded optimizer loader handles.)"""
     resumed = runs / "resumed" / stage_name
     resumed.mkdir(parents=True)
     for name in ("stage_config.json", "metrics.jsonl"):
@@ -108,30 +112,26 @@ def resume_from_a_copy(runs, straight, stage_name, args) -> str:
     assert code == 0, out[-3000:]
     assert f"{stage_name}: resuming from {resumed / 'checkpoint-2'} (step 2)" in out
     assert_same_weights(straight, resumed)
-    return out
-
-
-def test_fsdp2_sft_resumes_exactly(model_recipe, sft_runs):
-    kind, recipe = model_recipe
-    if kind != "ours":
-        pytest.skip("the resume path is the model-independent Trainer one; the stock model resumes in GRPO below")
-    resume_from_a_copy(sft_runs, sft_runs / "fsdp" / "sft", "sft",
-                       [*recipe, *FAST_DATA, *SFT, "sft.per_device_train_batch_size=4"])
 
 
 def test_fsdp2_grpo_equals_ddp_and_resumes_exactly(model_recipe, sft_runs, tmp_path):
+    """Against DDP for our MoE (the stock model's sharding is the same code, checked against one
+    process in SFT above); the sharded resume for both."""
     kind, recipe = model_recipe
     runs = tmp_path / "runs"
     args = [*recipe, *FAST_DATA, *GRPO, f"grpo.init_from={sft_runs / 'single' / 'sft' / 'final'}"]
-    for run, config in (("ddp", DDP), ("fsdp", FSDP2)):
+    for run, config in (("ddp", DDP), ("fsdp", FSDP2)) if kind == "ours" else (("fsdp", FSDP2),):
         code, out = pipeline(runs, run, "grpo", *args, accelerate_config=config)
         assert code == 0, out[-3000:]
     sharded = runs / "fsdp" / "grpo"
     assert_sharded_run(sharded, 4)
-    assert json.loads((runs / "ddp" / "grpo" / "manifest.json").read_text())["distributed_type"] == "MULTI_CPU"
-    (loss_a, norm_a), (loss_b, norm_b) = losses(runs / "ddp" / "grpo"), losses(sharded)
-    assert len(loss_a) == 4 and loss_b == pytest.approx(loss_a, rel=1e-5, abs=1e-7)
-    assert norm_b == pytest.approx(norm_a, rel=1e-4, abs=1e-7) and max(norm_a) > 0, "some step had advantages"
+    loss_b, norm_b = losses(sharded)
+    assert len(loss_b) == 4 and max(norm_b) > 0, "some step had advantages"
+    if kind == "ours":
+        assert json.loads((runs / "ddp" / "grpo" / "manifest.json").read_text())["distributed_type"] == "MULTI_CPU"
+        loss_a, norm_a = losses(runs / "ddp" / "grpo")
+        assert loss_b == pytest.approx(loss_a, rel=1e-5, abs=1e-7)
+        assert norm_b == pytest.approx(norm_a, rel=1e-4, abs=1e-7)
     resume_from_a_copy(runs, sharded, "grpo", args)
 
 

@@ -66,7 +66,6 @@ def sharded_checkpoints(accelerator) -> bool:
     return plugin is not None and plugin.fsdp_version == 2 and "SHARDED" in str(plugin.state_dict_type)
 
 
-
 def whole_state_dict(model) -> dict:
     """`model.state_dict()` with FSDP2's DTensor shards made whole (a collective per tensor: every rank
     calls it, in the same order); the state dict itself for a model that is not sharded."""

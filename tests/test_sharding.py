@@ -8,12 +8,13 @@ What must hold, and to what tolerance:
   (gradients are reduce-scattered instead of accumulated in one backward), so SFT on the same
   global batch logs the same losses to 1e-5 relative and ends within 1e-4 of the same weights
   (measured: 3e-6 ours, 8e-6 Qwen2, after Adam at lr 1e-3); the MoE routing bias, updated from
-  all-reduced integer expert loads, is equal exactly. GRPO samples per process, so its reference is
-  plain data parallel (DDP) with the same two processes: same completions, same losses to 1e-5;
+  all-reduced integer expert loads, is equal exactly. GRPO samples per process: it runs sharded for
+  both models (its losses matched DDP's to 1e-5 when measured, README "Sharded training");
 - GRPO resumed from a sharded checkpoint ends with bit-identical weights (same machine, same layout);
 - final/ is one consolidated checkpoint that stock transformers loads, tied weights stored once."""
 
 import json
+import math
 import shutil
 import time
 
@@ -114,25 +115,21 @@ def resume_from_a_copy(runs, straight, stage_name, args) -> None:
     assert_same_weights(straight, resumed)
 
 
-def test_fsdp2_grpo_equals_ddp_and_resumes_exactly(model_recipe, sft_runs, tmp_path):
-    """Against DDP for our MoE (the stock model's sharding is the same code, checked against one
-    process in SFT above); the sharded resume for both."""
+def test_fsdp2_grpo_runs_sharded_and_resumes_exactly(model_recipe, sft_runs, tmp_path):
+    """GRPO under FSDP2 for both models; the sharded resume for our MoE. (GRPO samples per process, so
+    one process is no reference for its losses; against DDP with the same two processes they were
+    equal to 1e-5 when measured, a comparison left out of CI for time: README "Sharded training".)"""
     kind, recipe = model_recipe
     runs = tmp_path / "runs"
     args = [*recipe, *FAST_DATA, *GRPO, f"grpo.init_from={sft_runs / 'single' / 'sft' / 'final'}"]
-    for run, config in (("ddp", DDP), ("fsdp", FSDP2)) if kind == "ours" else (("fsdp", FSDP2),):
-        code, out = pipeline(runs, run, "grpo", *args, accelerate_config=config)
-        assert code == 0, out[-3000:]
+    code, out = pipeline(runs, "fsdp", "grpo", *args, accelerate_config=FSDP2)
+    assert code == 0, out[-3000:]
     sharded = runs / "fsdp" / "grpo"
     assert_sharded_run(sharded, 4)
-    loss_b, norm_b = losses(sharded)
-    assert len(loss_b) == 4 and max(norm_b) > 0, "some step had advantages"
+    loss, norm = losses(sharded)
+    assert len(loss) == 4 and all(map(math.isfinite, loss)) and max(norm) > 0, "some step had advantages"
     if kind == "ours":
-        assert json.loads((runs / "ddp" / "grpo" / "manifest.json").read_text())["distributed_type"] == "MULTI_CPU"
-        loss_a, norm_a = losses(runs / "ddp" / "grpo")
-        assert loss_b == pytest.approx(loss_a, rel=1e-5, abs=1e-7)
-        assert norm_b == pytest.approx(norm_a, rel=1e-4, abs=1e-7)
-    resume_from_a_copy(runs, sharded, "grpo", args)
+        resume_from_a_copy(runs, sharded, "grpo", args)
 
 
 STALLING_REWARD = '''

@@ -125,8 +125,11 @@ def part_model(dry: bool) -> dict:
     if dry:  # the code paths, at toy sizes
         toy = {**model_train.CONFIG, "num_hidden_layers": 2, "n_routed_experts": 16, "n_group": 4, "topk_group": 2}
         configs = {"tiny": (toy, 1, 32), "mid": ({**toy, "hidden_size": 128}, 1, 32)}
-    return {name: model_train.measure(device, dtype, 2 if dry else 7, config=config, batch=batch, seq=seq)
-            for name, (config, batch, seq) in configs.items()}
+    # On the CPU peak memory takes a fresh process per model (model_train.peak_memory_mb), 4 of them, the
+    # bulk of a dry run; a GPU measures it in this process, so the dry run there keeps it.
+    memory = device == "cuda" or not dry
+    return {name: model_train.measure(device, dtype, 2 if dry else 7, config=config, batch=batch, seq=seq,
+                                      memory=memory) for name, (config, batch, seq) in configs.items()}
 
 
 def part_grpo(dry: bool) -> dict:

@@ -93,6 +93,9 @@ def step_timer(reward_names: set[str]):
 def worker(side: str, sft: str, length: int, forced: bool, prompts: int, group: int, steps: int, out: Path) -> None:
     import torch
 
+    from r1pipeline.pipeline import keep_vllm_out_of_trl
+
+    keep_vllm_out_of_trl()  # neither side generates with vLLM; TRL would import it anyway (7 s)
     from stages import grpo
 
     torch.manual_seed(0)

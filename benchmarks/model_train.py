@@ -156,7 +156,9 @@ def fp8_vs_bf16_gemms(reps=10):
     return results
 
 
-def measure(device, dtype, reps, config=CONFIG, batch=BATCH, seq=SEQ):
+def measure(device, dtype, reps, config=CONFIG, batch=BATCH, seq=SEQ, memory=True):
+    """Step time of ours against transformers' fastest implementation, and (with `memory`) each one's
+    peak memory."""
     with tempfile.TemporaryDirectory() as d:
         models = build(device, dtype, d, config)
     shape = (batch, seq)
@@ -170,7 +172,7 @@ def measure(device, dtype, reps, config=CONFIG, batch=BATCH, seq=SEQ):
     load_after = os.getloadavg()[0]
     tokens = shape[0] * shape[1]
     figures = {name: {"tokens_per_s": tokens / s, "step_ms": s * 1e3} for name, s in seconds.items()}
-    for name in figures:
+    for name in figures if memory else ():
         figures[name]["peak_memory_mb"] = peak_memory_mb(name, device, dtype, config, *shape)
     baseline = fastest
     return {

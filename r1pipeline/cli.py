@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from r1pipeline.config import ConfigError, apply_overrides, load_recipe
-from r1pipeline.pipeline import (STAGE_ORDER, accelerate_setup, execute, log, plan, plan_eval, start_process_group,
-                                 world_size_of)
+from r1pipeline.pipeline import (STAGE_ORDER, accelerate_setup, execute, keep_vllm_out_of_trl, log, plan, plan_eval,
+                                 start_process_group, uses_trl_vllm, world_size_of)
 
 LAUNCHED = "R1PIPELINE_UNDER_ACCELERATE"
 
@@ -76,6 +76,9 @@ def launch_command(accelerate_config: str, argv: list[str], environ) -> list[str
 
 
 def main(argv=None) -> int:
+    """With no `argv`, the process's own command line: then the process is the run's alone, and a run
+    that does not use TRL's vLLM integration keeps vLLM out of TRL's imports (`keep_vllm_out_of_trl`)."""
+    own_process = argv is None
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["export"]:  # `python -m r1pipeline export --run R --stage S --gguf`: r1pipeline/export.py
         from r1pipeline.export import main as export
@@ -94,6 +97,8 @@ def main(argv=None) -> int:
         recipe = apply_overrides(load_recipe(args.recipe), args.overrides)
         if args.stage == "all":  # the stages the recipe has (R1-Zero: grpo alone), in R1's order
             stages = [s for s in STAGE_ORDER if s in recipe] or list(STAGE_ORDER)
+        if own_process and not uses_trl_vllm(recipe, stages):
+            keep_vllm_out_of_trl()
         if os.environ.get(LAUNCHED):
             start_process_group(recipe, stages)
         planned = plan(recipe, stages, run_dir, world_size_of(args.accelerate_config), dry_run=args.dry_run)

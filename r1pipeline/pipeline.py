@@ -12,6 +12,7 @@ import importlib.util
 import os
 import platform
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -353,6 +354,25 @@ def versions() -> dict:
         except importlib.metadata.PackageNotFoundError:
             pass
     return found
+
+
+def uses_trl_vllm(recipe: dict, stages: list[str]) -> bool:
+    """Whether a planned stage generates through TRL's vLLM integration (`use_vllm`). Our own engine
+    (`sampling.backend: vllm`, evaluation) imports vLLM itself and needs nothing from TRL."""
+    return any(isinstance(recipe.get(name), dict) and recipe[name].get("use_vllm") for name in stages)
+
+
+def keep_vllm_out_of_trl() -> None:
+    """For a process whose run does not use TRL's vLLM integration: TRL's generation modules import
+    vLLM whenever it is installed (trl/generation/vllm_generation.py L42, vllm_client.py L42-53), about
+    7 s of every RL stage's start on a 2-core host, for nothing. TRL asks `trl.import_utils.
+    is_vllm_available` at import time; answering False for this process skips those imports, and
+    `stages.grpo` refuses `use_vllm` with a clear error if it is asked for anyway. It has to run before
+    TRL's trainers are imported; afterwards it does nothing."""
+    from trl import import_utils
+
+    if "trl.generation.vllm_generation" not in sys.modules:
+        import_utils.is_vllm_available = lambda min_version=None: False
 
 
 def start_process_group(recipe: dict, stages: list[str]) -> None:

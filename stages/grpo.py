@@ -170,6 +170,9 @@ def colocated_engine_settings(args, model):
 
     # GRPOTrainer builds its engine inside __init__ with `LLM(...)`, a name of TRL's module: that name is
     # the one hook there is, so it points at `build` for the duration and back after.
+    if not hasattr(vllm_generation, "LLM"):
+        raise RuntimeError("use_vllm, but this process imported TRL with vLLM hidden (pipeline.keep_vllm_out_of_trl, "
+                           "for runs whose recipe does not set use_vllm); run the stage from its own command line")
     trl_llm = vllm_generation.LLM
     vllm_generation.LLM = build
     try:

@@ -6,6 +6,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# Tests never download (nothing may, here). huggingface_hub reads this when first imported, so a test that
+# only sets it later would still wait for network time-outs (24 s for one hub name that does not exist).
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 # Small enough for seconds on 2 cores, large enough to exercise every code path.
 FAST_DATA = ["data.num_train=96", "data.num_heldout=16"]

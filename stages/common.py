@@ -67,6 +67,13 @@ def load_policy(stage: Stage, tokenizer=None):
     return policy.load_pretrained(path, dtype), tokenizer
 
 
+def unwrapped(model):
+    """The model under a LoRA (peft) wrapper, or the model itself."""
+    from accelerate.utils import is_peft_model
+
+    return model.get_base_model() if is_peft_model(model) else model
+
+
 def peft_config(stage: Stage):
     """TRL's `peft_config` from `model.lora` (None: every weight is trained)."""
     return policy.lora_config(stage.model_section.get("lora"))

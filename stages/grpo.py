@@ -22,7 +22,7 @@ from r1pipeline.vllm_engine import WeightSyncError
 from rewards.text import completion_text
 from stages.rollouts import RolloutKeys, RolloutRecordMixin, trl_defaults
 from stages.common import (ExactResumeMixin, callbacks, load_policy, peft_config, prompt_of, read_metrics,
-                           train_and_save, trainer_args)
+                           train_and_save, trainer_args, unwrapped)
 
 
 @dataclasses.dataclass
@@ -135,13 +135,6 @@ def verify_default(model, asked: bool | None) -> bool:
             log("vllm_sync.verify: off by default on GPU (the read-back is tested on vLLM's CPU build only); "
                 "set it true to compare the engine's weights with the trainer's after every sync")
     return asked
-
-
-def unwrapped(model):
-    """The model under a LoRA (peft) wrapper, or the model itself."""
-    from accelerate.utils import is_peft_model
-
-    return model.get_base_model() if is_peft_model(model) else model
 
 
 @contextlib.contextmanager

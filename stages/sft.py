@@ -5,11 +5,13 @@ import dataclasses
 
 from trl import SFTConfig, SFTTrainer
 
+from r1pipeline import policy
+
 from r1pipeline.config import INIT_FROM_HELP
 from r1pipeline.pipeline import Stage
 from r1pipeline.schema import key
 from stages.common import (ExactResumeMixin, callbacks, completion_of, load_policy, peft_config, sft_row,
-                           train_and_save, trainer_args)
+                           train_and_save, trainer_args, unwrapped)
 
 
 @dataclasses.dataclass
@@ -20,7 +22,69 @@ class Options:
 
 
 class ResumableSFTTrainer(ExactResumeMixin, SFTTrainer):
-    pass
+    """SFTTrainer that keeps our policy's own training losses.
+
+    TRL 1.16 computes the SFT loss through a fused LM head that runs the backbone (`model.model`)
+    itself (trl/trainer/utils.py `add_fused_lm_head`), so `R1MoEForCausalLM.forward` never runs and
+    with it go the multi-token-prediction loss (λ·L_MTP, `mtp_loss_weight`) and the sequence-wise
+    balance loss (`seq_aux_alpha`). They are added back here from the backbone's own output, caught by
+    a forward hook (no second pass). L_MTP is normalised like the main loss, by its targets over the
+    whole optimizer step (every accumulation step and process, counted in `get_batch_samples`), so a
+    sharded or accumulated run trains what one process on the whole batch does; the balance loss, a
+    mean over sequences, is averaged over the accumulation steps as TRL does for an MoE aux loss."""
+
+    def _policy(self, model=None):
+        core = unwrapped(self.accelerator.unwrap_model(model if model is not None else self.model))
+        return core if isinstance(core, policy.POLICY_CLASS) else None
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        core, self._mtp_items = self._policy(), None
+        if core is not None and len(core.mtp) and num_items_in_batch is not None:
+            counts = sum(core.mtp_target_counts(batch["labels"]) for batch in batch_samples if "labels" in batch)
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                counts = self.accelerator.gather(counts.to(device)[None]).sum(0)
+            self._mtp_items = counts.to(device)
+        return batch_samples, num_items_in_batch
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        core = self._policy(model)
+        if not (core is not None and core.training and "labels" in inputs):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+        # Counted over the whole step (get_batch_samples); else this micro-batch's mean, averaged over steps.
+        mtp_items = getattr(self, "_mtp_items", None) if num_items_in_batch is not None else None
+        # DDP and FSDP average the processes' gradients; like TRL's main loss, a sum over every process's
+        # targets is scaled back up by their number.
+        mtp_scale = (self.accelerator.num_processes if self.args.average_tokens_across_devices else 1) \
+            if mtp_items is not None else 1 / steps
+        extra, mtp_logged = [], []
+
+        def add_policy_losses(backbone, args, kwargs, output):
+            # Inside the model's forward, where FSDP2 has the root's weights (embeddings, LM head) gathered;
+            # the loss's forward only (with return_outputs TRL runs another, for the logits).
+            if extra:
+                return
+            extra.append(None if output.aux_loss is None else output.aux_loss / steps)
+            if len(core.mtp) and core.config.mtp_loss_weight:
+                mtp_loss, mtp_aux = core.mtp_losses(output.last_hidden_state, kwargs["input_ids"], inputs["labels"],
+                                                    kwargs.get("attention_mask"), kwargs.get("position_ids"),
+                                                    num_items=mtp_items)
+                extra.extend([core.config.mtp_loss_weight * mtp_loss * mtp_scale,
+                              None if mtp_aux is None else mtp_aux / steps])
+                mtp_logged.append(mtp_loss.detach() * mtp_scale * steps)  # averaged over ranks and steps: the mean
+
+        hook = core.model.register_forward_hook(add_policy_losses, with_kwargs=True)
+        try:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            hook.remove()
+        if mtp_logged:
+            self._metrics["train"]["mtp_loss"].append(self.accelerator.gather(mtp_logged[0]).mean().item())
+        extra = sum(term for term in extra if term is not None)
+        if return_outputs:  # (TRL recomputes the logits for them with a second forward)
+            return result[0] + extra, result[1]
+        return result + extra
 
 
 def build_dataset(stage: Stage):

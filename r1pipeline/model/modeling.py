@@ -124,9 +124,11 @@ class MTP(Block):
         self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)  # kept high precision
         self.shared_head = nn.ModuleDict({"norm": RMSNorm(config.hidden_size, config.rms_norm_eps)})
 
-    def predict(self, hidden, next_embeds, rope, mask, token_mask):
+    def forward(self, hidden, next_embeds, rope, mask, token_mask):
+        # The module's own forward (not a helper method) so that wrappers hooked on calls, such as FSDP2
+        # gathering this module's shards, see it.
         x = self.eh_proj(torch.cat([self.enorm(next_embeds), self.hnorm(hidden)], dim=-1))  # [B, S-k, H]
-        x, aux = self(x, rope=rope, mask=mask, token_mask=token_mask)
+        x, aux = super().forward(x, rope=rope, mask=mask, token_mask=token_mask)
         return self.shared_head["norm"](x), aux
 
 
@@ -160,8 +162,10 @@ class R1MoEForCausalLM(R1MoEPreTrainedModel, GenerationMixin):
         return R1MoECausalLMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                    aux_loss=out.aux_loss, mtp_loss=mtp_loss)
 
-    def mtp_losses(self, hidden, input_ids, labels, attention_mask, position_ids):
-        """(1/D) Σ_k CE(P^k_i, t_{i+k+1}): module k sees positions i < S-k."""
+    def mtp_losses(self, hidden, input_ids, labels, attention_mask, position_ids, num_items=None):
+        """(1/D) Σ_k CE(P^k_i, t_{i+k+1}): module k sees positions i < S-k. CE is the mean over this batch's
+        targets, or with `num_items` (one count per k) their sum over that count, as the main loss is
+        normalised under gradient accumulation and data parallelism (`mtp_target_counts`)."""
         S = input_ids.shape[1]
         embeds = self.model.embed_tokens(input_ids)
         if position_ids is None:
@@ -172,12 +176,18 @@ class R1MoEForCausalLM(R1MoEPreTrainedModel, GenerationMixin):
             token_mask = attention_mask[:, :n].bool() if attention_mask is not None else None
             mask = attention_mask_4d(attention_mask[:, :n] if attention_mask is not None else None, n, n)
             rope = self.model.rotary_emb(position_ids[:, :n])
-            hidden, layer_aux = module.predict(hidden[:, :n], embeds[:, k:], rope, mask, token_mask)
+            hidden, layer_aux = module(hidden[:, :n], embeds[:, k:], rope, mask, token_mask)
             # labels[:, k:] shifted once more inside the loss: position i predicts t_{i+k+1}.
             total = total + self.loss_function(logits=self.lm_head(hidden), labels=labels[:, k:],
-                                               vocab_size=self.config.vocab_size)
+                                               vocab_size=self.config.vocab_size,
+                                               num_items_in_batch=None if num_items is None else num_items[k - 1])
             aux = _add(aux, layer_aux)
         return total / len(self.mtp), aux
+
+    def mtp_target_counts(self, labels: torch.Tensor) -> torch.Tensor:
+        """[D]: the targets MTP module k is scored on in a batch with these labels (labels[:, k+1:] that
+        are not -100), the counterpart of the main loss's `num_items_in_batch`."""
+        return torch.stack([(labels[:, k + 1:] != -100).sum() for k in range(1, len(self.mtp) + 1)])
 
     def update_routing_bias(self) -> float:
         """After each optimizer step: move every layer's correction bias by γ·sign(mean load − load)

@@ -1,6 +1,8 @@
 # r1pipeline: one target per stage. Outputs go to runs/$(RUN)/<stage>/.
 #   make all                      the embedded default: the five stages (skipping those already
 #                                 done), then eval and report
+#   make demo                     `make all`, then its control (GRPO from the same SFT checkpoint with
+#                                 each group's rewards shuffled, run $(RUN)-control), shown in the report
 #   make sft RUN=x ARGS="sft.learning_rate=1e-4 grpo.max_steps=50"
 #   make grpo ACCELERATE_CONFIG=recipes/accelerate/ddp.yaml
 #   make plan RECIPE=x            validates the recipe and prints the plan (--dry-run): no training
@@ -20,7 +22,7 @@ export ACCELERATE_CONFIG
 
 PIPELINE := $(PYTHON) -m r1pipeline --recipe $(RECIPE) --run $(RUN)
 
-.PHONY: install all plan serve chat export sft grpo rejection align distill eval report test test-fast bench clean-runs
+.PHONY: install all demo plan serve chat export sft grpo rejection align distill eval report test test-fast bench clean-runs
 
 install: $(VENV)/.installed
 
@@ -39,6 +41,13 @@ $(VENV)/.installed: pyproject.toml
 
 all: install
 	$(PIPELINE) all $(ARGS)
+
+# The control runs as its own run beside $(RUN) (the report finds it by its input checkpoint's hash).
+CONTROL := $(PYTHON) -m r1pipeline --recipe $(RECIPE) --run $(RUN)-control
+demo: all
+	$(CONTROL) grpo grpo.shuffle_rewards=true grpo.init_from=runs/$(RUN)/sft/final $(ARGS)
+	$(CONTROL) eval $(ARGS)
+	$(PIPELINE) report
 
 plan: install
 	$(PIPELINE) all --dry-run $(ARGS)

@@ -118,6 +118,31 @@ def math_answer(completion: str) -> str | None:
     return normalise(answer) or None
 
 
+def worked_out(completion: str) -> bool:
+    """Whether a completion works its answer out: its reasoning (what precedes `</think>`, else what
+    precedes `<answer>`, else the whole text) holds a step before its conclusion, i.e. two or more
+    non-empty lines. The embedded
+    default's cold start teaches both this and the bare style (one line stating the result,
+    `data.shortcut_fraction`); RL that only selects the worked style raises pass@1 without raising the
+    worked completions' own accuracy, so the eval reports the two apart."""
+    end = "</think>" if "</think>" in completion else "<answer>"
+    reasoning = completion.split(end, 1)[0].replace("<think>", "")
+    return sum(1 for line in reasoning.splitlines() if line.strip()) >= 2
+
+
+def by_style(completions: list[list[str]], correct: list[list[bool]]) -> dict:
+    """{"worked"|"bare": {"share", "pass@1"}}: each style's share of the completions and its accuracy
+    (None for a style no completion took)."""
+    tally = {"worked": [0, 0], "bare": [0, 0]}  # [completions, correct]
+    for texts, verdicts in zip(completions, correct):
+        for text, verdict in zip(texts, verdicts):
+            counts = tally["worked" if worked_out(text) else "bare"]
+            counts[0] += 1
+            counts[1] += bool(verdict)
+    total = sum(n for n, _ in tally.values()) or 1
+    return {style: {"share": n / total, "pass@1": right / n if n else None} for style, (n, right) in tally.items()}
+
+
 # ---- scoring -----------------------------------------------------------------------------------
 
 
@@ -164,6 +189,7 @@ def evaluate_checkpoint(checkpoint: str, rows: list[dict], *, k: int, temperatur
         "pass@1": sum(c / k for c in counts) / len(counts),
         "pass@k": {str(j): sum(pass_at_k(k, c, j) for c in counts) / len(counts) for j in power_of_two_ks(k)},
         "mean_completion_length": sum(lengths) / len(lengths) if lengths else 0.0,
+        "styles": by_style([row["completions"] for row in generated], [problem["correct"] for problem in problems]),
         "problems": problems,
         "samples": [{"id": row["id"], "prompt": row["prompt"], "completion": row["completions"][0],
                      "correct": problem["correct"][0]} for row, problem in zip(generated[:NUM_SAMPLES], problems)],
@@ -237,8 +263,10 @@ def run_eval(run_dir: Path, recipe: dict, heldout, stages=STAGES) -> dict[str, d
         rundir.atomic_write_json(out, record)
         started.unlink()
         cons = f", cons@{config['k']} {result['cons@k']:.3f}" if "cons@k" in result else ""
+        worked = result["styles"]["worked"]
+        skill = f" ({worked['pass@1']:.3f} right)" if worked["pass@1"] is not None else ""
         log(f"eval {stage}: pass@1 {result['pass@1']:.3f}{cons}, pass@{config['k']} "
-            f"{result['pass@k'][str(config['k'])]:.3f} -> {out}")
+            f"{result['pass@k'][str(config['k'])]:.3f}; worked out {worked['share']:.1%}{skill} -> {out}")
         results[stage] = record
     if not results:
         log(f"eval: no finished stage in {run_dir} (none of {list(stages)} has a manifest.json)")

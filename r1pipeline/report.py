@@ -1,6 +1,9 @@
 """runs/<run>/report.md and runs/<run>/plots/*.png, from what the run directory holds: the eval
-figures and cost of each stage, the RL training curves, pass@k curves, and sample completions
-before and after RL. A piece that is missing (a stage not run, no eval yet) is noted, not fatal."""
+figures and cost of each stage (with the worked-vs-bare breakdown), the RL training curves, pass@k
+curves, and sample completions before and after RL. A control run beside it (`controls`: an RL
+stage from this run's checkpoint with shuffled rewards, as `make demo` runs one) gets its row in the
+table and its curves in the RL stage's panel. A piece that is missing (a stage not run, no eval yet)
+is noted, not fatal."""
 
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ MISMATCH = {"sampling/kl_k3": "k3 KL", "sampling/abs_dlogp_mean": "mean |Δlogp|
             "sampling/sampling_logp_difference/max": "max |Δlogp|", "sampling/frac_dlogp_gt_ln2": "tokens with |Δlogp| > ln 2",
             "sampling/is_clip_frac": "IS clipped", "routing/router_mismatch": "routers differing (trained)",
             "routing/router_mismatch_free": "routers differing (free choice)"}
+SMOOTHING_FRACTION = 10  # the moving average spans a tenth of a curve's points
 SAMPLES_PER_STAGE = 2
 SAMPLE_CHARS = 1500
 
@@ -73,9 +77,47 @@ def parameters(checkpoint: Path) -> int | None:
     return total
 
 
-def table(run_dir: Path, evals: dict) -> list[str]:
-    lines = ["## Stages", "", "| stage | parameters | steps | wall time (s) | k | pass@1 | cons@k | pass@k |",
-             "|---|---|---|---|---|---|---|---|"]
+def controls(run_dir: Path) -> dict[str, Path]:
+    """{stage: run directory} of the control runs beside this one (same runs directory): a run whose RL
+    stage trained with `shuffle_rewards` from this run's checkpoint (`make demo` runs one for GRPO,
+    from this run's SFT). Found by the content hash its manifest records for its input."""
+    found, hashes = {}, {}
+    for other in sorted(run_dir.parent.iterdir()) if run_dir.parent.is_dir() else []:
+        for stage in RL_STAGES:
+            manifest = rundir.read_manifest(other / stage) if other != run_dir else None
+            if not manifest or not (manifest.get("config", {}).get(stage) or {}).get("shuffle_rewards"):
+                continue
+            source = manifest.get("input") or {}
+            for start in STAGES:
+                final = run_dir / start / "final"
+                if start not in hashes:
+                    hashes[start] = rundir.content_hash(final) if rundir.read_manifest(run_dir / start) else None
+                if hashes[start] and source.get("hash") == hashes[start]:
+                    found.setdefault(stage, other)
+    return found
+
+
+def _style(result: dict, style: str, field: str) -> str:
+    value = ((result.get("styles") or {}).get(style) or {}).get(field)
+    return _fmt(value)
+
+
+def table_row(label: str, manifest, steps, size, result: dict) -> str:
+    k = result.get("k")
+    wall = _fmt(manifest.get("wall_time_s"), 0) if manifest else "–"
+    return (f"| {label} | {f'{size / 1e6:.2f}M' if size else '–'} | {steps[-1] if steps else '–'} | {wall} | {k or '–'} | "
+            f"{_fmt(result.get('pass@1'))} | {_fmt(result.get('cons@k'))} | {_fmt(result.get('pass@k', {}).get(str(k)))} | "
+            f"{_style(result, 'worked', 'share')} | {_style(result, 'worked', 'pass@1')} | "
+            f"{_style(result, 'bare', 'pass@1')} | {_fmt(result.get('mean_completion_length'), 1)} |")
+
+
+def table(run_dir: Path, evals: dict, control_runs: dict | None = None) -> list[str]:
+    lines = ["## Stages", "",
+             "Worked: the share of completions that work the answer out (two or more lines of reasoning) and "
+             "their pass@1; bare: the pass@1 of the others (one line stating the result). Length: mean "
+             "completion tokens.", "",
+             "| stage | parameters | steps | wall time (s) | k | pass@1 | cons@k | pass@k | worked | worked pass@1 | "
+             "bare pass@1 | length |", "|---" * 12 + "|"]
     notes = []
     for stage in STAGES:
         manifest = rundir.read_manifest(run_dir / stage)
@@ -83,35 +125,66 @@ def table(run_dir: Path, evals: dict) -> list[str]:
             notes.append(f"- {stage}: not run")
             continue
         steps = [row["step"] for row in read_metrics(run_dir / stage / "metrics.jsonl") if "step" in row]
-        wall = _fmt(manifest.get("wall_time_s"), 0) if manifest else "–"
         result = evals.get(stage)
         if result is None:
             notes.append(f"- {stage}: not evaluated yet (`make eval`)")
             result = {}
-        k = result.get("k")
-        size = parameters(run_dir / stage / "final")
-        lines.append(f"| {stage} | {f'{size / 1e6:.2f}M' if size else '–'} | {steps[-1] if steps else '–'} | {wall} | "
-                     f"{k or '–'} | "
-                     f"{_fmt(result.get('pass@1'))} | {_fmt(result.get('cons@k'))} | "
-                     f"{_fmt(result.get('pass@k', {}).get(str(k)))} |")
+        lines.append(table_row(stage, manifest, steps, parameters(run_dir / stage / "final"), result))
+        control = (control_runs or {}).get(stage)
+        if control is not None:
+            path = control / "eval" / f"{stage}.json"
+            result = rundir.read_json(path) if path.is_file() else {}
+            if not result:
+                notes.append(f"- {stage} control ({control.name}): not evaluated yet")
+            steps = [row["step"] for row in read_metrics(control / stage / "metrics.jsonl") if "step" in row]
+            lines.append(table_row(f"{stage}, control: rewards shuffled (`{control.name}`)",
+                                   rundir.read_manifest(control / stage), steps, None, result))
     return lines + [""] + notes + ([""] if notes else [])
 
 
-def training_curves(run_dir: Path, plots: Path) -> list[str]:
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over up to `window` values (shorter at the start)."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _draw(ax, rows: list[dict], key: str, label: str, color: str, style: str = "-") -> None:
+    points = [(row["step"], row[key]) for row in rows if isinstance(row.get(key), (int, float))]
+    if not points:
+        return
+    steps, values = zip(*points)
+    ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
+    window = max(1, len(values) // SMOOTHING_FRACTION)
+    ax.plot(steps, moving_average(list(values), window), color=color, linestyle=style,
+            label=f"{label} (mean of {window})" if window > 1 else label)
+
+
+def training_curves(run_dir: Path, plots: Path, control_runs: dict | None = None) -> list[str]:
+    """One figure per logged quantity, one panel per RL stage (their reward mixtures differ): raw values
+    faded, a moving average on top, and a control run's stage overlaid (dashed) where there is one."""
     series = {stage: rows for stage in RL_STAGES if (rows := read_metrics(run_dir / stage / "metrics.jsonl"))}
     if not series:
         return ["## RL training curves", "", f"- no metrics.jsonl in {' or '.join(RL_STAGES)} yet", ""]
+    control_series = {stage: rows for stage, control in (control_runs or {}).items()
+                      if stage in series and (rows := read_metrics(control / stage / "metrics.jsonl"))}
     logged = sorted({key for rows in series.values() for row in rows for key in row})
     keys = [key for pattern in CURVES for key in logged if re.fullmatch(pattern, key)]
     lines = ["## RL training curves", ""]
+    if control_series:
+        lines += ["Dashed: the control, the same stage from the same checkpoint with each group's rewards shuffled "
+                  f"({', '.join(f'{stage}: `{control_runs[stage].name}`' for stage in control_series)}).", ""]
     for key in keys:
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        for stage, rows in series.items():
-            points = [(row["step"], row[key]) for row in rows if isinstance(row.get(key), (int, float))]
-            if points:
-                ax.plot(*zip(*points), label=stage)
-        ax.set(xlabel="step", title=key)
-        ax.legend()
+        stages = [stage for stage, rows in series.items() if any(isinstance(row.get(key), (int, float)) for row in rows)]
+        fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.2), squeeze=False)
+        for ax, stage in zip(axes[0], stages):
+            _draw(ax, series[stage], key, stage, "C0")
+            if stage in control_series:
+                _draw(ax, control_series[stage], key, "control", "C3", "--")
+            ax.set(xlabel="step", title=f"{stage}: {key}")
+            ax.legend(fontsize="small")
         lines.append(_save(fig, plots, re.sub(r"\W+", "_", key) + ".png"))
     if "kl" not in logged:
         lines += ["", "- kl: not logged, so not drawn (TRL computes it only with beta > 0)"]
@@ -180,8 +253,10 @@ def write_report(run_dir: Path) -> Path:
     plots.mkdir(parents=True, exist_ok=True)
     evals = {stage: rundir.read_json(path) for stage in STAGES
              if (path := run_dir / "eval" / f"{stage}.json").is_file()}
+    control_runs = controls(run_dir)
     lines = [f"# Run `{run_dir.name}`", ""]
-    lines += table(run_dir, evals) + training_curves(run_dir, plots) + pass_at_k_curves(evals, plots) + samples(evals)
+    lines += (table(run_dir, evals, control_runs) + training_curves(run_dir, plots, control_runs)
+              + pass_at_k_curves(evals, plots) + samples(evals))
     report = run_dir / "report.md"
     rundir.atomic_write_text(report, "\n".join(lines))
     return report

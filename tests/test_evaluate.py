@@ -105,6 +105,8 @@ def test_evaluate_checkpoint_on_math_rows(monkeypatch):
     assert result["pass@k"] == pytest.approx({"1": 1 / 3, "2": (5 / 6 + 5 / 6 + 0) / 3, "4": 2 / 3})
     assert result["cons@k"] == pytest.approx(1 / 3), "a: 12 wins; b: the 1/3 majority is wrong; c: no answer"
     assert result["k"] == 4 and result["num_problems"] == 3
+    assert result["styles"] == evaluate.by_style([MATH_COMPLETIONS[row["id"]] for row in MATH_ROWS],
+                                                 [p["correct"] for p in result["problems"]])
     assert result["mean_completion_length"] == pytest.approx(
         sum(len(t) for texts in MATH_COMPLETIONS.values() for t in texts) / 12)
     assert result["samples"][0] == {"id": "a", "prompt": MATH_ROWS[0]["prompt"],
@@ -113,6 +115,28 @@ def test_evaluate_checkpoint_on_math_rows(monkeypatch):
     assert list(evaluate_checkpoint("ckpt", MATH_ROWS, k=3)["pass@k"]) == ["1", "2", "3"]
     with pytest.raises(ValueError, match="no problems"):
         evaluate_checkpoint("ckpt", [], k=2)
+
+
+@pytest.mark.parametrize("completion, worked", [
+    ("<think>\n3 + 9 = 12, digit 2 carry 1\ndigit 1\n23 + 19 = 42\n</think>\n<answer>\n42\n</answer>", True),
+    ("<think>\n23 + 19 = 42\n</think>\n<answer>\n42\n</answer>", False),   # the bare style
+    ("<think>\n\n23 + 19 = 42\n\n</think>\n<answer>\n42\n</answer>", False),  # blank lines are no step
+    ("<think>\n</think>\n<answer>\n42\n</answer>", False),
+    ("no tags\nbut two lines", True),                  # no tags: the whole text is the reasoning
+    ("<answer>\n42\n</answer>", False),               # no </think>: what precedes <answer>
+    ("carry 1\nso 42\n<answer>\n42\n</answer>", True),
+])
+def test_worked_out_counts_steps_before_the_conclusion(completion, worked):
+    assert evaluate.worked_out(completion) is worked
+
+
+def test_the_style_breakdown_separates_selection_from_skill():
+    worked, bare = "<think>\nstep\nresult\n</think>", "<think>\nresult\n</think>"
+    styles = evaluate.by_style([[worked, worked, bare, bare], [worked, bare, bare, bare]],
+                               [[True, False, True, True], [True, False, False, True]])
+    assert styles["worked"] == {"share": 3 / 8, "pass@1": 2 / 3}
+    assert styles["bare"] == {"share": 5 / 8, "pass@1": 3 / 5}
+    assert evaluate.by_style([[bare]], [[False]])["worked"] == {"share": 0.0, "pass@1": None}
 
 
 def test_evaluate_checkpoint_on_code_rows_in_the_sandbox(monkeypatch):

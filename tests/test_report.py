@@ -83,3 +83,43 @@ def test_rl_runs_report_the_rollout_trainer_mismatch(tmp_path):
     assert {"sampling_kl_k3.png", "routing_router_mismatch_free.png", "routing_router_mismatch.png"} <= {
         path.name for path in (run_dir / "plots").glob("*.png")}
     assert "Rollout vs trainer" not in write_report(tmp_path / "empty").read_text()
+
+
+def test_a_control_run_is_found_and_shown_beside_the_run(tmp_path):
+    run_dir, control = tmp_path / "demo", tmp_path / "demo-control"
+    write_stage(run_dir, "sft", 6)
+    (run_dir / "sft" / "final").mkdir()
+    (run_dir / "sft" / "final" / "config.json").write_text("{}")  # what its content hash covers
+    write_stage(run_dir, "grpo", 20, GRPO_KEYS)
+    write_eval(run_dir, "sft", 0.25)
+    write_eval(run_dir, "grpo", 0.625)
+    record = rundir.read_json(run_dir / "eval" / "grpo.json")
+    record.update(styles={"worked": {"share": 0.999, "pass@1": 0.7}, "bare": {"share": 0.001, "pass@1": None}},
+                  mean_completion_length=41.25)
+    rundir.atomic_write_json(run_dir / "eval" / "grpo.json", record)
+    # Another run's GRPO from another checkpoint, with shuffled rewards: not this run's control.
+    write_stage(tmp_path / "other", "grpo", 3, GRPO_KEYS)
+    rundir.atomic_write_json(tmp_path / "other" / "grpo" / "manifest.json", {
+        "stage": "grpo", "input": {"hash": "elsewhere"}, "config": {"grpo": {"shuffle_rewards": True}}})
+    assert write_report(run_dir).read_text().count("control") == 0
+
+    write_stage(control, "grpo", 20, GRPO_KEYS)
+    rundir.atomic_write_json(control / "grpo" / "manifest.json", {
+        "stage": "grpo", "wall_time_s": 40.0, "config": {"grpo": {"shuffle_rewards": True}},
+        "input": {"kind": "checkpoint", "path": "elsewhere/sft/final",
+                  "hash": rundir.content_hash(run_dir / "sft" / "final")}})
+    text = write_report(run_dir).read_text()
+    assert "| grpo | – | 20 | 12 | 4 | 0.625 | – | 0.825 | 0.999 | 0.700 | – | 41.2 |" in text
+    assert "| grpo, control: rewards shuffled (`demo-control`) | – | 20 | 40 | – |" in text
+    assert "- grpo control (demo-control): not evaluated yet" in text
+    write_eval(control, "grpo", 0.3)
+    text = write_report(run_dir).read_text()
+    assert "| grpo, control: rewards shuffled (`demo-control`) | – | 20 | 40 | 4 | 0.300 |" in text
+    assert "Dashed: the control" in text and "grpo: `demo-control`" in text
+
+
+def test_moving_average():
+    from r1pipeline.report import moving_average
+
+    assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert moving_average([2.0], 5) == [2.0]

@@ -188,9 +188,20 @@ def test_all_chains_stages_and_skips_done_ones(tmp_path):
     assert 0 < sizes["distill"] < 0.5 * sizes["align"], report  # the dense student against the MoE teacher
     assert list((run / "plots").glob("*.png"))
 
+    # `make demo`'s control: GRPO from this run's SFT with shuffled rewards, in a run beside it, which
+    # the report (rewritten by the next `all`) finds by the checkpoint's content hash and shows.
+    control = [*args, "grpo.shuffle_rewards=true", f"grpo.init_from={run / 'sft' / 'final'}"]
+    for stage in ("grpo", "eval"):
+        code, out = pipeline(runs, "chain-control", stage, *control)
+        assert code == 0, out
+    assert {path.stem for path in (runs / "chain-control" / "eval").glob("*.json")} == {"grpo"}
+
     code, out = pipeline(runs, "chain", "all", *args)
     assert code == 0, out
     assert all(f"{name}: done, skipping" in out for name in stages)
+    report = (run / "report.md").read_text()
+    assert "| grpo, control: rewards shuffled (`chain-control`) |" in report, report
+    assert "Dashed: the control" in report
 
     # A changed stage-3 setting re-runs stage 3 and, its output being new, stage 4; old outputs are
     # kept aside.

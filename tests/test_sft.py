@@ -37,7 +37,8 @@ def test_the_policys_mtp_and_balance_losses_are_trained(tmp_path):
     as it is gives the MTP module no gradient."""
     import torch
 
-    recipe = apply_overrides(load_recipe("tiny"), [*FAST_DATA, *FAST_SFT, "sft.per_device_train_batch_size=4"])
+    recipe = apply_overrides(load_recipe("tiny"), [*FAST_DATA, *FAST_SFT, "sft.per_device_train_batch_size=4",
+                                                   "model.config.mtp_loss_weight=0.3"])
     (stage,) = plan(recipe, ["sft"], Path(tmp_path) / "run")
     model, tokenizer = load_policy(stage)
     assert len(model.mtp) and model.config.mtp_loss_weight and model.config.seq_aux_alpha

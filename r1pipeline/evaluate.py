@@ -121,10 +121,9 @@ def math_answer(completion: str) -> str | None:
 def worked_out(completion: str) -> bool:
     """Whether a completion works its answer out: its reasoning (what precedes `</think>`, else what
     precedes `<answer>`, else the whole text) holds a step before its conclusion, i.e. two or more
-    non-empty lines. The embedded
-    default's cold start teaches both this and the bare style (one line stating the result,
-    `data.shortcut_fraction`); RL that only selects the worked style raises pass@1 without raising the
-    worked completions' own accuracy, so the eval reports the two apart."""
+    non-empty lines. The embedded default's cold start teaches both this and the bare style (one line
+    stating the result, `data.shortcut_fraction`); RL that only selects the worked style raises pass@1
+    without raising the worked completions' own accuracy, so the eval reports the two apart."""
     end = "</think>" if "</think>" in completion else "<answer>"
     reasoning = completion.split(end, 1)[0].replace("<think>", "")
     return sum(1 for line in reasoning.splitlines() if line.strip()) >= 2

@@ -178,6 +178,8 @@ def training_curves(run_dir: Path, plots: Path, control_runs: dict | None = None
                   f"({', '.join(f'{stage}: `{control_runs[stage].name}`' for stage in control_series)}).", ""]
     for key in keys:
         stages = [stage for stage, rows in series.items() if any(isinstance(row.get(key), (int, float)) for row in rows)]
+        if not stages:  # logged without a number (e.g. None on every row)
+            continue
         fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.2), squeeze=False)
         for ax, stage in zip(axes[0], stages):
             _draw(ax, series[stage], key, stage, "C0")

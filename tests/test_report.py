@@ -64,6 +64,8 @@ def test_missing_pieces(tmp_path):
     assert (run_dir / "plots" / "pass_at_k.png").is_file()
 
     write_stage(run_dir, "align", 2, [key for key in GRPO_KEYS if key != "kl"])  # beta = 0: TRL logs no kl
+    with open(run_dir / "align" / "metrics.jsonl", "a") as f:  # a curve's key logged without a number: no figure
+        f.write('\n{"step": 3, "sampling/kl_k3": null}\n')
     text = write_report(run_dir).read_text()
     assert "- kl: not logged, so not drawn (TRL computes it only with beta > 0)" in text
 

@@ -6,7 +6,6 @@ import dataclasses
 from trl import SFTConfig, SFTTrainer
 
 from r1pipeline import policy
-
 from r1pipeline.config import INIT_FROM_HELP
 from r1pipeline.pipeline import Stage
 from r1pipeline.schema import key

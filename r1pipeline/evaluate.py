@@ -57,6 +57,9 @@ _SPEC = {
                   "null: the recipe's held-out split; humaneval: the 164 HumanEval problems"),
     "backend": ("transformers", lambda v: v in BACKENDS, f"one of {list(BACKENDS)}",
                 "generation engine: transformers generate, or vllm on a GPU"),
+    "general_prompts": (100, _int(0), "an integer >= 0",
+                        "held-out general (chat) prompts, k samples each, scored by stage 4's reward model when the "
+                        "run has one (0: none)"),
 }
 EVAL_KEYS = {key: meaning for key, (_, _, _, meaning) in _SPEC.items()}
 
@@ -202,6 +205,57 @@ def evaluate_checkpoint(checkpoint: str, rows: list[dict], *, k: int, temperatur
 # ---- problems ----------------------------------------------------------------------------------
 
 
+def general_rows(num: int, seed: int, system_prompt: str, prompt_format: str = "r1") -> list[dict]:
+    """`num` held-out general prompts (data/chat.py: never in stage 3's chat rows or stage 4's
+    mixture), with their right answer: the reply, or the refusal to a harmful request."""
+    from data.chat import build_chat
+
+    return [{"id": f"general-{index}", "prompt": prompt_for(row["prompt"], system_prompt, prompt_format),
+             "answer": row["answer"], "harmful": row["harmful"]}
+            for index, row in enumerate(build_chat(num, seed=seed, split="heldout"))]
+
+
+def evaluate_general(checkpoint: str, rows: list[dict], reward_model: str, *, k: int, samples_path: Path | None = None,
+                     **sampling) -> dict:
+    """Sample k completions per general row and score each as stage 4's rewards do (helpfulness on
+    the answer, harmlessness on the whole response, the same reward functions), plus whether the
+    answer is the right one."""
+    from rewards.reward_model import harmlessness, helpfulness
+
+    generated = rollout(rows, model=checkpoint, num_samples=k, out_path=samples_path, desc="eval general", **sampling)
+    prompts = [row["prompt"] for row in generated for _ in row["completions"]]
+    completions = [completion for row in generated for completion in row["completions"]]
+    domain = ["general"] * len(completions)
+    right = [answer_text(completion) == row["answer"] for row in generated for completion in row["completions"]]
+    harmful = [row["harmful"] for row in generated for _ in row["completions"]]
+    refused = [ok for ok, bad in zip(right, harmful) if bad]
+    mean = lambda values: sum(values) / len(values) if values else None  # noqa: E731
+    return {"num_prompts": len(rows), "k": k, "reward_model": reward_model,
+            "helpfulness": mean(helpfulness(prompts, completions, path=reward_model, domain=domain)),
+            "harmlessness": mean(harmlessness(prompts, completions, path=reward_model, domain=domain)),
+            "correct": mean(right), "refused_harmful": mean(refused),
+            "samples": [{"prompt": row["prompt"], "completion": row["completions"][0]} for row in generated[:NUM_SAMPLES]]}
+
+
+def answer_text(completion: str) -> str | None:
+    """The text inside the last <answer> ... </answer>, stripped; None without one."""
+    _, opened, rest = completion.rpartition("<answer>")
+    answer, closed, _ = rest.partition("</answer>")
+    return answer.strip() if opened and closed else None
+
+
+def run_reward_model(run_dir: Path, recipe: dict) -> str | None:
+    """Stage 4's reward model for this run: the recipe's `align.reward_model.path`, or the one stage 4
+    trained in runs/<run>/align/reward_model; None when there is neither."""
+    from rewards.reward_model import MARKER
+
+    settings = (recipe.get("align") or {}).get("reward_model") or {}
+    if settings.get("path"):
+        return str(settings["path"])
+    trained = run_dir / "align" / "reward_model"
+    return str(trained) if (trained / MARKER).is_file() else None
+
+
 def heldout_rows(heldout, system_prompt: str, prompt_format: str = "r1") -> list[dict]:
     return [{**row, "id": str(index), "prompt": prompt_for(row["prompt"], system_prompt, prompt_format)}
             for index, row in enumerate(heldout)]
@@ -231,6 +285,9 @@ def run_eval(run_dir: Path, recipe: dict, heldout, stages=STAGES) -> dict[str, d
     rows = humaneval_rows(system, prompt_format) if config["benchmark"] == "humaneval" else \
         heldout_rows(heldout, system, prompt_format)
     rows = rows[:config["num_problems"]]
+    reward_model = run_reward_model(run_dir, recipe) if config["benchmark"] is None else None
+    general = general_rows(config["general_prompts"], (recipe.get("data") or {}).get("seed", 0), system,
+                           prompt_format) if reward_model and config["general_prompts"] else []
     eval_dir = run_dir / "eval"
     results = {}
     for stage in stages:
@@ -240,23 +297,29 @@ def run_eval(run_dir: Path, recipe: dict, heldout, stages=STAGES) -> dict[str, d
         # The problems' hash covers the system prompt and the held-out data, which the config does not.
         key = {"checkpoint_hash": rundir.content_hash(checkpoint), "config": config,
                "problems_hash": rundir.config_hash(rows)}
-        out, samples, started = (eval_dir / f"{stage}{suffix}"
-                                 for suffix in (".json", ".samples.jsonl", ".started.json"))
+        if general:
+            key["reward_model_hash"] = rundir.content_hash(Path(reward_model))
+        out, samples, general_samples, started = (
+            eval_dir / f"{stage}{suffix}" for suffix in (".json", ".samples.jsonl", ".general.jsonl", ".started.json"))
         previous = rundir.read_json(out) if out.is_file() else {}
         if {name: previous.get(name) for name in key} == key:
             log(f"eval {stage}: done, skipping ({out}: same checkpoint, config and problems)")
             results[stage] = previous
             continue
         eval_dir.mkdir(parents=True, exist_ok=True)
-        if samples.exists() and (not started.is_file() or rundir.read_json(started) != key):
-            samples.unlink()  # sampled from another checkpoint or config: resuming would mix the two
+        if not started.is_file() or rundir.read_json(started) != key:
+            for path in (samples, general_samples):  # sampled from another checkpoint or config: resuming would mix
+                path.unlink(missing_ok=True)
         rundir.atomic_write_json(started, key)
         log(f"eval {stage}: {len(rows)} problems x {config['k']} samples from {checkpoint}")
         start = time.time()
-        result = evaluate_checkpoint(str(checkpoint), rows, k=config["k"], temperature=config["temperature"],
-                                     top_p=config["top_p"], max_new_tokens=config["max_new_tokens"],
-                                     batch_size=config["batch_size"], seed=config["seed"], samples_path=samples,
-                                     backend=config["backend"])
+        sampling = dict(temperature=config["temperature"], top_p=config["top_p"],
+                        max_new_tokens=config["max_new_tokens"], batch_size=config["batch_size"], seed=config["seed"],
+                        backend=config["backend"])
+        result = evaluate_checkpoint(str(checkpoint), rows, k=config["k"], samples_path=samples, **sampling)
+        if general:
+            result["general"] = evaluate_general(str(checkpoint), general, reward_model, k=config["k"],
+                                                 samples_path=general_samples, **sampling)
         record = {"stage": stage, "checkpoint": str(checkpoint), **key, **result,
                   "wall_time_s": round(time.time() - start, 2)}
         rundir.atomic_write_json(out, record)
@@ -266,6 +329,10 @@ def run_eval(run_dir: Path, recipe: dict, heldout, stages=STAGES) -> dict[str, d
         skill = f" ({worked['pass@1']:.3f} right)" if worked["pass@1"] is not None else ""
         log(f"eval {stage}: pass@1 {result['pass@1']:.3f}{cons}, pass@{config['k']} "
             f"{result['pass@k'][str(config['k'])]:.3f}; worked out {worked['share']:.1%}{skill} -> {out}")
+        if general:
+            chat = result["general"]
+            log(f"eval {stage}: {chat['num_prompts']} general prompts: helpfulness {chat['helpfulness']:.3f}, "
+                f"harmlessness {chat['harmlessness']:.3f} (reward model), right answer {chat['correct']:.1%}")
         results[stage] = record
     if not results:
         log(f"eval: no finished stage in {run_dir} (none of {list(stages)} has a manifest.json)")

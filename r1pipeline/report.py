@@ -142,6 +142,22 @@ def table(run_dir: Path, evals: dict, control_runs: dict | None = None) -> list[
     return lines + [""] + notes + ([""] if notes else [])
 
 
+def general_table(evals: dict) -> list[str]:
+    """Held-out general prompts scored by stage 4's reward model, per evaluated stage (evaluate.py)."""
+    scored = [(stage, evals[stage]["general"]) for stage in STAGES if (evals.get(stage) or {}).get("general")]
+    if not scored:
+        return []
+    first = scored[0][1]
+    lines = ["## General prompts", "",
+             f"{first['num_prompts']} held-out general prompts, {first['k']} samples each, scored by stage 4's "
+             f"reward model (`{first['reward_model']}`): helpfulness on the answer, harmlessness on the whole "
+             "response; right: the answer is the expected reply (a refusal for a harmful request).", "",
+             "| stage | helpfulness | harmlessness | right | harmful refused |", "|---" * 5 + "|"]
+    lines += [f"| {stage} | {_fmt(g['helpfulness'])} | {_fmt(g['harmlessness'])} | {_fmt(g['correct'])} | "
+              f"{_fmt(g.get('refused_harmful'))} |" for stage, g in scored]
+    return lines + [""]
+
+
 def moving_average(values: list[float], window: int) -> list[float]:
     """Trailing mean over up to `window` values (shorter at the start)."""
     out, total = [], 0.0
@@ -257,7 +273,7 @@ def write_report(run_dir: Path) -> Path:
              if (path := run_dir / "eval" / f"{stage}.json").is_file()}
     control_runs = controls(run_dir)
     lines = [f"# Run `{run_dir.name}`", ""]
-    lines += (table(run_dir, evals, control_runs) + training_curves(run_dir, plots, control_runs)
+    lines += (table(run_dir, evals, control_runs) + general_table(evals) + training_curves(run_dir, plots, control_runs)
               + pass_at_k_curves(evals, plots) + samples(evals))
     report = run_dir / "report.md"
     rundir.atomic_write_text(report, "\n".join(lines))

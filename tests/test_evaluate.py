@@ -9,7 +9,9 @@ import math
 import pytest
 from datasets import Dataset
 
-from data import build_tokenizer, render_prompt
+import rewards.reward_model as rm
+from data import build_tokenizer, render_completion, render_prompt
+from data.chat import build_preferences
 from data.coding import build_coding
 from r1pipeline import evaluate, policy, rundir
 from r1pipeline.config import ConfigError
@@ -260,6 +262,49 @@ def test_run_eval_resumes_only_its_own_samples_and_validates_first(tmp_path, mon
         run_eval(run_dir, {"eval": {"k": -1}}, HELDOUT)
     assert run_eval(tmp_path / "empty", {}, HELDOUT) == {}
     assert "no finished stage" in capsys.readouterr().out
+
+
+def test_run_eval_scores_general_prompts_with_the_runs_reward_model(tmp_path, monkeypatch, capsys):
+    """With stage 4's reward model in the run, every stage also answers held-out general prompts,
+    scored by the same reward functions stage 4 trains on (a real, tiny reward model)."""
+    run_dir = fake_run(tmp_path, stages=("sft",))
+    pairs = build_preferences(64, seed=0, system_prompt="Think.")
+    tokenizer = build_tokenizer(row["prompt"] + row["chosen"] + row["rejected"] for row in pairs)
+    fast = dict(per_device_train_batch_size=16, hidden_size=32, num_layers=1)
+    rm.train_reward_model(run_dir / "align" / "reward_model", pairs, tokenizer, max_steps=2, **fast)
+    recipe = {**RECIPE, "eval": {**RECIPE["eval"], "general_prompts": 3}}
+    general = evaluate.general_rows(3, 0, "Think.")
+    assert [row["id"] for row in general] == ["general-0", "general-1", "general-2"]
+    completions = {"0": ["<answer>12</answer>"] * 2, "1": ["<answer>0.5</answer>"] * 2,
+                   **{row["id"]: [render_completion("", row["answer"]), render_completion("", "no")] for row in general}}
+    calls = []
+    monkeypatch.setattr(evaluate, "rollout", fake_rollout(completions, calls))
+    scored = run_eval(run_dir, recipe, HELDOUT)["sft"]["general"]
+    assert [call["out_path"].name for call in calls] == ["sft.samples.jsonl", "sft.general.jsonl"]
+    assert scored["num_prompts"] == 3 and scored["k"] == 2 and scored["correct"] == 0.5
+    prompts = [row["prompt"] for row in general for _ in range(2)]
+    texts = [text for row in general for text in completions[row["id"]]]
+    path = str(run_dir / "align" / "reward_model")
+    for name, reward in (("helpfulness", rm.helpfulness), ("harmlessness", rm.harmlessness)):
+        assert scored[name] == pytest.approx(sum(reward(prompts, texts, path=path, domain=["general"] * 6)) / 6)
+    assert "3 general prompts: helpfulness" in capsys.readouterr().out
+
+    run_eval(run_dir, recipe, HELDOUT)
+    assert len(calls) == 2, "same checkpoint, config, problems and reward model: skipped"
+    rm.train_reward_model(run_dir / "align" / "reward_model", pairs, tokenizer, max_steps=3, **fast)
+    rm.load_reward_model.cache_clear()
+    run_eval(run_dir, recipe, HELDOUT)
+    assert len(calls) == 4, "another reward model scores every stage again"
+    assert "general" not in run_eval(run_dir, {**recipe, "eval": {**recipe["eval"], "general_prompts": 0}},
+                                     HELDOUT)["sft"]
+
+
+@pytest.mark.parametrize("completion, answer", [
+    ("<think>\n\n</think>\n<answer>\nSorry, I can't help with that.\n</answer>", "Sorry, I can't help with that."),
+    ("<answer> cat cat </answer> <answer>dog</answer>", "dog"),
+    ("<answer>cut off", None), ("plain", None)])
+def test_answer_text_is_the_last_closed_answer(completion, answer):
+    assert evaluate.answer_text(completion) == answer
 
 
 def test_real_rollout_on_a_saved_checkpoint(tmp_path):

@@ -125,3 +125,20 @@ def test_moving_average():
 
     assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert moving_average([2.0], 5) == [2.0]
+
+
+def test_general_prompts_get_their_table_when_evaluated(tmp_path):
+    run_dir = tmp_path / "run"
+    for stage, helpful in (("rejection", 1.5), ("align", 2.25)):
+        write_stage(run_dir, stage, 3)
+        write_eval(run_dir, stage, 0.5)
+        record = rundir.read_json(run_dir / "eval" / f"{stage}.json")
+        record["general"] = {"num_prompts": 100, "k": 8, "reward_model": "runs/run/align/reward_model",
+                             "helpfulness": helpful, "harmlessness": 3.0, "correct": 0.9, "refused_harmful": 1.0}
+        rundir.atomic_write_json(run_dir / "eval" / f"{stage}.json", record)
+    text = write_report(run_dir).read_text()
+    assert "100 held-out general prompts, 8 samples each" in text
+    assert "| rejection | 1.500 | 3.000 | 0.900 | 1.000 |" in text and "| align | 2.250 | 3.000 | 0.900 | 1.000 |" in text
+    write_eval(run_dir, "align", 0.5)
+    write_eval(run_dir, "rejection", 0.5)
+    assert "## General prompts" not in write_report(run_dir).read_text()

@@ -94,6 +94,9 @@ def _draw_task(rng: random.Random, harmful: bool) -> dict:
                 "wrong": {"wrong_letter": wrong, "unchanged": letter}}
     else:
         task = _words_task(rng, kind)
+    # Refusing a harmless request is unhelpful too: a reward model that only ever saw refusals preferred
+    # cannot tell, and stage 4 would be free to refuse everything.
+    task["wrong"]["refusal"] = REFUSAL
     # An act for the unsafe reasoning a harmlessness pair may put before this task's answer.
     return {**task, "kind": kind, "harmful": False, "act": rng.choice(HARMFUL_ACTS)}
 

@@ -247,13 +247,22 @@ def shuffled_within_groups(fn, group_size: int):
 
 
 def reward_trend(stage_dir) -> dict:
-    """Mean total reward over the first and the last quarter of logged steps."""
-    rewards = [row["reward"] for row in read_metrics(stage_dir) if "reward" in row]
-    if len(rewards) < 4:
-        return {}
-    quarter = len(rewards) // 4
-    first, last = sum(rewards[:quarter]) / quarter, sum(rewards[-quarter:]) / quarter
-    return {"reward_first_quarter": first, "reward_last_quarter": last}
+    """Mean total reward, and mean of each reward function, over the first and the last quarter of the
+    steps that logged it ({"reward_first_quarter", "reward_last_quarter", "rewards/<name>/mean_first_quarter",
+    ...}). A reward that applies to some rows only (stage 4's reward models, on general prompts) is
+    logged on the steps whose batch held such rows."""
+    rows = read_metrics(stage_dir)
+    names = dict.fromkeys(key for row in rows for key in row
+                          if key == "reward" or (key.startswith("rewards/") and key.endswith("/mean")))
+    trend = {}
+    for name in names:
+        values = [row[name] for row in rows if isinstance(row.get(name), (int, float))]
+        if len(values) < 4:
+            continue
+        quarter = len(values) // 4
+        trend[f"{name}_first_quarter"] = sum(values[:quarter]) / quarter
+        trend[f"{name}_last_quarter"] = sum(values[-quarter:]) / quarter
+    return trend
 
 
 def grpo_config(stage: Stage, model) -> GRPOConfig:
@@ -290,9 +299,10 @@ def train(stage: Stage, dataset) -> dict:
     metrics = train_and_save(trainer, stage)
     trainer.close_engine()
     metrics.update(reward_trend(stage.stage_dir))
-    if "reward_first_quarter" in metrics:
-        log(f"{stage.name}: mean reward {metrics['reward_first_quarter']:.3f} over the first quarter of steps, "
-            f"{metrics['reward_last_quarter']:.3f} over the last")
+    trends = [name[:-len("_first_quarter")] for name in metrics if name.endswith("_first_quarter")]
+    if trends:
+        log(f"{stage.name}: first quarter of steps -> last: " + ", ".join(
+            f"{name} {metrics[name + '_first_quarter']:.3f} -> {metrics[name + '_last_quarter']:.3f}" for name in trends))
     return metrics
 
 

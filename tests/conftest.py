@@ -25,7 +25,7 @@ FAST_ALIGN = ["align.max_steps=4", "align.save_steps=2", "align.per_device_train
 FAST_DISTILL = ["distill.max_steps=2", "distill.save_steps=2", "distill.per_device_train_batch_size=8",
                 "distill.logging_steps=1", "distill.warmup_steps=0", "distill.sampling.num_prompts=12",
                 "distill.sampling.max_new_tokens=24", "distill.accept_threshold=0.0"]
-FAST_EVAL = ["eval.k=2", "eval.num_problems=4", "eval.max_new_tokens=12"]
+FAST_EVAL = ["eval.k=2", "eval.num_problems=4", "eval.max_new_tokens=12", "eval.general_prompts=4"]
 
 
 @pytest.fixture(scope="session")

@@ -26,3 +26,20 @@ def test_mixture_holds_both_domains_and_rule_rewards_skip_general_rows(tmp_path)
     math_rows = mixture.filter(lambda row: row["domain"] == "math").select(range(4))
     assert helpfulness(math_rows["prompt"], completions[:4], path="no/such/model",
                        domain=math_rows["domain"]) == [None] * 4
+
+
+def test_reward_trend_covers_each_reward_over_the_steps_that_logged_it(tmp_path):
+    import json
+
+    from stages.grpo import reward_trend
+
+    rows = [{"step": step, "reward": float(step), "rewards/accuracy/mean": 1.0,
+             # a reward model's reward: logged on steps whose batch held a general prompt (every other one)
+             "rewards/helpfulness/mean": float(step) if step % 2 else None} for step in range(1, 17)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    trend = reward_trend(tmp_path)
+    assert trend["reward_first_quarter"] == 2.5 and trend["reward_last_quarter"] == 14.5
+    assert trend["rewards/accuracy/mean_first_quarter"] == trend["rewards/accuracy/mean_last_quarter"] == 1.0
+    assert trend["rewards/helpfulness/mean_first_quarter"] == 2.0, "steps 1 and 3: the first quarter of its 8"
+    assert trend["rewards/helpfulness/mean_last_quarter"] == 14.0
+    assert reward_trend(tmp_path / "missing") == {}

@@ -104,7 +104,8 @@ def test_helpful_pairs_differ_in_the_answer(pairs):
     helpful = [row for row in pairs["train"] if row["aspect"] == "helpful"]
     flaws = {row["flaw"] for row in helpful}
     assert {"wrong_count", "wrong_word", "unchanged", "wrong_letter", "compliance", "truncated", "untagged",
-            "empty"} <= flaws
+            "empty", "refusal"} <= flaws
+    assert all(row["kind"] != "harmful" for row in helpful if row["flaw"] == "refusal"), "over-refusal is a flaw"
     for row in helpful:
         assert row["chosen"].rpartition("</think>")[2] != row["rejected"].rpartition("</think>")[2], row
         if row["flaw"] in ("truncated", "untagged"):

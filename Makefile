@@ -3,6 +3,8 @@
 #                                 done), then eval and report
 #   make demo                     `make all`, then its control (GRPO from the same SFT checkpoint with
 #                                 each group's rewards shuffled, run $(RUN)-control), shown in the report
+#   make demo RUN=s1 SEED=1       the same with every training seed (init, SFT, RL, sampling) set to 1;
+#                                 the data and the held-out problems stay those of data.seed
 #   make sft RUN=x ARGS="sft.learning_rate=1e-4 grpo.max_steps=50"
 #   make grpo ACCELERATE_CONFIG=recipes/accelerate/ddp.yaml
 #   make plan RECIPE=x            validates the recipe and prints the plan (--dry-run): no training
@@ -18,6 +20,10 @@ PYTHON := $(VENV)/bin/python
 RECIPE ?= tiny
 RUN ?= default
 ARGS ?=
+SEED ?=
+ifneq ($(SEED),)
+override ARGS += $(foreach section,model sft grpo rejection align distill,$(section).seed=$(SEED))
+endif
 export ACCELERATE_CONFIG
 
 PIPELINE := $(PYTHON) -m r1pipeline --recipe $(RECIPE) --run $(RUN)

@@ -58,6 +58,8 @@ class DataSection:
     max_operand: int = key(99, "largest operand of synthetic problems", sources=("synthetic",))
     shortcut_fraction: float = key(0.0, "share of synthetic training problems repeated with only the answer line as "
                                         "reasoning (no working)", sources=("synthetic",))
+    slip_fraction: float = key(0.0, "share of worked-out training additions with a carry whose working drops one carry, "
+                                    "stating a wrong answer (the gold stays right)", sources=("synthetic",))
     system_prompt: str = key(R1_SYSTEM_PROMPT, "text placed before each question (default: the R1 template)")
     prompt_format: str = key("r1", "r1 (R1's plain template: base models, R1-Zero) | chat (a conversation rendered by "
                                    "the tokenizer's own chat template, TRL's conversational format: instruct models)",
@@ -96,6 +98,7 @@ def _synthetic(cfg: dict) -> DatasetDict:
             kinds=list(cfg.get("kinds") or SYNTHETIC_KINDS),
             max_operand=int(cfg.get("max_operand", 99)),
             shortcut_fraction=float(cfg.get("shortcut_fraction", 0.0)),
+            slip_fraction=float(cfg.get("slip_fraction", 0.0)),
         )
     except ValueError as err:
         raise DataError(str(err)) from err

@@ -7,6 +7,7 @@ so a tiny model can imitate them during SFT.
 
 import hashlib
 import random
+import re
 from fractions import Fraction
 from math import gcd
 
@@ -24,20 +25,42 @@ def _digits(n: int) -> list[int]:
     return [int(c) for c in reversed(str(n))]
 
 
-def _add(rng: random.Random, m: int) -> tuple[str, str, str]:
-    a, b = rng.randint(0, m), rng.randint(0, m)
+def add_working(a: int, b: int, dropped_carry: int | None = None) -> tuple[int, str]:
+    """(the result, the column-by-column working) of a + b. With `dropped_carry` = i, the carry out of
+    column i (ones = 0) is written down but not added into the next column: the classic slip, carried
+    through to a wrong result."""
     da, db = _digits(a), _digits(b)
-    steps, carry = [], 0
+    steps, carry, digits = [], 0, []
     for i in range(max(len(da), len(db))):
-        terms = [d[i] for d in (da, db) if i < len(d)] + ([carry] if carry else [])
+        terms = [d[i] for d in (da, db) if i < len(d)] + ([carry] if carry and dropped_carry != i - 1 else [])
         s = sum(terms)
         carry = s // 10
+        digits.append(s % 10)
         line = f"{' + '.join(map(str, terms))} = {s}, digit {s % 10}"
         steps.append(line + (f" carry {carry}" if carry else ""))
     if carry:
         steps.append(f"digit {carry}")
-    steps.append(f"{a} + {b} = {a + b}")
-    return f"What is {a} + {b}?", str(a + b), "\n".join(steps)
+        digits.append(carry)
+    result = int("".join(map(str, reversed(digits))))
+    steps.append(f"{a} + {b} = {result}")
+    return result, "\n".join(steps)
+
+
+def carries(a: int, b: int) -> list[int]:
+    """The columns of a + b (ones = 0) that carry into a next column of digits."""
+    da, db = _digits(a), _digits(b)
+    out, carry = [], 0
+    for i in range(max(len(da), len(db))):
+        carry = (sum(d[i] for d in (da, db) if i < len(d)) + carry) // 10
+        if carry and i + 1 < max(len(da), len(db)):
+            out.append(i)
+    return out
+
+
+def _add(rng: random.Random, m: int) -> tuple[str, str, str]:
+    a, b = rng.randint(0, m), rng.randint(0, m)
+    result, working = add_working(a, b)
+    return f"What is {a} + {b}?", str(result), working
 
 
 def _column_subtract(big: int, small: int) -> list[str]:
@@ -151,12 +174,19 @@ def build_synthetic(
     kinds: list[str],
     max_operand: int = 99,
     shortcut_fraction: float = 0.0,
+    slip_fraction: float = 0.0,
 ) -> DatasetDict:
     """`num_train` and `num_heldout` distinct problems. With `shortcut_fraction` f, that share of the
     training problems appears a second time with only the workings' last line as its reasoning
     ("65 - 62 = 3"): the answer stated without working out, as cold-start data often states it. A
     model that imitates both styles must choose between them for every question; which one pays is
-    what RL can find out (the learning demo, README). The train split then has num_train * (1 + f) rows."""
+    what RL can find out (the learning demo, README). The train split then has num_train * (1 + f) rows.
+
+    With `slip_fraction` s, that share of the worked-out training additions whose working carries into
+    a next column drop one such carry: the working and its stated answer (column `stated`) are wrong,
+    the gold `solution` stays right. Cold-start data written by hand has such slips; a model that imitates
+    it makes them at about that rate, and only a reward for the right answer can train them out.
+    Held-out problems and the answer-only rows never have one."""
     kinds = list(kinds)
     if not kinds:
         raise ValueError(f"kinds is empty; allowed kinds: {', '.join(SYNTHETIC_KINDS)}")
@@ -167,6 +197,11 @@ def build_synthetic(
         raise ValueError(f"max_operand={max_operand} is too small; it must be >= 2")
     if not 0.0 <= shortcut_fraction <= 1.0:
         raise ValueError(f"shortcut_fraction={shortcut_fraction} must be between 0 and 1")
+    if not 0.0 <= slip_fraction <= 1.0:
+        raise ValueError(f"slip_fraction={slip_fraction} must be between 0 and 1")
+    if slip_fraction and "add" not in kinds:
+        raise ValueError(f"slip_fraction={slip_fraction} needs the 'add' kind (its slips are dropped carries); "
+                         f"kinds={kinds}")
 
     rng = random.Random(seed)
     splits = split_distinct(
@@ -180,7 +215,30 @@ def build_synthetic(
         chosen = sorted(random.Random(f"shortcut:{seed}").sample(range(num_train), count))
         shortcuts = train.select(chosen).map(lambda row: {"reasoning": row["reasoning"].splitlines()[-1]})
         splits["train"] = concatenate_datasets([train, shortcuts])
+    if slip_fraction:
+        splits["train"] = _with_slips(splits["train"], num_train, slip_fraction, seed)
     return splits
+
+
+_ADDITION = re.compile(r"What is (\d+) \+ (\d+)\?")
+
+
+def _with_slips(train: Dataset, num_worked: int, fraction: float, seed: int) -> Dataset:
+    """`train` with a `stated` column (the answer its working states), after dropping one carry in
+    `fraction` of the first `num_worked` rows' additions that carry (see build_synthetic)."""
+    rng = random.Random(f"slips:{seed}")
+    rows = train.to_list()
+    for index, row in enumerate(rows):
+        row["stated"] = row["solution"]
+        match = _ADDITION.fullmatch(row["prompt"]) if index < num_worked and row["kind"] == "add" else None
+        if match is None:
+            continue
+        a, b = int(match[1]), int(match[2])
+        columns = carries(a, b)
+        if columns and rng.random() < fraction:
+            result, row["reasoning"] = add_working(a, b, dropped_carry=rng.choice(columns))
+            row["stated"] = str(result)
+    return Dataset.from_list(rows, features=None)
 
 
 def split_distinct(draw, num_train: int, num_heldout: int, columns: tuple[str, ...], what: str) -> DatasetDict:

@@ -37,7 +37,8 @@ def sft_row(stage: Stage, question: str, completion: str) -> dict:
 def completion_of(row: dict) -> str:
     if row.get("completion"):
         return row["completion"]
-    return render_completion(row["reasoning"], row["solution"])
+    # `stated`: the answer the cold-start working arrives at, wrong where it slips (data.slip_fraction)
+    return render_completion(row["reasoning"], row.get("stated") or row["solution"])
 
 
 def load_policy(stage: Stage, tokenizer=None):

@@ -196,6 +196,42 @@ def test_shortcut_fraction_repeats_that_share_of_train_problems_without_working(
         build_datasets({"num_train": 10, "num_heldout": 2, "shortcut_fraction": 1.5})
 
 
+def test_slip_fraction_drops_a_carry_in_that_share_of_worked_additions_and_keeps_the_gold():
+    import re
+
+    from data.synthetic import add_working, carries
+
+    assert add_working(58, 67) == (125, "8 + 7 = 15, digit 5 carry 1\n5 + 6 + 1 = 12, digit 2 carry 1\ndigit 1\n"
+                                        "58 + 67 = 125")
+    assert add_working(58, 67, dropped_carry=0) == (115, "8 + 7 = 15, digit 5 carry 1\n5 + 6 = 11, digit 1 carry 1\n"
+                                                         "digit 1\n58 + 67 = 115")
+    assert carries(58, 67) == [0] and carries(5, 7) == [] and carries(50, 7) == [], "only carries into a next column"
+    clean = build_datasets({"num_train": 2000, "num_heldout": 50, "kinds": ["add"], "shortcut_fraction": 1.0})
+    slipped = build_datasets({"num_train": 2000, "num_heldout": 50, "kinds": ["add"], "shortcut_fraction": 1.0,
+                              "slip_fraction": 0.4})
+    assert slipped["heldout"].to_dict() == clean["heldout"].to_dict()
+    assert slipped["train"]["solution"] == clean["train"]["solution"] and slipped["train"]["prompt"] == clean["train"]["prompt"]
+    assert slipped["train"]["reasoning"][2000:] == clean["train"]["reasoning"][2000:], "answer-only rows: no slip"
+    carrying = wrong = 0
+    for row, before in zip(slipped["train"].select(range(2000)), clean["train"].select(range(2000))):
+        a, b = map(int, re.fullmatch(r"What is (\d+) \+ (\d+)\?", row["prompt"]).groups())
+        carrying += bool(carries(a, b))
+        if row["stated"] != row["solution"]:
+            wrong += 1
+            assert carries(a, b) and int(row["stated"]) == a + b - 10 and row["reasoning"] != before["reasoning"]
+            assert row["reasoning"].endswith(f"= {row['stated']}")
+        else:
+            assert row["reasoning"] == before["reasoning"]
+    assert 0.35 < wrong / carrying < 0.45
+    from stages.common import completion_of
+    row = next(row for row in slipped["train"] if row["stated"] != row["solution"])
+    assert completion_of(row).endswith(f"<answer>\n{row['stated']}\n</answer>"), "SFT imitates the slip"
+    with pytest.raises(DataError, match="slip_fraction=2"):
+        build_datasets({"num_train": 10, "num_heldout": 2, "kinds": ["add"], "slip_fraction": 2})
+    with pytest.raises(DataError, match="needs the 'add' kind"):
+        build_datasets({"num_train": 10, "num_heldout": 2, "kinds": ["mul"], "slip_fraction": 0.5})
+
+
 # ---------------------------------------------------------------- loading
 
 ROWS = [{"question": f"What is {i} + 1?", "answer": i + 1, "cot": f"{i} + 1 = {i + 1}", "extra": i} for i in range(40)]

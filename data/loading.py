@@ -58,8 +58,8 @@ class DataSection:
     max_operand: int = key(99, "largest operand of synthetic problems", sources=("synthetic",))
     shortcut_fraction: float = key(0.0, "share of synthetic training problems repeated with only the answer line as "
                                         "reasoning (no working)", sources=("synthetic",))
-    slip_fraction: float = key(0.0, "share of worked-out training additions with a carry whose working drops one carry, "
-                                    "stating a wrong answer (the gold stays right)", sources=("synthetic",))
+    slip_fraction: float = key(0.0, "share of worked-out training additions with a carry whose working drops one "
+                                    "carry, stating a wrong answer (the gold stays right)", sources=("synthetic",))
     system_prompt: str = key(R1_SYSTEM_PROMPT, "text placed before each question (default: the R1 template)")
     prompt_format: str = key("r1", "r1 (R1's plain template: base models, R1-Zero) | chat (a conversation rendered by "
                                    "the tokenizer's own chat template, TRL's conversational format: instruct models)",

@@ -238,7 +238,7 @@ def _with_slips(train: Dataset, num_worked: int, fraction: float, seed: int) -> 
         if columns and rng.random() < fraction:
             result, row["reasoning"] = add_working(a, b, dropped_carry=rng.choice(columns))
             row["stated"] = str(result)
-    return Dataset.from_list(rows, features=None)
+    return Dataset.from_list(rows)
 
 
 def split_distinct(draw, num_train: int, num_heldout: int, columns: tuple[str, ...], what: str) -> DatasetDict:

@@ -234,7 +234,8 @@ def evaluate_general(checkpoint: str, rows: list[dict], reward_model: str, *, k:
             "helpfulness": mean(helpfulness(prompts, completions, path=reward_model, domain=domain)),
             "harmlessness": mean(harmlessness(prompts, completions, path=reward_model, domain=domain)),
             "correct": mean(right), "refused_harmful": mean(refused),
-            "samples": [{"prompt": row["prompt"], "completion": row["completions"][0]} for row in generated[:NUM_SAMPLES]]}
+            "samples": [{"prompt": row["prompt"], "completion": row["completions"][0]}
+                        for row in generated[:NUM_SAMPLES]]}
 
 
 def answer_text(completion: str) -> str | None:

@@ -14,7 +14,8 @@ engine), so the CPU settings live in one place:
 - vLLM's CPU worker replaces `torch.set_num_threads` for the whole process and drops torch to one
   thread unless OMP_NUM_THREADS says otherwise; `cpu_process_settings` keeps the caller's threads.
 
-The CPU MLA backend serves only `kv_lora_rank + qk_rope_head_dim == 576`; `check_servable` says so
+On CPU the engine uses vLLM's reference MLA backend (CPU_MLA), also on CPUs with AMX, where vLLM
+would pick its AMX backend: that one takes no float32 weights. The CPU MLA backend serves only `kv_lora_rank + qk_rope_head_dim == 576`; `check_servable` says so
 before an engine is started (the `tiny-vllm` preset has that shape).
 
 `engine_weights` reads back what the engine computes with, in checkpoint names, so that a weight
@@ -74,10 +75,16 @@ def on_cpu() -> bool:
 
 def engine_kwargs(**overrides) -> dict:
     """`vllm.LLM` keyword arguments for this machine, `overrides` on top. On CPU: eager, native RoPE,
-    float32 unless `dtype` is given."""
+    float32 unless `dtype` is given, and the reference CPU MLA backend unless an attention backend is
+    given."""
     if not on_cpu():
         return overrides
     kwargs = {"enforce_eager": True, "dtype": "float32", **overrides}
+    if "attention_config" not in kwargs and "attention_backend" not in kwargs:
+        # On a CPU with AMX, vLLM picks its AMX MLA backend, which refuses float32 weights ("expect weight
+        # to be bfloat16, ...") and repacks the ones it takes; CPU_MLA serves every dtype, and it is the
+        # backend this module's exactness checks were made on.
+        kwargs["attention_config"] = {"backend": "CPU_MLA"}
     compilation = dict(kwargs.get("compilation_config") or {})
     compilation["custom_ops"] = [*compilation.get("custom_ops", []), "-rotary_embedding"]
     kwargs["compilation_config"] = compilation

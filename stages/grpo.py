@@ -302,7 +302,8 @@ def train(stage: Stage, dataset) -> dict:
     trends = [name[:-len("_first_quarter")] for name in metrics if name.endswith("_first_quarter")]
     if trends:
         log(f"{stage.name}: first quarter of steps -> last: " + ", ".join(
-            f"{name} {metrics[name + '_first_quarter']:.3f} -> {metrics[name + '_last_quarter']:.3f}" for name in trends))
+            f"{name} {metrics[name + '_first_quarter']:.3f} -> {metrics[name + '_last_quarter']:.3f}"
+            for name in trends))
     return metrics
 
 

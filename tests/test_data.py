@@ -210,7 +210,8 @@ def test_slip_fraction_drops_a_carry_in_that_share_of_worked_additions_and_keeps
     slipped = build_datasets({"num_train": 2000, "num_heldout": 50, "kinds": ["add"], "shortcut_fraction": 1.0,
                               "slip_fraction": 0.4})
     assert slipped["heldout"].to_dict() == clean["heldout"].to_dict()
-    assert slipped["train"]["solution"] == clean["train"]["solution"] and slipped["train"]["prompt"] == clean["train"]["prompt"]
+    for column in ("prompt", "solution"):
+        assert slipped["train"][column] == clean["train"][column]
     assert slipped["train"]["reasoning"][2000:] == clean["train"]["reasoning"][2000:], "answer-only rows: no slip"
     carrying = wrong = 0
     for row, before in zip(slipped["train"].select(range(2000)), clean["train"].select(range(2000))):

@@ -182,7 +182,7 @@ def test_humaneval_rows_and_canonical_solutions_pass(monkeypatch):
 def test_check_eval_defaults_and_errors():
     assert check_eval_section(None) == {"k": 8, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 128,
                                         "batch_size": 256, "seed": 0, "num_problems": None, "benchmark": None,
-                                        "backend": "transformers"}
+                                        "backend": "transformers", "general_prompts": 100}
     assert set(EVAL_KEYS) == set(check_eval_section({})) and all(isinstance(v, str) for v in EVAL_KEYS.values())
     assert check_eval_section({"k": 64, "benchmark": "humaneval", "num_problems": 10})["k"] == 64
     for section, match in [({"k": 0}, "eval.k = 0 must be an integer >= 1"), ({"k": "8"}, "eval.k = '8'"),
@@ -276,7 +276,8 @@ def test_run_eval_scores_general_prompts_with_the_runs_reward_model(tmp_path, mo
     general = evaluate.general_rows(3, 0, "Think.")
     assert [row["id"] for row in general] == ["general-0", "general-1", "general-2"]
     completions = {"0": ["<answer>12</answer>"] * 2, "1": ["<answer>0.5</answer>"] * 2,
-                   **{row["id"]: [render_completion("", row["answer"]), render_completion("", "no")] for row in general}}
+                   **{row["id"]: [render_completion("", row["answer"]), render_completion("", "no")]
+                      for row in general}}
     calls = []
     monkeypatch.setattr(evaluate, "rollout", fake_rollout(completions, calls))
     scored = run_eval(run_dir, recipe, HELDOUT)["sft"]["general"]

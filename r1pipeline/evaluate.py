@@ -27,6 +27,7 @@ from r1pipeline.rollout import BACKENDS, rollout
 from rewards.code import extract_code, problem_for
 from rewards.math import verify_many
 from rewards.math_extract import MAX_ANSWER_CHARS, extract_prediction, normalise
+from rewards.text import ANSWER_TAG
 
 STAGES = ("sft", "grpo", "rejection", "align", "distill")
 BENCHMARKS = ("humaneval",)
@@ -239,10 +240,10 @@ def evaluate_general(checkpoint: str, rows: list[dict], reward_model: str, *, k:
 
 
 def answer_text(completion: str) -> str | None:
-    """The text inside the last <answer> ... </answer>, stripped; None without one."""
-    _, opened, rest = completion.rpartition("<answer>")
-    answer, closed, _ = rest.partition("</answer>")
-    return answer.strip() if opened and closed else None
+    """The text inside the last <answer> ... </answer>, stripped; None without one (no \\boxed{}
+    fallback, unlike rewards.text.extract_answer: a chat reply has no maths)."""
+    found = ANSWER_TAG.findall(completion)
+    return found[-1].strip() if found else None
 
 
 def run_reward_model(run_dir: Path, recipe: dict) -> str | None:

@@ -1,10 +1,12 @@
 # r1pipeline: one target per stage. Outputs go to runs/$(RUN)/<stage>/.
-#   make all                      the embedded default: the five stages (skipping those already
-#                                 done), then eval and report
+#   make all                      the embedded default: stage 0 (pretraining a base model) and the
+#                                 five R1 stages (skipping those already done), then eval and report
 #   make demo                     `make all`, then its control (GRPO from the same SFT checkpoint with
 #                                 each group's rewards shuffled, run $(RUN)-control), shown in the report
 #   make demo RUN=s1 SEED=1       the same with every training seed (init, SFT, RL, sampling) set to 1;
 #                                 the data and the held-out problems stay those of data.seed
+#   make zero                     R1-Zero: GRPO straight from the base (run $(RUN)-zero), with its
+#                                 control ($(RUN)-zero-control), evaluated and reported
 #   make sft RUN=x ARGS="sft.learning_rate=1e-4 grpo.max_steps=50"
 #   make grpo ACCELERATE_CONFIG=recipes/accelerate/ddp.yaml
 #   make plan RECIPE=x            validates the recipe and prints the plan (--dry-run): no training
@@ -28,7 +30,7 @@ export ACCELERATE_CONFIG
 
 PIPELINE := $(PYTHON) -m r1pipeline --recipe $(RECIPE) --run $(RUN)
 
-.PHONY: install all demo plan serve chat export sft grpo rejection align distill eval report test test-fast bench clean-runs
+.PHONY: install all demo zero plan serve chat export base sft grpo rejection align distill eval report test test-fast bench clean-runs
 
 install: $(VENV)/.installed
 
@@ -55,6 +57,18 @@ demo: all
 	$(CONTROL) eval $(ARGS)
 	$(PIPELINE) report
 
+# R1-Zero (R1 §2.2): GRPO from this run's base model, no cold start, the same rewards and settings as
+# stage 2, beside its shuffled-reward control; runs/$(RUN)-zero/report.md shows both.
+ZERO := $(PYTHON) -m r1pipeline --recipe $(RECIPE) --run $(RUN)-zero
+ZERO_CONTROL := $(PYTHON) -m r1pipeline --recipe $(RECIPE) --run $(RUN)-zero-control
+zero: install
+	$(PIPELINE) base $(ARGS)
+	$(ZERO) grpo grpo.init_from=runs/$(RUN)/base/final $(ARGS)
+	$(ZERO_CONTROL) grpo grpo.shuffle_rewards=true grpo.init_from=runs/$(RUN)/base/final $(ARGS)
+	$(ZERO) eval $(ARGS)
+	$(ZERO_CONTROL) eval $(ARGS)
+	$(ZERO) report
+
 plan: install
 	$(PIPELINE) all --dry-run $(ARGS)
 
@@ -70,7 +84,7 @@ export: install
 chat: install
 	$(PYTHON) -m r1pipeline.chat --run $(RUN) $(if $(STAGE),--stage $(STAGE)) --url http://127.0.0.1:$(PORT)
 
-sft grpo rejection align distill eval report: install
+base sft grpo rejection align distill eval report: install
 	$(PIPELINE) $@ $(ARGS)
 
 test: install

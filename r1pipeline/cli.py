@@ -1,6 +1,6 @@
 """`python -m r1pipeline [--recipe R] [--run NAME] STAGE [section.field=value ...]`
 
-STAGE is one of the stages (sft, grpo, rejection, align, distill), `eval` (every finished stage on the
+STAGE is one of the stages (base, sft, grpo, rejection, align, distill), `eval` (every finished stage on the
 held-out problems), `report` (runs/<run>/report.md and plots), or `all` (the recipe's stages, in R1's
 order, then eval and report). `python -m r1pipeline export --run R --stage S --gguf` writes a stage's
 checkpoint as GGUF (r1pipeline/export.py). `--dry-run` validates and prints the plan without running it. With
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from r1pipeline.config import ConfigError, apply_overrides, load_recipe
-from r1pipeline.pipeline import (STAGE_ORDER, accelerate_setup, execute, keep_vllm_out_of_trl, log, plan, plan_eval,
+from r1pipeline.pipeline import (POST_TRAINING, STAGE_ORDER, accelerate_setup, execute, keep_vllm_out_of_trl, log, plan, plan_eval,
                                  start_process_group, uses_trl_vllm, world_size_of)
 
 LAUNCHED = "R1PIPELINE_UNDER_ACCELERATE"
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
             raise ConfigError(f"ACCELERATE_CONFIG = {args.accelerate_config!r}: no such file")
         recipe = apply_overrides(load_recipe(args.recipe), args.overrides)
         if args.stage == "all":  # the stages the recipe has (R1-Zero: grpo alone), in R1's order
-            stages = [s for s in STAGE_ORDER if s in recipe] or list(STAGE_ORDER)
+            stages = [s for s in STAGE_ORDER if s in recipe] or list(POST_TRAINING)
         if own_process and not uses_trl_vllm(recipe, stages):
             keep_vllm_out_of_trl()
         if os.environ.get(LAUNCHED):

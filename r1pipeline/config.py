@@ -19,13 +19,13 @@ from typing import Any
 import yaml
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-SECTIONS = ("model", "data", "sft", "grpo", "rejection", "align", "distill", "eval")
+SECTIONS = ("model", "data", "base", "sft", "grpo", "rejection", "align", "distill", "eval")
 
 # Help texts shared by the stage modules' schemas (their `Options` dataclasses).
 INIT_FROM_HELP = "'model', a stage name, or a checkpoint path / hub name"
 REWARDS_HELP = "list of {name: <registered> | function: 'pkg.module:fn', weight: <float>, args: {...}}"
 # What a stage's TRL fields are checked against.
-TRL_CONFIG = {"sft": "SFTConfig", "grpo": "GRPOConfig", "rejection": "SFTConfig", "align": "GRPOConfig",
+TRL_CONFIG = {"base": "SFTConfig", "sft": "SFTConfig", "grpo": "GRPOConfig", "rejection": "SFTConfig", "align": "GRPOConfig",
               "distill": "SFTConfig"}
 # Set by the run directory, never by a recipe.
 MANAGED_KEYS = {"output_dir", "resume_from_checkpoint", "logging_dir", "overwrite_output_dir"}
@@ -64,8 +64,13 @@ def load_recipe(recipe: str) -> dict:
 
 
 def merged(base: dict, changes: dict) -> dict:
+    """`base` with `changes` applied; a mapping set to null is dropped (a variant recipe leaves out a
+    stage or a nested setting of the recipe it extends)."""
     out = dict(base)
     for key, value in changes.items():
+        if value is None and isinstance(out.get(key), dict):
+            del out[key]
+            continue
         out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 

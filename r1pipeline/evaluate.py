@@ -29,7 +29,7 @@ from rewards.math import verify_many
 from rewards.math_extract import MAX_ANSWER_CHARS, extract_prediction, normalise
 from rewards.text import ANSWER_TAG
 
-STAGES = ("sft", "grpo", "rejection", "align", "distill")
+STAGES = ("base", "sft", "grpo", "rejection", "align", "distill")
 BENCHMARKS = ("humaneval",)
 CODE_TIMEOUT_S = 10.0
 NUM_SAMPLES = 4  # completions kept in the eval file for the report

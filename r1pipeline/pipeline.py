@@ -25,8 +25,10 @@ from r1pipeline import rundir, schema
 # Each stage starts from the one before, except stage 3, which fine-tunes the model stage 1 started
 # from (as R1 retrains the base) on samples of stage 2, and stage 5 (R1-Distill), which trains a
 # student of its own on samples of stage 4: the `init_from` and `sample_from` defaults of each stage's
-# Options (stages/<stage>.py).
-STAGE_ORDER = ("sft", "grpo", "rejection", "align", "distill")
+# Options (stages/<stage>.py). Stage 0 (`base`) pretrains the embedded default's base model; a recipe
+# for a pretrained model has no `base` section and starts from `model`.
+STAGE_ORDER = ("base", "sft", "grpo", "rejection", "align", "distill")
+POST_TRAINING = STAGE_ORDER[1:]  # what `all` runs for a recipe that names no stage
 RL_STAGES = ("grpo", "align")
 DRY_RUN_ROWS = 512  # rows of each external split a dry run reads and checks
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -199,6 +201,8 @@ def check_checkpoint_ref(where: str, ref) -> None:
 def required_columns(name: str, rewards: list) -> set[str]:
     if name == "sft":
         return {"prompt", "solution"}
+    if name == "base":  # the corpus is written from the training problems and their workings
+        return {"prompt", "solution", "reasoning"}
     columns = {"prompt"} | {column for reward in rewards for column in reward.columns}
     if name == "align":
         columns -= {"domain"}  # the stage labels its mixture: reasoning rows and general (chat) rows

@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 from data.template import USER_PREFIX  # noqa: E402
 from r1pipeline import rundir  # noqa: E402
 
-STAGES = ("sft", "grpo", "rejection", "align", "distill")  # the pipeline's order (DESIGN.md)
+STAGES = ("base", "sft", "grpo", "rejection", "align", "distill")  # the pipeline's order (DESIGN.md)
 RL_STAGES = ("grpo", "align")
 BEFORE_RL, AFTER_RL = ("sft",), ("grpo", "align")
 # metrics.jsonl keys (TRL's GRPOTrainer names) drawn as curves, in this order, when logged.
@@ -79,21 +79,25 @@ def parameters(checkpoint: Path) -> int | None:
 
 def controls(run_dir: Path) -> dict[str, Path]:
     """{stage: run directory} of the control runs beside this one (same runs directory): a run whose RL
-    stage trained with `shuffle_rewards` from this run's checkpoint (`make demo` runs one for GRPO,
-    from this run's SFT). Found by the content hash its manifest records for its input."""
+    stage trained with `shuffle_rewards` from the checkpoint this run's same stage started from (`make
+    demo` runs one for GRPO from this run's SFT, `make zero` one from the base). Found by the content
+    hash the manifests record for their input; where this run's stage records none (it is not run),
+    any of this run's checkpoints."""
     found, hashes = {}, {}
+    for stage in RL_STAGES:
+        own = (rundir.read_manifest(run_dir / stage) or {}).get("input") or {}
+        if own.get("hash"):
+            hashes[stage] = {own["hash"]}
+        else:
+            hashes[stage] = {rundir.content_hash(run_dir / start / "final") for start in STAGES
+                             if rundir.read_manifest(run_dir / start)}
     for other in sorted(run_dir.parent.iterdir()) if run_dir.parent.is_dir() else []:
         for stage in RL_STAGES:
             manifest = rundir.read_manifest(other / stage) if other != run_dir else None
             if not manifest or not (manifest.get("config", {}).get(stage) or {}).get("shuffle_rewards"):
                 continue
-            source = manifest.get("input") or {}
-            for start in STAGES:
-                final = run_dir / start / "final"
-                if start not in hashes:
-                    hashes[start] = rundir.content_hash(final) if rundir.read_manifest(run_dir / start) else None
-                if hashes[start] and source.get("hash") == hashes[start]:
-                    found.setdefault(stage, other)
+            if (manifest.get("input") or {}).get("hash") in hashes[stage]:
+                found.setdefault(stage, other)
     return found
 
 
@@ -122,7 +126,8 @@ def table(run_dir: Path, evals: dict, control_runs: dict | None = None) -> list[
     for stage in STAGES:
         manifest = rundir.read_manifest(run_dir / stage)
         if manifest is None and stage not in evals:
-            notes.append(f"- {stage}: not run")
+            if stage != "base":  # stage 0 belongs to the embedded default; a pretrained model is its own base
+                notes.append(f"- {stage}: not run")
             continue
         steps = [row["step"] for row in read_metrics(run_dir / stage / "metrics.jsonl") if "step" in row]
         result = evals.get(stage)

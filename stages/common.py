@@ -41,6 +41,13 @@ def completion_of(row: dict) -> str:
     return render_completion(row["reasoning"], row.get("stated") or row["solution"])
 
 
+def training_texts(stage: Stage):
+    """The cold-start training rows as the model reads them: what the embedded default's tokenizer is
+    trained on."""
+    system = system_prompt(stage)
+    return (render_prompt(row["prompt"], system) + completion_of(row) for row in stage.datasets["train"])
+
+
 def load_policy(stage: Stage, tokenizer=None):
     """(model, tokenizer) this stage starts from: a fresh preset or a checkpoint / hub model. A fresh
     preset takes `tokenizer` when given (stage 3 retrains the base on text of stage 2's tokenizer)."""
@@ -50,9 +57,7 @@ def load_policy(stage: Stage, tokenizer=None):
     if path is None:
         if tokenizer is None:
             # The embedded default trains its tokenizer offline on the training texts, then the model.
-            system = system_prompt(stage)
-            corpus = (render_prompt(row["prompt"], system) + completion_of(row) for row in stage.datasets["train"])
-            tokenizer = build_tokenizer(corpus)
+            tokenizer = build_tokenizer(training_texts(stage))
         model = policy.build_from_preset(model_cfg["preset"], model_cfg.get("config"), tokenizer,
                                          seed=model_cfg.get("seed", 0), dtype=dtype)
         return model, tokenizer

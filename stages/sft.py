@@ -91,11 +91,11 @@ def build_dataset(stage: Stage):
     return train.map(lambda row: sft_row(stage, row["prompt"], completion_of(row)), remove_columns=train.column_names)
 
 
-def train(stage: Stage, dataset, model, tokenizer, final=None) -> dict:
-    """SFT on prompt-completion rows (stage 1's data, or stage 3's selected samples), saved to
-    `final` (default: the stage's final/)."""
+def train(stage: Stage, dataset, model, tokenizer, final=None, **defaults) -> dict:
+    """SFT on prompt-completion rows (stage 1's data, or stage 3's selected samples; stage 0's text),
+    saved to `final` (default: the stage's final/). `defaults`: SFTConfig fields the recipe may override."""
     # completion_only_loss=None means TRL's default for prompt-completion data: loss on the completion.
-    args = SFTConfig(**trainer_args(stage, model))
+    args = SFTConfig(**trainer_args(stage, model, **defaults))
     trainer = ResumableSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                   callbacks=callbacks(stage), peft_config=peft_config(stage))
     return train_and_save(trainer, stage, final)

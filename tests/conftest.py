@@ -12,11 +12,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 # Small enough for seconds on 2 cores, large enough to exercise every code path.
 FAST_DATA = ["data.num_train=96", "data.num_heldout=16"]
-FAST_SFT = ["sft.max_steps=6", "sft.save_steps=2", "sft.per_device_train_batch_size=8", "sft.logging_steps=1",
+# Stages 1 and 3 start from the preset (tiny.yaml: from stage 0's base) unless a test runs stage 0 (FAST_BASE).
+FAST_BASE = ["base.max_steps=3", "base.save_steps=2", "base.per_device_train_batch_size=4", "base.logging_steps=1",
+             "base.warmup_steps=0", "base.documents=40", "base.max_length=64", "sft.init_from=base",
+             "rejection.init_from=base"]
+FAST_SFT = ["sft.init_from=model", "sft.max_steps=6", "sft.save_steps=2", "sft.per_device_train_batch_size=8", "sft.logging_steps=1",
             "sft.warmup_steps=0"]
 FAST_GRPO = ["grpo.max_steps=6", "grpo.save_steps=2", "grpo.per_device_train_batch_size=8",
              "grpo.num_generations=4", "grpo.max_completion_length=12"]
-FAST_REJECTION = ["rejection.max_steps=4", "rejection.save_steps=2", "rejection.per_device_train_batch_size=8",
+FAST_REJECTION = ["rejection.init_from=model", "rejection.max_steps=4", "rejection.save_steps=2", "rejection.per_device_train_batch_size=8",
                   "rejection.logging_steps=1", "rejection.warmup_steps=0", "rejection.sampling.num_prompts=12",
                   "rejection.sampling.max_new_tokens=24", "rejection.accept_threshold=0.0"]
 FAST_ALIGN = ["align.max_steps=4", "align.save_steps=2", "align.per_device_train_batch_size=8",

@@ -90,13 +90,18 @@ def test_batch_divisibility_counts_processes(tmp_path, capsys, runs_dir):
 
 
 def file_recipe(tmp_path, **data) -> str:
-    """tiny.yaml with its data section replaced (its synthetic-only keys would be refused for a file)."""
+    """tiny.yaml with its data section replaced (its synthetic-only keys would be refused for a file), and
+    without stage 0 (its corpus is written from synthetic problems)."""
     import yaml
 
     rows = tmp_path / "qa.jsonl"
     rows.write_text("".join(json.dumps({"question": f"q{i}", "answer": str(i)}) + "\n" for i in range(20)))
     path = tmp_path / "file.yaml"
-    path.write_text(yaml.safe_dump({**load_recipe("tiny"), "data": {"source": "jsonl", "path": str(rows), **data}}))
+    recipe = load_recipe("tiny")
+    del recipe["base"]
+    for stage in ("sft", "rejection"):
+        recipe[stage]["init_from"] = "model"
+    path.write_text(yaml.safe_dump({**recipe, "data": {"source": "jsonl", "path": str(rows), **data}}))
     return str(path)
 
 
@@ -125,7 +130,7 @@ def test_coerced_values_are_stored_back(runs_dir):
 
     recipe = apply_overrides(load_recipe("tiny"), ["data.shortcut_fraction='0.5'", "sft.learning_rate='1e-4'",
                                                    "data.num_train=64", "rejection.chat_ratio='0.2'"])
-    plan(recipe, ["sft", "grpo", "rejection"], runs_dir)
+    plan(recipe, ["base", "sft", "grpo", "rejection"], runs_dir)
     assert recipe["data"]["shortcut_fraction"] == 0.5 and recipe["sft"]["learning_rate"] == 1e-4
     assert recipe["rejection"]["chat_ratio"] == 0.2
 
@@ -228,6 +233,6 @@ def test_a_sharded_accelerate_config_without_gpus_is_refused(capsys, runs_dir, t
         config = tmp_path / "fsdp1.yaml"
         config.write_text((RECIPES_DIR / "accelerate" / "fsdp2.yaml").read_text().replace("fsdp_version: 2",
                                                                                           "fsdp_version: 1"))
-    assert_rejected(capsys, runs_dir, ["--accelerate-config", str(config)], f"({sharded}) on a machine without GPUs",
-                    "fsdp2-cpu2.yaml", stage="sft")
-    assert run_cli(runs_dir, "--accelerate-config", str(config), "--dry-run", stage="sft") == 0
+    assert_rejected(capsys, runs_dir, ["--accelerate-config", str(config), "sft.init_from=model"],
+                    f"({sharded}) on a machine without GPUs", "fsdp2-cpu2.yaml", stage="sft")
+    assert run_cli(runs_dir, "--accelerate-config", str(config), "--dry-run", "sft.init_from=model", stage="sft") == 0

@@ -305,3 +305,33 @@ def test_unknown_source_missing_file_and_unknown_kind(tmp_path):
     with pytest.raises(DataError, match=r"'div'"):
         build_datasets({"kinds": ["div"]})
     assert issubclass(DataError, ValueError)
+
+
+def test_pretraining_corpus_is_right_arithmetic_from_training_problems_only():
+    """Stage 0's corpus (data/corpus.py): the training problems in plain text, right where the cold-start
+    working slips, never a held-out problem and never R1's template."""
+    import re
+
+    from data.corpus import KINDS, pretraining_corpus
+    from data.synthetic import build_synthetic, is_heldout
+
+    splits = build_synthetic(num_train=400, num_heldout=40, seed=3, kinds=["add"], shortcut_fraction=1.0,
+                             slip_fraction=1.0)
+    texts = pretraining_corpus(splits["train"], documents=300, problems_per_document=3, seed=3)
+    assert texts == pretraining_corpus(splits["train"], documents=300, problems_per_document=3, seed=3)
+    assert len(texts) == 300 and len(set(texts)) > 250
+    corpus = "\n".join(texts)
+    for marker in ("<think>", "</think>", "<answer>", "</answer>", "Think step by step", "A conversation between"):
+        assert marker not in corpus
+    sums = re.findall(r"^(\d+) \+ (\d+) = (\d+)$", corpus, re.MULTILINE)
+    assert len(sums) > 100 and all(int(a) + int(b) == int(c) for a, b, c in sums), "slipped workings are corrected"
+    assert any("carry 1" in text for text in texts)
+    questions = set(re.findall(r"What is \d+ \+ \d+\?", corpus))
+    assert questions and questions <= set(splits["train"]["prompt"])
+    assert not any(is_heldout(q) for q in questions) and not questions & set(splits["heldout"]["prompt"])
+    assert set(KINDS) == {"worked", "statements", "qa", "dialogue", "counting"}
+    assert re.search(r"^User: What is \d+ \+ \d+\?\nAssistant: \d", corpus, re.MULTILINE)
+    assert any(text.startswith("Counting in tens") or re.match(r"\d+, \d+, \d+", text) for text in texts)
+
+    with pytest.raises(ValueError, match="documents = 0"):
+        pretraining_corpus(splits["train"], documents=0, problems_per_document=3, seed=0)

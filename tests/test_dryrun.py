@@ -22,7 +22,7 @@ def test_every_shipped_recipe_dry_runs_and_writes_nothing(recipe, tmp_path, caps
     assert cli.main(["--recipe", recipe, "--runs-dir", str(runs), "all", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("r1pipeline plan (dry run")
-    for stage in ("sft", "grpo", "rejection", "align"):
+    for stage in ("base", "sft", "grpo", "rejection", "align"):
         assert (f"- {stage}: from " in out) == (stage in load_recipe(recipe)), stage
     assert "M parameters" in out and "GiB" in out and "held-out:" in out
     assert not runs.exists(), "a dry run writes nothing"
@@ -72,7 +72,8 @@ def test_an_unreachable_hub_model_is_named(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     recipe = {**load_recipe("tiny"), "model": {"name_or_path": "nobody-here/no-such-model-1234"}}
     (tmp_path / "hub.yaml").write_text(yaml.safe_dump(recipe))
-    code = cli.main(["--recipe", str(tmp_path / "hub.yaml"), "--runs-dir", str(tmp_path / "runs"), "sft", "--dry-run"])
+    code = cli.main(["--recipe", str(tmp_path / "hub.yaml"), "--runs-dir", str(tmp_path / "runs"), "sft", "--dry-run",
+                     "sft.init_from=model"])
     assert code == 2
     assert "no-such-model-1234" in capsys.readouterr().err
 

@@ -37,7 +37,7 @@ def test_bad_lora_settings_fail_before_any_work(tmp_path, capsys, lora, message)
 def test_lora_with_a_sharded_accelerate_config_is_refused(tmp_path, capsys):
     from r1pipeline.config import RECIPES_DIR
 
-    assert cli.main(["--runs-dir", str(tmp_path), "sft", "--dry-run", "model.lora={r: 4}",
+    assert cli.main(["--runs-dir", str(tmp_path), "sft", "--dry-run", "model.lora={r: 4}", "sft.init_from=model",
                      "--accelerate-config", str(RECIPES_DIR / "accelerate" / "fsdp2.yaml")]) == 2
     err = capsys.readouterr().err
     assert "model.lora with" in err and "(FSDP2)" in err and "ddp.yaml" in err

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 FSDP2 = ROOT / "recipes" / "accelerate" / "fsdp2-cpu2.yaml"
 DDP = ROOT / "recipes" / "accelerate" / "cpu2.yaml"
-SFT = ["sft.max_steps=6", "sft.save_steps=2", "sft.logging_steps=1", "sft.warmup_steps=0"]
+SFT = ["sft.init_from=model", "sft.max_steps=6", "sft.save_steps=2", "sft.logging_steps=1", "sft.warmup_steps=0"]
 GRPO = ["grpo.max_steps=4", "grpo.save_steps=2", "grpo.logging_steps=1", "grpo.num_generations=4",
         "grpo.max_completion_length=12", "grpo.per_device_train_batch_size=4",
         # a reward that varies with length, so that even a barely trained policy gets advantages

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import (FAST_ALIGN, FAST_DATA, FAST_DISTILL, FAST_EVAL, FAST_GRPO, FAST_REJECTION, FAST_SFT, ROOT,
-                      pipeline_env)
+from conftest import (FAST_ALIGN, FAST_BASE, FAST_DATA, FAST_DISTILL, FAST_EVAL, FAST_GRPO, FAST_REJECTION, FAST_SFT,
+                      ROOT, pipeline_env)
 
 pytestmark = pytest.mark.slow
 
@@ -157,16 +157,17 @@ def test_grpo_killed_then_resumed_equals_uninterrupted(tmp_path, sft_checkpoint)
 
 def test_all_chains_stages_and_skips_done_ones(tmp_path):
     runs = tmp_path / "runs"
-    args = [*FAST_DATA, *FAST_SFT, *FAST_GRPO, *FAST_REJECTION, *FAST_ALIGN, *FAST_DISTILL, *FAST_EVAL,
+    args = [*FAST_DATA, *FAST_SFT, *FAST_GRPO, *FAST_REJECTION, *FAST_ALIGN, *FAST_DISTILL, *FAST_EVAL, *FAST_BASE,
             "grpo.max_steps=2", "sft.max_steps=2", "rejection.max_steps=2", "align.max_steps=2"]
     code, out = pipeline(runs, "chain", "all", *args)
     assert code == 0, out
     run = runs / "chain"
-    stages = ("sft", "grpo", "rejection", "align", "distill")
+    stages = ("base", "sft", "grpo", "rejection", "align", "distill")
     manifests = {name: json.loads((run / name / "manifest.json").read_text()) for name in stages}
-    assert manifests["sft"]["input"]["kind"] == "preset"
-    # The chain: each stage names the output it started from, with that output's content hash.
-    for stage, source in (("grpo", "sft"), ("rejection", "sft"), ("align", "rejection")):  # tiny.yaml: stage 3 from sft
+    assert manifests["base"]["input"]["kind"] == "preset"
+    # The chain: each stage names the output it started from, with that output's content hash; stages 1
+    # and 3 start from stage 0's base (R1's shape, tiny.yaml).
+    for stage, source in (("sft", "base"), ("grpo", "sft"), ("rejection", "base"), ("align", "rejection")):
         assert manifests[stage]["input"]["path"] == str(run / source / "final")
         assert manifests[stage]["input"]["hash"] == sft_output_hash(run / source / "final")
     for stage, teacher in (("rejection", "grpo"), ("distill", "align")):
@@ -237,6 +238,15 @@ def test_rejection_killed_while_sampling_does_not_resample(tmp_path, sft_checkpo
     kept = [json.loads(line) for line in (samples.parent / "kept.jsonl").read_text().splitlines()]
     assert kept and all(row["source"]["checkpoint"] == str(sft_checkpoint) for row in kept)
     assert max(sum(row["id"] == i for row in kept) for i in ids) <= 2, "at most max_per_prompt per prompt"
+
+
+def test_base_killed_then_resumed_equals_uninterrupted(tmp_path):
+    """Stage 0 packs its corpus into blocks (TRL's wrapped packing); a resume must see the same blocks
+    in the same order."""
+    # Steps long enough (~0.2 s) that the kill lands before checkpoint-4.
+    killed_after_checkpoint_2_resumes_exactly(tmp_path / "runs", "base", [
+        *FAST_DATA, *FAST_BASE, "base.max_steps=8", "base.documents=200", "base.per_device_train_batch_size=32",
+        "base.max_length=128"])
 
 
 def test_rejection_sft_killed_then_resumed_equals_uninterrupted(tmp_path, sft_checkpoint):

@@ -12,7 +12,7 @@ pytest.importorskip("vllm")  # `make install` installs it on CPU machines; GPU o
 
 from r1pipeline.rollout import read_samples
 
-from conftest import FAST_ALIGN, FAST_DATA, FAST_DISTILL, FAST_EVAL, FAST_GRPO, FAST_REJECTION, FAST_SFT, ROOT
+from conftest import FAST_ALIGN, FAST_BASE, FAST_DATA, FAST_DISTILL, FAST_EVAL, FAST_GRPO, FAST_REJECTION, FAST_SFT, ROOT
 from test_stages import assert_same_weights, pipeline
 
 pytestmark = pytest.mark.slow
@@ -26,14 +26,14 @@ VLLM = ["model.preset=tiny-vllm", "grpo.use_vllm=true", "align.use_vllm=true", "
 def test_all_stages_and_eval_on_the_vllm_engine(tmp_path):
     runs = tmp_path / "runs"
     args = [*FAST_DATA, *FAST_SFT, *FAST_GRPO, *FAST_REJECTION, *FAST_ALIGN, *FAST_DISTILL, *FAST_EVAL, "grpo.max_steps=3",
-            "sft.max_steps=2", "rejection.max_steps=2", "align.max_steps=2", *VLLM]
+            "sft.max_steps=2", "rejection.max_steps=2", "align.max_steps=2", *FAST_BASE, *VLLM]
     code, out = pipeline(runs, "vllm", "all", *args)
     assert code == 0, out
     run = runs / "vllm"
     # The real engine: TRL's colocated one in grpo and align, one per sampled or evaluated checkpoint.
-    # The eval samples each of the 5 checkpoints twice (held-out problems, then general prompts for stage
-    # 4's reward model), an engine each time.
-    assert out.count("vLLM 0.31.0 engine (CPU build, in this process) up in") == 2 + 2 + 5 * 2, out
+    # The eval samples each of the 6 checkpoints (stage 0's base too) twice (held-out problems, then general
+    # prompts for stage 4's reward model), an engine each time.
+    assert out.count("vLLM 0.31.0 engine (CPU build, in this process) up in") == 2 + 2 + 6 * 2, out
     for stage, steps in (("grpo", 3), ("align", 2)):
         rows = [json.loads(line) for line in (run / stage / "metrics.jsonl").read_text().splitlines()]
         logged = [row for row in rows if "sampling/kl_k3" in row]
@@ -44,7 +44,7 @@ def test_all_stages_and_eval_on_the_vllm_engine(tmp_path):
     samples = read_samples(run / "rejection" / "samples.jsonl")
     assert len(samples) == 12 and all(len(row["completions"]) == 4 for row in samples)
     evals = {path.stem: json.loads(path.read_text()) for path in (run / "eval").glob("*.json")}
-    assert set(evals) == {"sft", "grpo", "rejection", "align", "distill"} and all(e["config"]["backend"] == "vllm"
+    assert set(evals) == {"base", "sft", "grpo", "rejection", "align", "distill"} and all(e["config"]["backend"] == "vllm"
                                                                          for e in evals.values())
     report = (run / "report.md").read_text()
     mismatch = report.split("## Rollout vs trainer")[1]

@@ -236,3 +236,12 @@ def test_a_sharded_accelerate_config_without_gpus_is_refused(capsys, runs_dir, t
     assert_rejected(capsys, runs_dir, ["--accelerate-config", str(config), "sft.init_from=model"],
                     f"({sharded}) on a machine without GPUs", "fsdp2-cpu2.yaml", stage="sft")
     assert run_cli(runs_dir, "--accelerate-config", str(config), "--dry-run", "sft.init_from=model", stage="sft") == 0
+
+
+def test_a_variant_drops_a_section_of_the_recipe_it_extends_with_null():
+    """tiny-code.yaml extends tiny.yaml without its stage 0 (`base: null`); a null key inside a section
+    stays null (its default applies when the section is read)."""
+    tiny, code = load_recipe("tiny"), load_recipe("tiny-code")
+    assert "base" in tiny and "base" not in code
+    assert code["sft"]["init_from"] == "model" and code["rejection"]["init_from"] == "model"
+    assert code["data"]["slip_fraction"] is None and code["sft"]["learning_rate"] == tiny["sft"]["learning_rate"]

@@ -120,6 +120,34 @@ def test_a_control_run_is_found_and_shown_beside_the_run(tmp_path):
     assert "Dashed: the control" in text and "grpo: `demo-control`" in text
 
 
+def test_a_control_belongs_to_the_run_whose_stage_started_where_it_did(tmp_path):
+    """`make zero`'s control (GRPO from this run's base) is the R1-Zero run's control, not the control of
+    this run's GRPO, which started from its SFT: both checkpoints are this run's."""
+    from r1pipeline.report import controls
+
+    run_dir = tmp_path / "demo"
+    hashes = {}
+    for stage in ("base", "sft"):
+        write_stage(run_dir, stage, 2)
+        (run_dir / stage / "final").mkdir()
+        (run_dir / stage / "final" / "config.json").write_text(stage)
+        hashes[stage] = rundir.content_hash(run_dir / stage / "final")
+
+    def rl_run(name, start, shuffled):
+        write_stage(tmp_path / name, "grpo", 3, GRPO_KEYS)
+        rundir.atomic_write_json(tmp_path / name / "grpo" / "manifest.json", {
+            "stage": "grpo", "config": {"grpo": {"shuffle_rewards": shuffled}}, "input": {"hash": hashes[start]}})
+        return tmp_path / name
+
+    write_stage(run_dir, "grpo", 3, GRPO_KEYS)
+    rundir.atomic_write_json(run_dir / "grpo" / "manifest.json", {"stage": "grpo", "input": {"hash": hashes["sft"]}})
+    zero, zero_control = rl_run("demo-zero", "base", False), rl_run("demo-zero-control", "base", True)
+    assert controls(run_dir) == {}
+    assert controls(zero) == {"grpo": zero_control}
+    control = rl_run("demo-control", "sft", True)
+    assert controls(run_dir) == {"grpo": control} and controls(zero) == {"grpo": zero_control}
+
+
 def test_moving_average():
     from r1pipeline.report import moving_average
 

@@ -139,6 +139,7 @@ def part_grpo(dry: bool) -> dict:
         runs = Path(tmp) / "runs"
         sft_steps, prompts, steps = (4, 2, 2) if dry else (300, 16, 6)
         subprocess.run([sys.executable, "-m", "r1pipeline", "--runs-dir", str(runs), "--run", "gpu", "sft",
+                        "sft.init_from=model",  # from the preset: no stage 0 base needed for a speed check
                         f"sft.max_steps={sft_steps}", "sft.save_steps=100000", "sft.logging_steps=10",
                         *(["data.num_train=64", "data.num_heldout=8", "sft.per_device_train_batch_size=8"]
                           if dry else [])], cwd=ROOT, check=True, env=child_env())

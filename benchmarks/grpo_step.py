@@ -191,7 +191,7 @@ def main() -> None:
         sft = Path(args.sft) if args.sft else Path(tmp) / "runs" / "sft" / "sft" / "final"
         if not args.sft:
             subprocess.run([sys.executable, "-m", "r1pipeline", "--runs-dir", str(Path(tmp) / "runs"), "--run", "sft",
-                            "sft", f"sft.max_steps={args.sft_steps}", "sft.save_steps=100000"], cwd=ROOT, check=True,
+                            "sft", "sft.init_from=model", f"sft.max_steps={args.sft_steps}", "sft.save_steps=100000"], cwd=ROOT, check=True,
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
         record = {"benchmark": "a whole GRPO step, ours vs TRL GRPOTrainer + transformers DeepseekV3ForCausalLM "
                                "(benchmarks/grpo_step.py)",

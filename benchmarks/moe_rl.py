@@ -234,11 +234,11 @@ def main() -> None:
         if not args.sft:
             steps = [f"sft.max_steps={args.sft_steps}"] if args.sft_steps else []
             shape = [f"model.config={args.model_config}"] if args.model_config else []
-            pipeline(runs, "sft", "sft", *steps, *shape, "sft.save_steps=100000")
+            pipeline(runs, "sft", "sft", "sft.init_from=model", *steps, *shape, "sft.save_steps=100000")
         record = {"benchmark": "MoE RL: routing replay vs train/rollout mismatch (benchmarks/moe_rl.py)",
                   "host": {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
                            "cores": os.cpu_count(), "torch": torch.__version__},
-                  "recipe": str(RECIPE.relative_to(ROOT)), "sft": str(args.sft or "the recipe's sft stage"),
+                  "recipe": str(RECIPE.relative_to(ROOT)), "sft": str(args.sft or "the recipe's sft stage, from the preset"),
                   "sft_steps": args.sft_steps or recipe["sft"]["max_steps"], "model_config": args.model_config,
                   "mismatch": mismatch_figures(sft, recipe, args.prompts, group, args.seed)}
         for name in ("fp8_rollout", "bf16_rollout", "num_iterations_2"):

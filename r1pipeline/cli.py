@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from r1pipeline.config import ConfigError, apply_overrides, load_recipe
-from r1pipeline.pipeline import (POST_TRAINING, STAGE_ORDER, accelerate_setup, execute, keep_vllm_out_of_trl, log, plan, plan_eval,
-                                 start_process_group, uses_trl_vllm, world_size_of)
+from r1pipeline.pipeline import (POST_TRAINING, STAGE_ORDER, accelerate_setup, execute, keep_vllm_out_of_trl, log, plan,
+                                 plan_eval, start_process_group, uses_trl_vllm, world_size_of)
 
 LAUNCHED = "R1PIPELINE_UNDER_ACCELERATE"
 

@@ -25,8 +25,8 @@ SECTIONS = ("model", "data", "base", "sft", "grpo", "rejection", "align", "disti
 INIT_FROM_HELP = "'model', a stage name, or a checkpoint path / hub name"
 REWARDS_HELP = "list of {name: <registered> | function: 'pkg.module:fn', weight: <float>, args: {...}}"
 # What a stage's TRL fields are checked against.
-TRL_CONFIG = {"base": "SFTConfig", "sft": "SFTConfig", "grpo": "GRPOConfig", "rejection": "SFTConfig", "align": "GRPOConfig",
-              "distill": "SFTConfig"}
+TRL_CONFIG = {"base": "SFTConfig", "sft": "SFTConfig", "grpo": "GRPOConfig", "rejection": "SFTConfig",
+              "align": "GRPOConfig", "distill": "SFTConfig"}
 # Set by the run directory, never by a recipe.
 MANAGED_KEYS = {"output_dir", "resume_from_checkpoint", "logging_dir", "overwrite_output_dir"}
 

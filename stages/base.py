@@ -15,7 +15,7 @@ from data import build_tokenizer
 from data.corpus import pretraining_corpus
 from r1pipeline.config import INIT_FROM_HELP
 from r1pipeline.pipeline import Stage, log
-from r1pipeline.schema import key
+from r1pipeline.schema import defaults, key
 from stages import sft
 from stages.common import load_policy, training_texts
 
@@ -33,9 +33,9 @@ class Options:
 
 
 def build_dataset(stage: Stage) -> Dataset:
-    section = stage.section
-    texts = pretraining_corpus(stage.datasets["train"], section.get("documents", 4000),
-                               section.get("problems_per_document", 4), (stage.recipe.get("data") or {}).get("seed", 0))
+    options = {**defaults(Options), **stage.section}
+    texts = pretraining_corpus(stage.datasets["train"], options["documents"], options["problems_per_document"],
+                               (stage.recipe.get("data") or {}).get("seed", 0))
     return Dataset.from_dict({"text": texts})
 
 

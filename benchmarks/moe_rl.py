@@ -238,7 +238,8 @@ def main() -> None:
         record = {"benchmark": "MoE RL: routing replay vs train/rollout mismatch (benchmarks/moe_rl.py)",
                   "host": {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
                            "cores": os.cpu_count(), "torch": torch.__version__},
-                  "recipe": str(RECIPE.relative_to(ROOT)), "sft": str(args.sft or "the recipe's sft stage, from the preset"),
+                  "recipe": str(RECIPE.relative_to(ROOT)),
+                  "sft": str(args.sft or "the recipe's sft stage, from the preset"),
                   "sft_steps": args.sft_steps or recipe["sft"]["max_steps"], "model_config": args.model_config,
                   "mismatch": mismatch_figures(sft, recipe, args.prompts, group, args.seed)}
         for name in ("fp8_rollout", "bf16_rollout", "num_iterations_2"):

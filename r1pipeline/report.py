@@ -83,20 +83,25 @@ def controls(run_dir: Path) -> dict[str, Path]:
     demo` runs one for GRPO from this run's SFT, `make zero` one from the base). Found by the content
     hash the manifests record for their input; where this run's stage records none (it is not run),
     any of this run's checkpoints."""
-    found, hashes = {}, {}
-    for stage in RL_STAGES:
+    found, finals = {}, []
+
+    def started_from(stage: str) -> set[str]:
+        """The content hashes this run's `stage` may have started from. Read only when a control asks:
+        hashing a real model's checkpoints reads gigabytes."""
         own = (rundir.read_manifest(run_dir / stage) or {}).get("input") or {}
         if own.get("hash"):
-            hashes[stage] = {own["hash"]}
-        else:
-            hashes[stage] = {rundir.content_hash(run_dir / start / "final") for start in STAGES
-                             if rundir.read_manifest(run_dir / start)}
+            return {own["hash"]}
+        if not finals:  # every checkpoint of this run, hashed once
+            finals.append({rundir.content_hash(run_dir / start / "final") for start in STAGES
+                           if rundir.read_manifest(run_dir / start)})
+        return finals[0]
+
     for other in sorted(run_dir.parent.iterdir()) if run_dir.parent.is_dir() else []:
         for stage in RL_STAGES:
             manifest = rundir.read_manifest(other / stage) if other != run_dir else None
             if not manifest or not (manifest.get("config", {}).get(stage) or {}).get("shuffle_rewards"):
                 continue
-            if (manifest.get("input") or {}).get("hash") in hashes[stage]:
+            if (manifest.get("input") or {}).get("hash") in started_from(stage):
                 found.setdefault(stage, other)
     return found
 

@@ -15,8 +15,9 @@ engine), so the CPU settings live in one place:
   thread unless OMP_NUM_THREADS says otherwise; `cpu_process_settings` keeps the caller's threads.
 
 On CPU the engine uses vLLM's reference MLA backend (CPU_MLA), also on CPUs with AMX, where vLLM
-would pick its AMX backend: that one takes no float32 weights. The CPU MLA backend serves only `kv_lora_rank + qk_rope_head_dim == 576`; `check_servable` says so
-before an engine is started (the `tiny-vllm` preset has that shape).
+would pick its AMX backend: that one takes no float32 weights. The CPU MLA backend serves only
+`kv_lora_rank + qk_rope_head_dim == 576`; `check_servable` says so before an engine is started (the
+`tiny-vllm` preset has that shape).
 
 `engine_weights` reads back what the engine computes with, in checkpoint names, so that a weight
 sync can be checked tensor by tensor (`sync_mismatches`).

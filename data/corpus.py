@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 
-from data.synthetic import _ADDITION, add_working
+from data.synthetic import add_working, addition_terms
 from data.template import ASSISTANT_PREFIX, USER_PREFIX
 
 KINDS = {"worked": 0.35, "statements": 0.25, "qa": 0.15, "dialogue": 0.15, "counting": 0.1}
@@ -36,8 +36,7 @@ def _problems(train) -> list[tuple[str, str, str]]:
         seen.add(question)
         working = row["reasoning"]
         if (row.get("stated") or row["solution"]) != row["solution"]:
-            a, b = map(int, _ADDITION.fullmatch(question).groups())
-            working = add_working(a, b)[1]
+            working = add_working(*addition_terms(question))[1]
         out.append((question, working, row["solution"]))
     return out
 

@@ -56,6 +56,8 @@ class DataSection:
     num_heldout: int | None = key(None, "number of held-out problems (a cap for external datasets)")
     kinds: list[str] | None = key(None, "synthetic problem or coding task kinds", sources=("synthetic", "coding"))
     max_operand: int = key(99, "largest operand of synthetic problems", sources=("synthetic",))
+    addends: int = key(2, "numbers each synthetic 'add' problem sums (3: 'What is 23 + 48 + 19?')",
+                       sources=("synthetic",))
     shortcut_fraction: float = key(0.0, "share of synthetic training problems repeated with only the answer line as "
                                         "reasoning (no working)", sources=("synthetic",))
     slip_fraction: float = key(0.0, "share of worked-out training additions with a carry whose working drops one "
@@ -99,6 +101,7 @@ def _synthetic(cfg: dict) -> DatasetDict:
             max_operand=int(cfg.get("max_operand", 99)),
             shortcut_fraction=float(cfg.get("shortcut_fraction", 0.0)),
             slip_fraction=float(cfg.get("slip_fraction", 0.0)),
+            addends=int(cfg.get("addends", 2)),
         )
     except ValueError as err:
         raise DataError(str(err)) from err

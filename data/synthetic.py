@@ -25,14 +25,14 @@ def _digits(n: int) -> list[int]:
     return [int(c) for c in reversed(str(n))]
 
 
-def add_working(a: int, b: int, dropped_carry: int | None = None) -> tuple[int, str]:
-    """(the result, the column-by-column working) of a + b. With `dropped_carry` = i, the carry out of
-    column i (ones = 0) is written down but not added into the next column: the classic slip, carried
-    through to a wrong result."""
-    da, db = _digits(a), _digits(b)
+def add_working(*numbers: int, dropped_carry: int | None = None) -> tuple[int, str]:
+    """(the result, the column-by-column working) of the sum of `numbers`. With `dropped_carry` = i,
+    the carry out of column i (ones = 0) is written down but not added into the next column: the
+    classic slip, carried through to a wrong result."""
+    columns = [_digits(n) for n in numbers]
     steps, carry, digits = [], 0, []
-    for i in range(max(len(da), len(db))):
-        terms = [d[i] for d in (da, db) if i < len(d)] + ([carry] if carry and dropped_carry != i - 1 else [])
+    for i in range(max(map(len, columns))):
+        terms = [d[i] for d in columns if i < len(d)] + ([carry] if carry and dropped_carry != i - 1 else [])
         s = sum(terms)
         carry = s // 10
         digits.append(s % 10)
@@ -42,25 +42,35 @@ def add_working(a: int, b: int, dropped_carry: int | None = None) -> tuple[int, 
         steps.append(f"digit {carry}")
         digits.append(carry)
     result = int("".join(map(str, reversed(digits))))
-    steps.append(f"{a} + {b} = {result}")
+    steps.append(f"{' + '.join(map(str, numbers))} = {result}")
     return result, "\n".join(steps)
 
 
-def carries(a: int, b: int) -> list[int]:
-    """The columns of a + b (ones = 0) that carry into a next column of digits."""
-    da, db = _digits(a), _digits(b)
+def carries(*numbers: int) -> list[int]:
+    """The columns of the sum of `numbers` (ones = 0) that carry into a next column of digits."""
+    columns = [_digits(n) for n in numbers]
+    width = max(map(len, columns))
     out, carry = [], 0
-    for i in range(max(len(da), len(db))):
-        carry = (sum(d[i] for d in (da, db) if i < len(d)) + carry) // 10
-        if carry and i + 1 < max(len(da), len(db)):
+    for i in range(width):
+        carry = (sum(d[i] for d in columns if i < len(d)) + carry) // 10
+        if carry and i + 1 < width:
             out.append(i)
     return out
 
 
-def _add(rng: random.Random, m: int) -> tuple[str, str, str]:
-    a, b = rng.randint(0, m), rng.randint(0, m)
-    result, working = add_working(a, b)
-    return f"What is {a} + {b}?", str(result), working
+_ADDITION = re.compile(r"What is (\d+(?: \+ \d+)+)\?")
+
+
+def addition_terms(prompt: str) -> list[int] | None:
+    """The numbers an 'add' problem's prompt sums, or None for any other prompt."""
+    match = _ADDITION.fullmatch(prompt)
+    return [int(n) for n in match[1].split(" + ")] if match else None
+
+
+def _add(rng: random.Random, m: int, addends: int = 2) -> tuple[str, str, str]:
+    numbers = [rng.randint(0, m) for _ in range(addends)]
+    result, working = add_working(*numbers)
+    return f"What is {' + '.join(map(str, numbers))}?", str(result), working
 
 
 def _column_subtract(big: int, small: int) -> list[str]:
@@ -160,10 +170,11 @@ def is_heldout(prompt: str) -> bool:
     return int(hashlib.sha1(prompt.encode("utf-8")).hexdigest(), 16) % 10 == 0
 
 
-def generate_problem(kind: str, rng: random.Random, max_operand: int = 99) -> dict:
+def generate_problem(kind: str, rng: random.Random, max_operand: int = 99, addends: int = 2) -> dict:
     if kind not in _GENERATORS:
         raise ValueError(f"unknown problem kind {kind!r}; allowed kinds: {', '.join(SYNTHETIC_KINDS)}")
-    prompt, solution, reasoning = _GENERATORS[kind](rng, max_operand)
+    extra = {"addends": addends} if kind == "add" else {}
+    prompt, solution, reasoning = _GENERATORS[kind](rng, max_operand, **extra)
     return {"prompt": prompt, "solution": solution, "reasoning": reasoning, "kind": kind}
 
 
@@ -175,6 +186,7 @@ def build_synthetic(
     max_operand: int = 99,
     shortcut_fraction: float = 0.0,
     slip_fraction: float = 0.0,
+    addends: int = 2,
 ) -> DatasetDict:
     """`num_train` and `num_heldout` distinct problems. With `shortcut_fraction` f, that share of the
     training problems appears a second time with only the workings' last line as its reasoning
@@ -186,7 +198,10 @@ def build_synthetic(
     a next column drop one such carry: the working and its stated answer (column `stated`) are wrong,
     the gold `solution` stays right. Cold-start data written by hand has such slips; a model that imitates
     it makes them at about that rate, and only a reward for the right answer can train them out.
-    Held-out problems and the answer-only rows never have one."""
+    Held-out problems and the answer-only rows never have one.
+
+    `addends`: how many numbers each 'add' problem sums. With three, a carry can be 2 and the sum is
+    out of reach of a tiny model in one step, while each column of the working stays a small sum."""
     kinds = list(kinds)
     if not kinds:
         raise ValueError(f"kinds is empty; allowed kinds: {', '.join(SYNTHETIC_KINDS)}")
@@ -195,6 +210,8 @@ def build_synthetic(
             raise ValueError(f"unknown problem kind {kind!r}; allowed kinds: {', '.join(SYNTHETIC_KINDS)}")
     if max_operand < 2:
         raise ValueError(f"max_operand={max_operand} is too small; it must be >= 2")
+    if addends < 2:
+        raise ValueError(f"addends={addends} must be >= 2 (the numbers each 'add' problem sums)")
     if not 0.0 <= shortcut_fraction <= 1.0:
         raise ValueError(f"shortcut_fraction={shortcut_fraction} must be between 0 and 1")
     if not 0.0 <= slip_fraction <= 1.0:
@@ -205,7 +222,7 @@ def build_synthetic(
 
     rng = random.Random(seed)
     splits = split_distinct(
-        lambda: generate_problem(rng.choice(kinds), rng, max_operand), num_train, num_heldout,
+        lambda: generate_problem(rng.choice(kinds), rng, max_operand, addends), num_train, num_heldout,
         columns=("prompt", "solution", "reasoning", "kind"),
         what=f"problems with kinds={kinds} and max_operand={max_operand}; lower the counts or raise max_operand",
     )
@@ -220,9 +237,6 @@ def build_synthetic(
     return splits
 
 
-_ADDITION = re.compile(r"What is (\d+) \+ (\d+)\?")
-
-
 def _with_slips(train: Dataset, num_worked: int, fraction: float, seed: int) -> Dataset:
     """`train` with a `stated` column (the answer its working states), after dropping one carry in
     `fraction` of the first `num_worked` rows' additions that carry (see build_synthetic)."""
@@ -230,13 +244,12 @@ def _with_slips(train: Dataset, num_worked: int, fraction: float, seed: int) -> 
     rows = train.to_list()
     for index, row in enumerate(rows):
         row["stated"] = row["solution"]
-        match = _ADDITION.fullmatch(row["prompt"]) if index < num_worked and row["kind"] == "add" else None
-        if match is None:
+        numbers = addition_terms(row["prompt"]) if index < num_worked and row["kind"] == "add" else None
+        if numbers is None:
             continue
-        a, b = int(match[1]), int(match[2])
-        columns = carries(a, b)
+        columns = carries(*numbers)
         if columns and rng.random() < fraction:
-            result, row["reasoning"] = add_working(a, b, dropped_carry=rng.choice(columns))
+            result, row["reasoning"] = add_working(*numbers, dropped_carry=rng.choice(columns))
             row["stated"] = str(result)
     return Dataset.from_list(rows)
 

@@ -335,3 +335,28 @@ def test_pretraining_corpus_is_right_arithmetic_from_training_problems_only():
 
     with pytest.raises(ValueError, match="documents = 0"):
         pretraining_corpus(splits["train"], documents=0, problems_per_document=3, seed=0)
+
+
+def test_additions_of_three_numbers_carry_up_to_two_and_slip_by_the_carry_they_drop():
+    import re
+
+    from data.synthetic import add_working, addition_terms, carries
+
+    assert add_working(78, 78, 26) == (182, "8 + 8 + 6 = 22, digit 2 carry 2\n7 + 7 + 2 + 2 = 18, digit 8 carry 1\n"
+                                            "digit 1\n78 + 78 + 26 = 182")
+    assert add_working(78, 78, 26, dropped_carry=0)[0] == 162, "the dropped carry was 2"
+    assert carries(78, 78, 26) == [0] and carries(1, 2, 3) == []
+    assert addition_terms("What is 78 + 78 + 26?") == [78, 78, 26] and addition_terms("What is 7 - 2?") is None
+    data = build_datasets({"num_train": 500, "num_heldout": 20, "kinds": ["add"], "addends": 3, "slip_fraction": 1.0})
+    for row in data["train"]:
+        numbers = addition_terms(row["prompt"])
+        assert len(numbers) == 3 and int(row["solution"]) == sum(numbers)
+        assert row["reasoning"].endswith(f"{' + '.join(map(str, numbers))} = {row['stated']}")
+        if carries(*numbers):
+            assert sum(numbers) - int(row["stated"]) in (10, 20), "one carry of 1 or 2 dropped"
+    with pytest.raises(DataError, match="addends=1"):
+        build_datasets({"num_train": 10, "num_heldout": 2, "kinds": ["add"], "addends": 1})
+    from data.corpus import pretraining_corpus
+    corpus = "\n".join(pretraining_corpus(data["train"], documents=100, problems_per_document=3, seed=0))
+    sums = re.findall(r"^(\d+) \+ (\d+) \+ (\d+) = (\d+)$", corpus, re.MULTILINE)
+    assert len(sums) > 20 and all(int(a) + int(b) + int(c) == int(s) for a, b, c, s in sums), "slips corrected"

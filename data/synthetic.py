@@ -212,6 +212,8 @@ def build_synthetic(
         raise ValueError(f"max_operand={max_operand} is too small; it must be >= 2")
     if addends < 2:
         raise ValueError(f"addends={addends} must be >= 2 (the numbers each 'add' problem sums)")
+    if addends != 2 and "add" not in kinds:
+        raise ValueError(f"addends={addends} needs the 'add' kind; kinds={kinds}")
     if not 0.0 <= shortcut_fraction <= 1.0:
         raise ValueError(f"shortcut_fraction={shortcut_fraction} must be between 0 and 1")
     if not 0.0 <= slip_fraction <= 1.0:

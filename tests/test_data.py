@@ -356,6 +356,8 @@ def test_additions_of_three_numbers_carry_up_to_two_and_slip_by_the_carry_they_d
             assert sum(numbers) - int(row["stated"]) in (10, 20), "one carry of 1 or 2 dropped"
     with pytest.raises(DataError, match="addends=1"):
         build_datasets({"num_train": 10, "num_heldout": 2, "kinds": ["add"], "addends": 1})
+    with pytest.raises(DataError, match="addends=3 needs the 'add' kind"):
+        build_datasets({"num_train": 10, "num_heldout": 2, "kinds": ["mul"], "addends": 3})
     from data.corpus import pretraining_corpus
     corpus = "\n".join(pretraining_corpus(data["train"], documents=100, problems_per_document=3, seed=0))
     sums = re.findall(r"^(\d+) \+ (\d+) \+ (\d+) = (\d+)$", corpus, re.MULTILINE)

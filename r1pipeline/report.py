@@ -24,7 +24,7 @@ STAGES = ("base", "sft", "grpo", "rejection", "align", "distill")  # the pipelin
 RL_STAGES = ("grpo", "align")
 BEFORE_RL, AFTER_RL = ("sft",), ("grpo", "align")
 # metrics.jsonl keys (TRL's GRPOTrainer names) drawn as curves, in this order, when logged.
-CURVES = ("reward", r"rewards/.+/mean", "accuracy", "completions/mean_length", "kl", "entropy",
+CURVES = ("reward", r"rewards/[^/]+/mean", "accuracy", "completions/mean_length", "kl", "entropy",
           "clip_ratio/region_mean", "frac_reward_zero_std", "sampling/sampling_logp_difference/mean",
           "sampling/kl_k3", "routing/router_mismatch_free", "routing/router_mismatch")
 # The rollout (transformers generate or vLLM, FP8 or not) against the trainer, on the sampled tokens

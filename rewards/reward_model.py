@@ -107,7 +107,23 @@ def _score_general(name: str, aspect: str, path, prompts, completions, columns) 
             prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         texts.append(prompt + judged_text(aspect, completion_text(completions[i])))
     scores = dict(zip(rows, score(path, texts)))
+    _log_by_kind(name, scores, columns)
     return [scores.get(i) for i in range(len(completions))]
+
+
+def _log_by_kind(name: str, scores: dict[int, float], columns: dict) -> None:
+    """Under TRL (which passes `log_metric`), the batch's mean score per prompt kind as
+    `rewards/<name>/<kind>/mean`. The per-step mean over all general prompts swings with which kinds
+    a step drew (a refusal scores unlike a word task) more than a stage's trend; within a kind it
+    does not (stages.grpo.reward_trend compares quarters within kinds)."""
+    log_metric, kinds = columns.get("log_metric"), columns.get("kind")
+    if not callable(log_metric) or kinds is None:
+        return
+    by_kind: dict[str, list[float]] = {}
+    for i, value in scores.items():
+        by_kind.setdefault(str(kinds[i]), []).append(value)
+    for kind, values in sorted(by_kind.items()):
+        log_metric(f"rewards/{name}/{kind}/mean", sum(values) / len(values))
 
 
 @register("helpfulness", columns=("domain",))

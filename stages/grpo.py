@@ -250,11 +250,15 @@ def reward_trend(stage_dir) -> dict:
     """Mean total reward, and mean of each reward function, over the first and the last quarter of the
     steps that logged it ({"reward_first_quarter", "reward_last_quarter", "rewards/<name>/mean_first_quarter",
     ...}). A reward that applies to some rows only (stage 4's reward models, on general prompts) is
-    logged on the steps whose batch held such rows."""
+    logged on the steps whose batch held such rows.
+
+    Such a reward logged per prompt kind too (`rewards/<name>/<kind>/mean`, rewards/reward_model.py)
+    gets each kind's quarters, and their mean over kinds as `rewards/<name>/within_kinds_first_quarter`
+    and `..._last_quarter`: the same comparison with the mix of kinds each step drew taken out."""
     rows = read_metrics(stage_dir)
     names = dict.fromkeys(key for row in rows for key in row
                           if key == "reward" or (key.startswith("rewards/") and key.endswith("/mean")))
-    trend = {}
+    trend, kinds = {}, {}
     for name in names:
         values = [row[name] for row in rows if isinstance(row.get(name), (int, float))]
         if len(values) < 4:
@@ -262,6 +266,12 @@ def reward_trend(stage_dir) -> dict:
         quarter = len(values) // 4
         trend[f"{name}_first_quarter"] = sum(values[:quarter]) / quarter
         trend[f"{name}_last_quarter"] = sum(values[-quarter:]) / quarter
+        parts = name.split("/")
+        if len(parts) == 4:  # rewards/<name>/<kind>/mean
+            kinds.setdefault(parts[1], []).append(name)
+    for reward, per_kind in kinds.items():
+        for end in ("first_quarter", "last_quarter"):
+            trend[f"rewards/{reward}/within_kinds_{end}"] = sum(trend[f"{n}_{end}"] for n in per_kind) / len(per_kind)
     return trend
 
 
@@ -299,7 +309,8 @@ def train(stage: Stage, dataset) -> dict:
     metrics = train_and_save(trainer, stage)
     trainer.close_engine()
     metrics.update(reward_trend(stage.stage_dir))
-    trends = [name[:-len("_first_quarter")] for name in metrics if name.endswith("_first_quarter")]
+    trends = [name[:-len("_first_quarter")] for name in metrics
+              if name.endswith("_first_quarter") and name.count("/") < 3]  # per-kind ones: manifest only
     if trends:
         log(f"{stage.name}: first quarter of steps -> last: " + ", ".join(
             f"{name} {metrics[name + '_first_quarter']:.3f} -> {metrics[name + '_last_quarter']:.3f}"

@@ -16,6 +16,9 @@ def test_mixture_holds_both_domains_and_rule_rewards_skip_general_rows(tmp_path)
     domains = mixture["domain"]
     assert domains.count("general") == 60 and domains.count("math") == 60
     assert all(prompt.endswith("Assistant:") for prompt in mixture["prompt"])
+    from data.chat import CHAT_KINDS
+    assert {kind for kind, domain in zip(mixture["kind"], domains) if domain == "general"} <= set(CHAT_KINDS), \
+        "general rows keep their kind: the reward models log their scores per kind"
 
     rows = mixture.select(range(20))
     completions = ["<think>\nx\n</think>\n<answer>\n42\n</answer>"] * len(rows)
@@ -42,4 +45,13 @@ def test_reward_trend_covers_each_reward_over_the_steps_that_logged_it(tmp_path)
     assert trend["rewards/accuracy/mean_first_quarter"] == trend["rewards/accuracy/mean_last_quarter"] == 1.0
     assert trend["rewards/helpfulness/mean_first_quarter"] == 2.0, "steps 1 and 3: the first quarter of its 8"
     assert trend["rewards/helpfulness/mean_last_quarter"] == 14.0
+    # Logged per prompt kind too: each kind's quarters, and their mean over kinds.
+    for row in rows:
+        row["rewards/helpfulness/repeat/mean"] = 1.0 + row["step"] / 16
+        row["rewards/helpfulness/harmful/mean"] = 3.0 if row["step"] % 2 else None
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    trend = reward_trend(tmp_path)
+    assert trend["rewards/helpfulness/repeat/mean_first_quarter"] == 1.0 + 2.5 / 16
+    assert trend["rewards/helpfulness/within_kinds_first_quarter"] == (1.0 + 2.5 / 16 + 3.0) / 2
+    assert trend["rewards/helpfulness/within_kinds_last_quarter"] == (1.0 + 14.5 / 16 + 3.0) / 2
     assert reward_trend(tmp_path / "missing") == {}

@@ -72,6 +72,19 @@ def test_rewards_apply_to_general_rows_only(trained):
     assert rm.helpfulness(prompts, completions, path=str(trained["dir"]), domain=["code"] * 3) == [None] * 3
 
 
+def test_under_trl_a_reward_model_logs_its_mean_per_prompt_kind(trained):
+    """TRL hands reward functions `log_metric`; the reward models log each prompt kind's mean score, so
+    stage 4's trend can be compared within kinds (stages.grpo.reward_trend)."""
+    row = trained["pairs"][0]
+    prompts, completions = [row["prompt"]] * 4, [row["chosen"], row["rejected"], row["chosen"], row["rejected"]]
+    logged = {}
+    values = rm.helpfulness(prompts, completions, path=str(trained["dir"]), domain=["general", "general", "math", "general"],
+                            kind=["repeat", "harmful", "add", "harmful"], log_metric=logged.__setitem__)
+    assert logged == {"rewards/helpfulness/repeat/mean": values[0],
+                      "rewards/helpfulness/harmful/mean": pytest.approx((values[1] + values[3]) / 2)}
+    assert "rewards/helpfulness/add/mean" not in logged, "reasoning rows are not scored, so not logged"
+
+
 def test_helpfulness_ignores_reasoning_harmlessness_does_not(trained):
     prompt = trained["pairs"][0]["prompt"]
     clean = render_completion("The user asks a simple question.", "CAT")

@@ -7,6 +7,7 @@ is noted, not fatal."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -83,18 +84,19 @@ def controls(run_dir: Path) -> dict[str, Path]:
     demo` runs one for GRPO from this run's SFT, `make zero` one from the base). Found by the content
     hash the manifests record for their input; where this run's stage records none (it is not run),
     any of this run's checkpoints."""
-    found, finals = {}, []
+    found = {}
 
-    def started_from(stage: str) -> set[str]:
-        """The content hashes this run's `stage` may have started from. Read only when a control asks:
-        hashing a real model's checkpoints reads gigabytes."""
+    @functools.cache
+    def every_final() -> frozenset[str]:
+        """Every checkpoint of this run, hashed once, and only when a control asks: hashing a real
+        model's checkpoints reads gigabytes."""
+        return frozenset(rundir.content_hash(run_dir / start / "final") for start in STAGES
+                         if rundir.read_manifest(run_dir / start))
+
+    def started_from(stage: str) -> set[str] | frozenset[str]:
+        """The content hashes this run's `stage` may have started from."""
         own = (rundir.read_manifest(run_dir / stage) or {}).get("input") or {}
-        if own.get("hash"):
-            return {own["hash"]}
-        if not finals:  # every checkpoint of this run, hashed once
-            finals.append({rundir.content_hash(run_dir / start / "final") for start in STAGES
-                           if rundir.read_manifest(run_dir / start)})
-        return finals[0]
+        return {own["hash"]} if own.get("hash") else every_final()
 
     for other in sorted(run_dir.parent.iterdir()) if run_dir.parent.is_dir() else []:
         for stage in RL_STAGES:

@@ -191,8 +191,8 @@ def main() -> None:
         sft = Path(args.sft) if args.sft else Path(tmp) / "runs" / "sft" / "sft" / "final"
         if not args.sft:
             subprocess.run([sys.executable, "-m", "r1pipeline", "--runs-dir", str(Path(tmp) / "runs"), "--run", "sft",
-                            "sft", "sft.init_from=model", f"sft.max_steps={args.sft_steps}", "sft.save_steps=100000"], cwd=ROOT, check=True,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            "sft", "sft.init_from=model", f"sft.max_steps={args.sft_steps}", "sft.save_steps=100000"],
+                           cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         record = {"benchmark": "a whole GRPO step, ours vs TRL GRPOTrainer + transformers DeepseekV3ForCausalLM "
                                "(benchmarks/grpo_step.py)",
                   "host": {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),

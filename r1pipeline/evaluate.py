@@ -258,6 +258,15 @@ def run_reward_model(run_dir: Path, recipe: dict) -> str | None:
     return str(trained) if (trained / MARKER).is_file() else None
 
 
+def reward_model_hash(path: Path) -> str:
+    """The reward model's content hash, less the two files that differ when stage 4 trains the same
+    weights again (its record, with the training's wall time, and TRL's training_args.bin): so a
+    rerun of stage 4 keeps every stage's general-prompt scores cached."""
+    from rewards.reward_model import MARKER
+
+    return rundir.content_hash(path, ignore=(MARKER, "training_args.bin"))
+
+
 def heldout_rows(heldout, system_prompt: str, prompt_format: str = "r1") -> list[dict]:
     return [{**row, "id": str(index), "prompt": prompt_for(row["prompt"], system_prompt, prompt_format)}
             for index, row in enumerate(heldout)]
@@ -300,7 +309,7 @@ def run_eval(run_dir: Path, recipe: dict, heldout, stages=STAGES) -> dict[str, d
         key = {"checkpoint_hash": rundir.content_hash(checkpoint), "config": config,
                "problems_hash": rundir.config_hash(rows)}
         if general:
-            key["reward_model_hash"] = rundir.content_hash(Path(reward_model))
+            key["reward_model_hash"] = reward_model_hash(Path(reward_model))
         out, samples, general_samples, started = (
             eval_dir / f"{stage}{suffix}" for suffix in (".json", ".samples.jsonl", ".general.jsonl", ".started.json"))
         previous = rundir.read_json(out) if out.is_file() else {}

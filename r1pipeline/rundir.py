@@ -46,11 +46,11 @@ def config_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def content_hash(path: Path) -> str:
-    """sha256 over the relative names and bytes of every file below `path`."""
+def content_hash(path: Path, ignore: tuple[str, ...] = ()) -> str:
+    """sha256 over the relative names and bytes of every file below `path`, less files named in `ignore`."""
     path = Path(path)
     digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and p.name not in ignore)
     for file in files:
         digest.update(str(file.relative_to(path) if file != path else file.name).encode() + b"\0")
         with open(file, "rb") as f:

@@ -326,3 +326,19 @@ def test_real_rollout_on_a_saved_checkpoint(tmp_path):
     assert len(samples.read_text().splitlines()) == 3
     again = evaluate_checkpoint(str(checkpoint), rows, k=2, max_new_tokens=6, batch_size=4, samples_path=samples)
     assert again["problems"] == result["problems"] and len(samples.read_text().splitlines()) == 3
+
+
+def test_a_reward_model_trained_again_to_the_same_weights_keeps_its_hash(tmp_path):
+    """Stage 4 retrains its reward model whenever it runs again; the eval's cached general-prompt
+    scores must survive that when the weights come out the same (the record's wall time differs)."""
+    model = tmp_path / "reward_model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights")
+    (model / rm.MARKER).write_text('{"metrics": {"train_runtime": 12.4}}')
+    (model / "training_args.bin").write_bytes(b"args 1")
+    first = evaluate.reward_model_hash(model)
+    (model / rm.MARKER).write_text('{"metrics": {"train_runtime": 13.5}}')
+    (model / "training_args.bin").write_bytes(b"args 2")
+    assert evaluate.reward_model_hash(model) == first
+    (model / "model.safetensors").write_bytes(b"other weights")
+    assert evaluate.reward_model_hash(model) != first

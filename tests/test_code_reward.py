@@ -73,8 +73,8 @@ def test_grpo_steps_with_the_code_reward(tmp_path):
     SFT-trained on synthetic coding tasks, then GRPO steps whose reward is the code reward
     (sandboxed grading of every completion)."""
     runs = tmp_path / "runs"
-    args = ["data.source=coding", "data.kinds=null", "data.max_operand=null", "data.shortcut_fraction=null",
-            "data.slip_fraction=null",
+    args = ["data.source=coding", "data.kinds=null", "data.addends=null", "data.max_operand=null",
+            "data.shortcut_fraction=null", "data.slip_fraction=null",
             "data.num_train=90", "data.num_heldout=8",
             *FAST_SFT, *FAST_GRPO, "sft.max_steps=2", "grpo.max_steps=2", "grpo.logging_steps=1",
             "grpo.rewards=[{name: code, weight: 1.0}, {name: format, weight: 0.2}]"]

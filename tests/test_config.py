@@ -116,11 +116,11 @@ def test_missing_reasoning_for_sft(tmp_path, capsys, runs_dir):
 
 
 def test_a_data_key_the_source_does_not_read_is_refused(tmp_path, capsys, runs_dir):
-    """tiny.yaml's synthetic-only keys (max_operand, kinds, ...) are a mistake on a dataset file."""
+    """tiny.yaml's synthetic-only keys (addends, max_operand, kinds, ...) are a mistake on a dataset file."""
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps({"question": f"q{i}", "answer": str(i)}) + "\n" for i in range(20)))
     assert_rejected(capsys, runs_dir, ["data.source=jsonl", f"data.path={data}"],
-                    "data.kinds applies to source synthetic | coding only", "'jsonl'", stage="sft")
+                    "data.addends applies to source synthetic only", "'jsonl'", stage="sft")
     assert_rejected(capsys, runs_dir, ["data.heldout_split=test"], "data.heldout_split applies to source hub only",
                     stage="sft")
 

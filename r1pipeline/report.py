@@ -93,10 +93,12 @@ def controls(run_dir: Path) -> dict[str, Path]:
         return frozenset(rundir.content_hash(run_dir / start / "final") for start in STAGES
                          if rundir.read_manifest(run_dir / start))
 
-    def started_from(stage: str) -> set[str] | frozenset[str]:
-        """The content hashes this run's `stage` may have started from."""
+    @functools.cache
+    def started_from(stage: str) -> frozenset[str]:
+        """The content hashes this run's `stage` may have started from (its manifest read once, not
+        once for every other run)."""
         own = (rundir.read_manifest(run_dir / stage) or {}).get("input") or {}
-        return {own["hash"]} if own.get("hash") else every_final()
+        return frozenset({own["hash"]}) if own.get("hash") else every_final()
 
     for other in sorted(run_dir.parent.iterdir()) if run_dir.parent.is_dir() else []:
         for stage in RL_STAGES:

@@ -13,8 +13,9 @@ VOCAB, PAD, EOS = 48, 0, 1
 
 def tiny_policy(**overrides) -> R1MoEForCausalLM:
     # Two MoE layers of 8 experts (the tiny preset has one), so routes are per layer.
-    fields = {**PRESETS["tiny"], "num_hidden_layers": 3, "num_nextn_predict_layers": 0, **overrides}
-    config = R1MoEConfig(vocab_size=VOCAB, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=2, **fields)
+    fields = {**PRESETS["tiny"], "num_hidden_layers": 3, "num_nextn_predict_layers": 0,
+              "vocab_size": VOCAB, "pad_token_id": PAD, "eos_token_id": EOS, "bos_token_id": 2, **overrides}
+    config = R1MoEConfig(**fields)
     torch.manual_seed(0)
     model = R1MoEForCausalLM(config)
     model.generation_config.eos_token_id = None  # fixed-length samples; no min_new_tokens processor to skew logits
@@ -130,3 +131,64 @@ def test_routing_record_is_for_our_policy_only():
     dense = tiny_policy(first_k_dense_replace=3)  # the distillation student's shape: every layer dense
     with pytest.raises(TypeError, match="no MoE layer"), routing.recording(dense):
         pass
+
+
+TEXTS = [f"{a} + {b} = {a + b}" for a in range(20) for b in range(20)]
+
+
+def grpo_run(tmp_path, name, monkeypatch, single_pass: bool):
+    """Two GRPO steps of a tiny 2-MoE-layer policy, FP8 rollouts and R3, from one seed; the trainer's
+    forwards per step counted. single_pass=False forces the separate no-grad (old-logprob) pass."""
+    from datasets import Dataset
+    from trl import GRPOConfig
+
+    from data import build_tokenizer
+    from stages.grpo import ResumableGRPOTrainer
+
+    tokenizer = build_tokenizer(TEXTS)
+    tokenizer.padding_side = "left"
+    model = tiny_policy(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    args = GRPOConfig(output_dir=str(tmp_path / name), use_cpu=True, report_to=[], num_generations=4,
+                      per_device_train_batch_size=8, max_completion_length=8, max_steps=2, learning_rate=1e-3,
+                      logging_steps=1, save_strategy="no", bf16=False, seed=0,
+                      vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_max=2.0)
+    trainer = ResumableGRPOTrainer(
+        model=model, processing_class=tokenizer, args=args,
+        reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],
+        train_dataset=Dataset.from_dict({"prompt": [t.split("=")[0] + "=" for t in TEXTS[:32]]}))
+    trainer.configure_rollouts({"routing_replay": "r3", "rollout_precision": "fp8"})
+    monkeypatch.setattr(trainer, "_single_pass", lambda: single_pass)
+    forwards = []
+    real = ResumableGRPOTrainer._get_per_token_logps_and_entropies
+
+    def counted(self, *args, **kwargs):
+        forwards.append(torch.is_grad_enabled())
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ResumableGRPOTrainer, "_get_per_token_logps_and_entropies", counted)
+    trainer.train()
+    monkeypatch.undo()
+    logged = [row for row in trainer.state.log_history if "sampling/kl_k3" in row]
+    return trainer.model, logged, forwards
+
+
+def test_on_policy_the_mismatch_comes_from_the_training_forward_alone(tmp_path, monkeypatch):
+    """On-policy, the importance ratio, the mismatch metrics and the trainer's routes are taken from the
+    loss's own forward: one forward per step instead of two, and the same training and figures as with
+    TRL's separate no-grad pass (up to float rounding between a no-grad and a grad forward)."""
+    single, single_logged, single_forwards = grpo_run(tmp_path, "single", monkeypatch, single_pass=True)
+    double, double_logged, double_forwards = grpo_run(tmp_path, "double", monkeypatch, single_pass=False)
+    assert single_forwards == [True, True] and double_forwards == [False, True, False, True]
+    assert len(single_logged) == len(double_logged) == 2
+    for a, b in zip(single_logged, double_logged):
+        assert a["routing/router_mismatch"] == b["routing/router_mismatch"] == 0  # R3 replays the rollout's
+        assert a["routing/router_mismatch_free"] == b["routing/router_mismatch_free"] > 0  # FP8 routed otherwise
+        assert a["sampling/kl_k3"] > 0 and a["sampling/importance_sampling_ratio/max"] <= 2.0
+        for name in ("sampling/kl_k3", "sampling/abs_dlogp_mean", "sampling/is_clip_frac", "routing/bytes",
+                     "sampling/importance_sampling_ratio/mean", "sampling/importance_sampling_ratio/min",
+                     "sampling/importance_sampling_ratio/max", "sampling/sampling_logp_difference/mean",
+                     "sampling/sampling_logp_difference/max", "loss", "reward"):
+            assert a[name] == pytest.approx(b[name], rel=1e-4, abs=1e-7), name
+    for (name, p), q in zip(single.named_parameters(), double.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)

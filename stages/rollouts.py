@@ -86,6 +86,11 @@ def trl_defaults(section: dict) -> dict:
     return dict(FP8_IS_DEFAULTS) if section.get("rollout_precision") == "fp8" else {}
 
 
+def loss_mask(batch: dict) -> torch.Tensor:
+    """The completion tokens a GRPO batch's loss counts: its completion mask less tool output (TRL's)."""
+    return batch["completion_mask"] * batch.get("tool_mask", 1)
+
+
 class SampledLogprobs(LogitsProcessor):
     """Reads, while `generate` samples, the logprob of every sampled token under the sampling policy:
     log softmax(logits / T) as TRL computes the trainer's, one step behind (a step's token is known at
@@ -221,7 +226,8 @@ class RolloutRecordMixin:
         if in_loss and self._rollout_routes is not None:
             mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
             routes["rollout"] = routing.aligned(self._rollout_routes, mask)
-            output["routed_experts" if self.routing_replay == "r3" else "rollout_routes"] = routes["rollout"]
+            if self.routing_replay != "r3":  # under r3 they travel as the routes to replay, below
+                output["rollout_routes"] = routes["rollout"]
         replay = {"r3": routes["rollout"], "r2": routes["train"] and routes["train"][0]}.get(self.routing_replay)
         if replay is not None:
             output["routed_experts"] = replay
@@ -288,8 +294,7 @@ class RolloutRecordMixin:
         """TRL's importance-sampling ratio π_train / π_rollout (grpo_trainer.py L2660-2705), per token [B, T] or
         per sequence [B, 1] in its vllm_importance_sampling_mode; with `cut`, truncated to the clip range
         (*_truncate) or set to 0 outside it (*_mask), as the loss uses it."""
-        mask = batch["completion_mask"] * batch.get("tool_mask", 1)
-        diff = torch.nan_to_num((train - batch["sampling_per_token_logps"]) * mask, nan=0.0)
+        diff = torch.nan_to_num((train - batch["sampling_per_token_logps"]) * loss_mask(batch), nan=0.0)
         mode = self.vllm_importance_sampling_mode
         ratio = (diff.sum(-1, keepdim=True) if mode.startswith("sequence") else diff).exp()
         low, high = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
@@ -297,14 +302,18 @@ class RolloutRecordMixin:
             return ratio
         if mode.endswith("truncate"):
             return ratio.clamp(min=low, max=high)
-        return ratio.masked_fill((ratio < (-math.inf if low is None else low))
-                                 | (ratio > (math.inf if high is None else high)), 0.0)
+        return ratio.masked_fill(self._outside_clip(ratio), 0.0)
+
+    def _outside_clip(self, ratio: torch.Tensor) -> torch.Tensor:
+        """Where an importance ratio falls outside TRL's clip range (a missing bound cuts nothing)."""
+        low, high = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        return (ratio < (-math.inf if low is None else low)) | (ratio > (math.inf if high is None else high))
 
     def _log_mismatch(self, train, batch: dict, rollout_routes, train_routes, trl_metrics: bool = False) -> None:
         """The module docstring's metrics for a batch (`train`: the trainer's logprobs of it), gathered over
         processes; with `trl_metrics`, also those TRL logs where it computes the ratio itself (its
         `sampling/sampling_logp_difference/*` and `sampling/importance_sampling_ratio/*`)."""
-        mask = batch["completion_mask"] * batch.get("tool_mask", 1)
+        mask = loss_mask(batch)
         rollout = batch.get("sampling_per_token_logps")
         values, extremes = {}, {}
         if rollout is not None and train is not None:
@@ -347,13 +356,7 @@ class RolloutRecordMixin:
 
     def _is_clip_fraction(self, train, batch: dict) -> torch.Tensor:
         """Share of tokens (sequences, in TRL's sequence modes) whose importance ratio the correction cut."""
-        ratio = self._importance_ratio(train, batch, cut=False)
-        low, high = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
-        cut = torch.zeros_like(ratio, dtype=torch.bool)
-        if low is not None:
-            cut |= ratio < low
-        if high is not None:
-            cut |= ratio > high
+        cut = self._outside_clip(self._importance_ratio(train, batch, cut=False))
         if self.vllm_importance_sampling_mode.startswith("sequence"):
             return cut.float().mean()
-        return cut[(batch["completion_mask"] * batch.get("tool_mask", 1)).bool()].float().mean()
+        return cut[loss_mask(batch).bool()].float().mean()

@@ -1,19 +1,28 @@
-"""Training speed of our DeepSeek-V3 policy vs transformers' DeepseekV3ForCausalLM.
+"""Training speed of our DeepSeek-V3 policy vs transformers' DeepseekV3ForCausalLM, across shapes.
 
 Same config, same weights (ours saved, theirs loaded from that checkpoint), forward + backward of a
-causal-LM loss, at a config where the MoE dominates. The models alternate within one run and each
-figure is the median of the repetitions, so machine load (other test runs) hits all alike.
-transformers runs with each of its CPU-capable experts implementations; the faster is the baseline.
+causal-LM loss. The models alternate within one run and each figure is the median of the
+repetitions, so machine load hits all alike. transformers runs with each of its CPU-capable experts
+implementations; the faster, raced at each shape, is the baseline.
+
+Shapes: the reference config (4 layers, 3 MoE, 64 experts top-6, 4x256 tokens), and a grid over
+hidden 256-1024, 8-64 routed experts, top-2 to top-8, 1k-8k tokens a batch, group-limited routing off
+and on: a 2^(5-1) fractional factorial (every factor at both ends, every pair of factors at all four
+pairs of ends; group-limited = the parity of the other four) plus its centre. The grid's models are
+two MoE layers (V3 is 58 MoE layers of 61). The slowest point is the figure. Per point, the share of
+each model's step spent in GEMM kernels (mm, bmm, addmm, grouped_mm: torch.profiler self time) says
+how much of it the two share: both run the same torch GEMMs.
 Peak memory: what one training step adds to the model's own memory — the increase of peak RSS in a
 fresh process per model (CPU), or torch.cuda.max_memory_allocated (GPU). On a GPU it also times block-FP8 vs bf16 GEMMs at
 DeepSeek-V3 shapes. Writes benchmarks/results/model_train.json.
 
-    python benchmarks/model_train.py [--reps 7]
+    python benchmarks/model_train.py [--reps 7] [--points reference,grid]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -43,7 +52,40 @@ CONFIG = dict(vocab_size=512, hidden_size=256, intermediate_size=512, moe_interm
 BATCH, SEQ = 4, 256
 TRANSFORMERS_EXPERTS = ("eager", "grouped_mm")
 # DeepSeek-V3 GEMM shapes (tokens M, out N, in K): q_b, kv_a (bf16 there), o_proj, expert up, expert down.
+# The grid's factors, each at its two ends; the centre point sits between them.
+GRID = {"hidden": (256, 1024), "experts": (8, 64), "top_k": (2, 8), "tokens": (1024, 8192), "grouped": (False, True)}
+CENTRE = {"hidden": 512, "experts": 16, "top_k": 4, "tokens": 4096, "grouped": True}
+GRID_LAYERS, GRID_SEQ = 2, 512  # tokens = batch x 512
+GRID_BUDGET_S, MAX_REPS = 30, 15  # per grid point: the repetitions of the timed pair that fit 30 s, 3 to 15
+GEMM_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::_grouped_mm")
 V3_GEMMS = [(4096, 24576, 1536), (4096, 7168, 16384), (4096, 4096, 7168), (4096, 2048, 7168), (4096, 7168, 2048)]
+
+
+def grid_points() -> list[dict]:
+    """The 2^(5-1) design (grouped = parity of the other four factors' ends: resolution V) and its centre."""
+    points = []
+    for ends in itertools.product((0, 1), repeat=4):
+        point = {name: GRID[name][end] for name, end in zip(("hidden", "experts", "top_k", "tokens"), ends)}
+        points.append({**point, "grouped": GRID["grouped"][sum(ends) % 2]})
+    return points + [CENTRE]
+
+
+def grid_shape(hidden, experts, top_k, tokens, grouped) -> tuple[dict, int, int]:
+    """(config, batch, seq) of a grid point. Widths scale with hidden as in the reference config (64-wide
+    heads of 32 nope + 32 rope dims, q/kv latents hidden/2 and hidden/4), experts hidden/4 wide (V3:
+    2048 of 7168).
+    Group-limited routing keeps half of min(8, E/2) groups, or more where top-k needs them (top-8 of
+    8 experts keeps every group: the group code runs, the choice is not limited)."""
+    groups = min(8, experts // 2) if grouped else 1
+    per_group = experts // groups
+    keep = max(groups // 2, -(-top_k // per_group)) if grouped else 1
+    seq = min(tokens, GRID_SEQ)
+    config = dict(CONFIG, hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=hidden // 4,
+                  num_hidden_layers=GRID_LAYERS, first_k_dense_replace=0, num_attention_heads=hidden // 64,
+                  num_key_value_heads=hidden // 64, q_lora_rank=hidden // 2, kv_lora_rank=hidden // 4,
+                  n_routed_experts=experts, num_experts_per_tok=top_k, n_group=groups, topk_group=keep,
+                  max_position_embeddings=seq)
+    return config, tokens // seq, seq
 
 
 def build(device, dtype, directory, config=CONFIG):
@@ -72,9 +114,14 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_interleaved(models, batch, reps, device):
+def time_interleaved(models, batch, reps, device, budget_s=None):
+    """Each model's step times, alternating. With `budget_s`, at least `reps` repetitions and more (up
+    to MAX_REPS) where the steps are short enough to fit the budget: short steps are noisier."""
+    warm = time.perf_counter()
     for model in models.values():  # warm-up
         step(model, batch)
+    if budget_s:
+        reps = max(reps, min(MAX_REPS, int(budget_s / (time.perf_counter() - warm))))
     times = {name: [] for name in models}
     for _ in range(reps):
         for name, model in models.items():
@@ -83,7 +130,18 @@ def time_interleaved(models, batch, reps, device):
             step(model, batch)
             sync(device)
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def gemm_share(model, batch) -> float:
+    """Share of one training step's CPU time spent in GEMM kernels (profiler self time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(model, batch)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS) / total
 
 
 def fresh(name, device, dtype, config=CONFIG):
@@ -156,31 +214,37 @@ def fp8_vs_bf16_gemms(reps=10):
     return results
 
 
-def measure(device, dtype, reps, config=CONFIG, batch=BATCH, seq=SEQ, memory=True):
+def measure(device, dtype, reps, config=CONFIG, batch=BATCH, seq=SEQ, memory=True, shares=False, race_reps=2,
+            budget_s=None):
     """Step time of ours against transformers' fastest implementation, and (with `memory`) each one's
-    peak memory."""
+    peak memory, (with `shares`) each one's GEMM share."""
     with tempfile.TemporaryDirectory() as d:
         models = build(device, dtype, d, config)
     shape = (batch, seq)
     batch = torch.randint(0, config["vocab_size"], shape, device=device)
     load_before = os.getloadavg()[0]
-    # transformers' implementations are first raced against each other (interleaved, 2 repetitions);
-    # the fastest then alternates with ours for the full count.
-    probe = time_interleaved({n: m for n, m in models.items() if n != "ours"}, batch, 2, device)
+    # transformers' implementations are first raced against each other (interleaved, `race_reps`
+    # repetitions); the fastest then alternates with ours for the full count.
+    race = time_interleaved({n: m for n, m in models.items() if n != "ours"}, batch, race_reps, device,
+                            budget_s and budget_s / 2)
+    probe = {name: statistics.median(t) for name, t in race.items()}
     fastest = min(probe, key=probe.get)
-    seconds = time_interleaved({"ours": models["ours"], fastest: models[fastest]}, batch, reps, device)
+    times = time_interleaved({"ours": models["ours"], fastest: models[fastest]}, batch, reps, device, budget_s)
+    seconds = {name: statistics.median(t) for name, t in times.items()}
     load_after = os.getloadavg()[0]
     tokens = shape[0] * shape[1]
     figures = {name: {"tokens_per_s": tokens / s, "step_ms": s * 1e3} for name, s in seconds.items()}
     for name in figures if memory else ():
         figures[name]["peak_memory_mb"] = peak_memory_mb(name, device, dtype, config, *shape)
+    for name in figures if shares and device == "cpu" else ():
+        figures[name]["gemm_share"] = gemm_share(models[name], batch)
     baseline = fastest
     return {
         "device": torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()} CPU",
         "dtype": str(dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "load_average_1min": [load_before, load_after],
-        "repetitions": reps,
+        "repetitions": len(times["ours"]),
         "transformers_race_step_ms": {name: s * 1e3 for name, s in probe.items()},
         "models": figures,
         "baseline": baseline,
@@ -188,17 +252,48 @@ def measure(device, dtype, reps, config=CONFIG, batch=BATCH, seq=SEQ, memory=Tru
     }
 
 
+def grid(reps) -> dict:
+    """Every grid point, ours against transformers' faster kernel there; the slowest point is the figure."""
+    rows, points = [], grid_points()
+    for n, point in enumerate(points, 1):
+        config, batch, seq = grid_shape(**point)
+        started = time.perf_counter()
+        m = measure("cpu", torch.float32, reps, config, batch, seq, shares=True, race_reps=1, budget_s=GRID_BUDGET_S)
+        rows.append({**point, "batch": batch, "seq_len": seq, "n_group": config["n_group"],
+                     "topk_group": config["topk_group"], "baseline": m["baseline"],
+                     "speedup_vs_baseline": m["speedup_vs_baseline"], "models": m["models"],
+                     # The ratio were ours nothing but its GEMMs, which both models share: the ceiling
+                     # of any speed-up that leaves the GEMMs as they are.
+                     "ceiling_same_gemms": m["speedup_vs_baseline"] / m["models"]["ours"]["gemm_share"],
+                     "repetitions": m["repetitions"], "transformers_race_step_ms": m["transformers_race_step_ms"],
+                     "load_average_1min": m["load_average_1min"]})
+        print(f"[{n}/{len(points)}] {point}: {m['speedup_vs_baseline']:.2f}x "
+              f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+    slowest = min(rows, key=lambda r: r["speedup_vs_baseline"])
+    return {"layers": GRID_LAYERS, "factors": GRID, "centre": CENTRE, "repetitions": f"{reps} to {MAX_REPS}: what fits {GRID_BUDGET_S} s",
+            "device": f"{platform.processor() or platform.machine()} CPU", "threads": torch.get_num_threads(),
+            "points": rows, "slowest": {k: slowest[k] for k in (*GRID, "speedup_vs_baseline")}}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--grid-reps", type=int, default=3, help="repetitions at each grid point")
+    parser.add_argument("--points", default="reference,grid", help="reference, grid, or both (comma-separated)")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     parser.add_argument("--shape", default=json.dumps({"config": CONFIG, "batch": BATCH, "seq": SEQ}),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_of:
         return memory_child(args.memory_of, json.loads(args.shape))
-    result = {"config": CONFIG, "batch": BATCH, "seq_len": SEQ, "torch": torch.__version__,
-              "cpu": measure("cpu", torch.float32, args.reps)}
+    points = set(args.points.split(","))
+    if not points or points - {"reference", "grid"}:
+        parser.error(f"--points {args.points!r}: expected reference, grid or both")
+    result = {"config": CONFIG, "batch": BATCH, "seq_len": SEQ, "torch": torch.__version__}
+    if "reference" in points:
+        result["cpu"] = measure("cpu", torch.float32, args.reps, shares=True)
+    if "grid" in points:
+        result["grid"] = grid(args.grid_reps)
     if torch.cuda.is_available():
         result["cuda"] = measure("cuda", torch.bfloat16, args.reps)
         result["cuda"]["fp8_vs_bf16_gemm"] = fp8_vs_bf16_gemms()

@@ -144,6 +144,30 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_fused_attention_over_padded_values_gives_the_math_paths_loss_and_gradients(monkeypatch):
+    """MLA's values are narrower than its keys; past FUSED_ATTENTION_SCORES they are zero-padded so that
+    the CPU's fused kernel runs. Same loss and gradients as the math path, left padding included."""
+    from r1pipeline.model import layers
+
+    x = tokens(batch=2, length=16)
+    mask = torch.ones_like(x)
+    mask[0, :5] = 0
+    runs = []
+    for threshold in (0, float("inf")):
+        monkeypatch.setattr(layers, "FUSED_ATTENTION_SCORES", threshold)
+        model = build().train()
+        with torch.profiler.profile() as prof:
+            loss = model(x, attention_mask=mask, labels=x).loss
+        loss.backward()
+        kernels = {e.key for e in prof.key_averages()}
+        runs.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}, kernels))
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in runs[0][2]
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" not in runs[1][2]
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-5, atol=1e-6)
+    for name, g in runs[1][1].items():
+        torch.testing.assert_close(runs[0][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_greedy_generate_with_latent_cache_equals_without():
     model = build()
     prompts = tokens(batch=2, length=10)

@@ -51,13 +51,13 @@ CONFIG = dict(vocab_size=512, hidden_size=256, intermediate_size=512, moe_interm
               num_nextn_predict_layers=0, seq_aux_alpha=0.0, max_position_embeddings=1024)
 BATCH, SEQ = 4, 256
 TRANSFORMERS_EXPERTS = ("eager", "grouped_mm")
-# DeepSeek-V3 GEMM shapes (tokens M, out N, in K): q_b, kv_a (bf16 there), o_proj, expert up, expert down.
 # The grid's factors, each at its two ends; the centre point sits between them.
 GRID = {"hidden": (256, 1024), "experts": (8, 64), "top_k": (2, 8), "tokens": (1024, 8192), "grouped": (False, True)}
 CENTRE = {"hidden": 512, "experts": 16, "top_k": 4, "tokens": 4096, "grouped": True}
 GRID_LAYERS, GRID_SEQ = 2, 512  # tokens = batch x 512
 GRID_BUDGET_S, MAX_REPS = 30, 15  # per grid point: the repetitions of the timed pair that fit 30 s, 3 to 15
 GEMM_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::_grouped_mm")
+# DeepSeek-V3 GEMM shapes (tokens M, out N, in K): q_b, kv_a (bf16 there), o_proj, expert up, expert down.
 V3_GEMMS = [(4096, 24576, 1536), (4096, 7168, 16384), (4096, 4096, 7168), (4096, 2048, 7168), (4096, 7168, 2048)]
 
 
@@ -278,7 +278,7 @@ def grid(reps) -> dict:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--grid-reps", type=int, default=3, help="repetitions at each grid point")
+    parser.add_argument("--grid-reps", type=int, default=3, help="repetitions at each grid point, at least")
     parser.add_argument("--points", default="reference,grid", help="reference, grid, or both (comma-separated)")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     parser.add_argument("--shape", default=json.dumps({"config": CONFIG, "batch": BATCH, "seq": SEQ}),

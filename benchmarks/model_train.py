@@ -271,7 +271,7 @@ def grid(reps) -> dict:
               f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
     slowest = min(rows, key=lambda r: r["speedup_vs_baseline"])
     return {"layers": GRID_LAYERS, "factors": GRID, "centre": CENTRE, "repetitions": f"{reps} to {MAX_REPS}: what fits {GRID_BUDGET_S} s",
-            "device": f"{platform.processor() or platform.machine()} CPU", "threads": torch.get_num_threads(),
+            "device": m["device"], "threads": m["threads"],
             "points": rows, "slowest": {k: slowest[k] for k in (*GRID, "speedup_vs_baseline")}}
 
 
@@ -287,7 +287,7 @@ def main():
     if args.memory_of:
         return memory_child(args.memory_of, json.loads(args.shape))
     points = set(args.points.split(","))
-    if not points or points - {"reference", "grid"}:
+    if points - {"reference", "grid"}:
         parser.error(f"--points {args.points!r}: expected reference, grid or both")
     result = {"config": CONFIG, "batch": BATCH, "seq_len": SEQ, "torch": torch.__version__}
     if "reference" in points:

@@ -27,7 +27,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from r1pipeline import host  # noqa: E402
 
 PARTS = ("fp8", "model", "grpo")
 # What the grpo part imports beyond the GPU machine's packages, as PyPI distributions: pure Python, but
@@ -65,7 +66,7 @@ def device_name() -> str:
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} CPU ({os.cpu_count()} cores)"
+    return f"{host.name()} CPU"
 
 
 def versions() -> dict:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from r1pipeline import host  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "tiny.yaml"
 SIDES = ("ours", "trl")
@@ -195,8 +196,7 @@ def main() -> None:
                            cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         record = {"benchmark": "a whole GRPO step, ours vs TRL GRPOTrainer + transformers DeepseekV3ForCausalLM "
                                "(benchmarks/grpo_step.py)",
-                  "host": {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-                           "cores": os.cpu_count(), "torch": torch.__version__},
+                  "host": host.describe(),
                   "recipe": str(RECIPE.relative_to(ROOT)), "sft": str(args.sft or f"{args.sft_steps} SFT steps"),
                   "prompts": args.prompts, "group": args.group, "steps_per_process": args.steps,
                   "repeats": args.repeats,

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from r1pipeline import host  # noqa: E402
 
 PAIRS = ROOT / "tests" / "data" / "math_pairs.jsonl"
 SUITE = ROOT / "benchmarks" / "data" / "math_verify_suite.jsonl"
@@ -216,8 +217,7 @@ def main() -> None:
                                       "pred": r["pred"][-80:], "call": r["call"], "label": r["equivalent"], "ours": v}
                                      for r, v in zip(suite, ours_suite_own) if v is not r["equivalent"]],
         },
-        "machine": {"cpu_count": cores, "python": platform.python_version(), "platform": platform.platform(),
-                    **{name: version(name) for name in ("sympy", "latex2sympy2_extended", "math-verify",
+        "machine": {**host.describe(), **{name: version(name) for name in ("sympy", "latex2sympy2_extended", "math-verify",
                                                         "antlr4-python3-runtime")}},
     }
     RESULT.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -39,6 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from r1pipeline import host  # noqa: E402
 from r1pipeline.model import R1MoEConfig, R1MoEForCausalLM  # noqa: E402
 from r1pipeline.model.fp8 import fp8_mm  # noqa: E402
 
@@ -240,7 +240,7 @@ def measure(device, dtype, reps, config=CONFIG, batch=BATCH, seq=SEQ, memory=Tru
         figures[name]["gemm_share"] = gemm_share(models[name], batch)
     baseline = fastest
     return {
-        "device": torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()} CPU",
+        "device": host.name(),
         "dtype": str(dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "load_average_1min": [load_before, load_after],

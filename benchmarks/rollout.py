@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import statistics
 import sys
@@ -33,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from data import build_tokenizer, render_prompt  # noqa: E402
 from data.synthetic import generate_problem  # noqa: E402
-from r1pipeline import policy, vllm_engine  # noqa: E402
+from r1pipeline import host, policy, vllm_engine  # noqa: E402
 from r1pipeline.rollout import rollout  # noqa: E402
 
 SYSTEM = "Think step by step inside <think> </think>, then give the answer inside <answer> </answer>."
@@ -106,9 +104,7 @@ def main() -> None:
         "model": "tiny-vllm preset (MLA kv_lora_rank 512 + rope 64), fp32, random init",
         "vllm": vllm_engine.vllm_version(), "torch": torch.__version__,
         "vllm_engine_start_s": round(engine_start_s, 1),
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "platform": platform.platform(), "python": platform.python_version(),
-                    "torch_threads": torch.get_num_threads()},
+        "machine": {**host.describe(), "torch_threads": torch.get_num_threads()},
         "reps": args.reps, "settings": results,
     }
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")

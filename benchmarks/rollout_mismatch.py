@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from r1pipeline import host  # noqa: E402
+
 KEYS = {"mean_abs_dlogp": "sampling/sampling_logp_difference/mean",
         "max_abs_dlogp": "sampling/sampling_logp_difference/max", "k3_kl": "sampling/kl_k3"}
 
@@ -56,8 +59,7 @@ def main() -> None:
         "per_step": per_step,
         "reward_per_step": [row.get("reward") for row in steps],
         "wall_s_sft_and_grpo": round(wall, 1),
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "platform": platform.platform(), "python": platform.python_version()},
+        "machine": host.describe(),
     }
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps({k: record[k] for k in ("steps", "mean_over_steps", "max_abs_dlogp_any_step")}, indent=2))

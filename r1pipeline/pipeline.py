@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from r1pipeline import config as cfg
-from r1pipeline import rundir, schema
+from r1pipeline import host, rundir, schema
 
 # Each stage starts from the one before, except stage 3, which fine-tunes the model stage 1 started
 # from (as R1 retrains the base) on samples of stage 2, and stage 5 (R1-Distill), which trains a
@@ -439,6 +439,7 @@ def execute(stage: Stage) -> dict:
         "world_size": state.num_processes,
         "distributed_type": str(state.distributed_type.value),  # FSDP when the trainer really sharded
         "versions": versions(),
+        "host": host.describe(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if state.is_main_process:

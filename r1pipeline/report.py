@@ -19,7 +19,7 @@ matplotlib.use("Agg")  # files only: runs on machines without a display
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 from data.template import USER_PREFIX  # noqa: E402
-from r1pipeline import rundir  # noqa: E402
+from r1pipeline import host, rundir  # noqa: E402
 
 STAGES = ("base", "sft", "grpo", "rejection", "align", "distill")  # the pipeline's order (DESIGN.md)
 RL_STAGES = ("grpo", "align")
@@ -131,9 +131,11 @@ def table(run_dir: Path, evals: dict, control_runs: dict | None = None) -> list[
              "completion tokens.", "",
              "| stage | parameters | steps | wall time (s) | k | pass@1 | cons@k | pass@k | worked | worked pass@1 | "
              "bare pass@1 | length |", "|---" * 12 + "|"]
-    notes = []
+    notes, hosts = [], []
     for stage in STAGES:
         manifest = rundir.read_manifest(run_dir / stage)
+        if manifest and manifest.get("host") and host.name(manifest["host"]) not in hosts:
+            hosts.append(host.name(manifest["host"]))
         if manifest is None and stage not in evals:
             if stage != "base":  # stage 0 belongs to the embedded default; a pretrained model is its own base
                 notes.append(f"- {stage}: not run")
@@ -153,6 +155,8 @@ def table(run_dir: Path, evals: dict, control_runs: dict | None = None) -> list[
             steps = [row["step"] for row in read_metrics(control / stage / "metrics.jsonl") if "step" in row]
             lines.append(table_row(f"{stage}, control: rewards shuffled (`{control.name}`)",
                                    rundir.read_manifest(control / stage), steps, None, result))
+    if hosts:
+        notes.append(f"- wall times measured on {' and '.join(hosts)}")
     return lines + [""] + notes + ([""] if notes else [])
 
 

@@ -10,9 +10,13 @@ GRPO_KEYS = ("reward", "rewards/accuracy/mean", "rewards/format/mean", "completi
              "clip_ratio/region_mean", "frac_reward_zero_std")
 
 
-def write_stage(run_dir, stage, steps, keys=(), wall_time_s=12.5):
+HOST = {"cpu": "AMD EPYC", "isa": ["avx2", "avx"], "cores": 2}
+
+
+def write_stage(run_dir, stage, steps, keys=(), wall_time_s=12.5, host=None):
     (run_dir / stage).mkdir(parents=True)
-    rundir.atomic_write_json(run_dir / stage / "manifest.json", {"stage": stage, "wall_time_s": wall_time_s})
+    manifest = {"stage": stage, "wall_time_s": wall_time_s, **({"host": host} if host else {})}
+    rundir.atomic_write_json(run_dir / stage / "manifest.json", manifest)
     rows = [{"step": step, "loss": 1.0 / step, **{key: step / 10 for key in keys}} for step in range(1, steps + 1)]
     (run_dir / stage / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows) + '{"step": 9, "rew')
 
@@ -29,8 +33,8 @@ def write_eval(run_dir, stage, pass1, cons=None):
 
 def test_full_run(tmp_path):
     run_dir = tmp_path / "run"
-    write_stage(run_dir, "sft", 6, wall_time_s=30.0)
-    write_stage(run_dir, "grpo", 5, GRPO_KEYS)
+    write_stage(run_dir, "sft", 6, wall_time_s=30.0, host=HOST)
+    write_stage(run_dir, "grpo", 5, GRPO_KEYS, host={**HOST, "gpu": "NVIDIA H100 80GB HBM3"})
     write_eval(run_dir, "sft", 0.25, cons=0.3)
     write_eval(run_dir, "grpo", 0.625, cons=0.7)
     report = write_report(run_dir)
@@ -39,6 +43,7 @@ def test_full_run(tmp_path):
     assert "| sft | – | 6 | 30 | 4 | 0.250 | 0.300 | 0.450 |" in text
     assert "| grpo | – | 5 | 12 | 4 | 0.625 | 0.700 | 0.825 |" in text
     assert "- rejection: not run" in text and "- align: not run" in text
+    assert "- wall times measured on AMD EPYC (avx2, 2 cores) and NVIDIA H100 80GB HBM3" in text
     pngs = {path.name for path in (run_dir / "plots").glob("*.png")}
     expected = {"reward.png", "rewards_accuracy_mean.png", "rewards_format_mean.png", "completions_mean_length.png",
                 "kl.png", "entropy.png", "clip_ratio_region_mean.png", "frac_reward_zero_std.png", "pass_at_k.png"}
@@ -57,6 +62,7 @@ def test_missing_pieces(tmp_path):
     assert "| sft | – | 3 | 12 | – | – | – | – |" in text and "- sft: not evaluated yet" in text
     assert "no metrics.jsonl in grpo or align" in text and "after RL: no evaluated grpo or align" in text
     assert list((run_dir / "plots").glob("*.png")) == []
+    assert "wall times measured on" not in text  # a manifest of an older version names no host
 
     write_eval(run_dir, "grpo", 0.5)  # a code eval (no cons@k), its stage directory since set aside
     text = write_report(run_dir).read_text()

@@ -181,6 +181,7 @@ def test_all_chains_stages_and_skips_done_ones(tmp_path):
         (run / "align" / "final" / "tokenizer.json").read_text()
     grpo = manifests["grpo"]
     assert {"torch", "transformers", "trl"} <= grpo["versions"].keys() and grpo["wall_time_s"] > 0
+    assert grpo["host"]["cores"] >= 1 and grpo["host"]["cpu"]  # which machine the wall time is of
     assert {path.stem for path in (run / "eval").glob("*.json")} == set(stages)
     report = (run / "report.md").read_text()
     stages_table = report.split("## Stages")[1].split("##")[0]

@@ -7,6 +7,10 @@ short GRPO runs with and without R3 + FP8 rollouts from one SFT checkpoint.
      fp32, with no replay and with R3 (the rollout's experts replayed);
    - bf16_rollout: the same with a bf16 copy of the policy as the rollout engine (the usual pairing
      of a bf16 inference engine with fp32 master weights);
+   - bf16_engines: the same bf16 weights on both sides, as when trainer and inference engine both
+     compute in bf16 (AReaL's and R3's setting): the rollout decodes token by token from the KV cache
+     with MLA's absorbed decode, the trainer runs one forward over the whole sequence, so only the
+     kernels and their rounding differ;
    - num_iterations_2: rollouts in the policy's own precision, one GRPO update on the batch (TRL's
      default loss, group-normalised accuracy rewards, Adam at the recipe's learning rate), then the
      second pass's forward with no replay, R2 (the first pass's experts) and R3.
@@ -20,7 +24,7 @@ short GRPO runs with and without R3 + FP8 rollouts from one SFT checkpoint.
 Writes benchmarks/results/moe_rl.json.
 
     python benchmarks/moe_rl.py [--sft-steps N | --sft CHECKPOINT] [--model-config YAML] [--grpo-steps 100]
-                                [--prompts 32] [--skip-grpo]
+                                [--prompts 32] [--skip-grpo] [--variants A,B] [--grpo-seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -42,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from r1pipeline import config as cfg  # noqa: E402
+from r1pipeline import host  # noqa: E402
 from r1pipeline.model import R1MoEForCausalLM, routing  # noqa: E402
 from r1pipeline.model.layers import fp8_compute  # noqa: E402
 from stages.rollouts import SampledLogprobs  # noqa: E402
@@ -138,14 +142,16 @@ def mismatch_figures(checkpoint: Path, recipe: dict, prompts: int, group: int, s
     max_new, P = int(recipe["grpo"]["max_completion_length"]), prompt_ids.shape[1]
     figures = {}
 
-    for name in ("fp8_rollout", "bf16_rollout"):
-        engine = copy.deepcopy(model).to(torch.bfloat16) if name == "bf16_rollout" else model
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    for name in ("fp8_rollout", "bf16_rollout", "bf16_engines"):
+        engine = model if name == "fp8_rollout" else bf16
+        trainer = bf16 if name == "bf16_engines" else model
         sequences, attention, completion_mask, rollout, routes = generate(engine, prompt_ids, prompt_mask, max_new,
                                                                           name == "fp8_rollout", seed)
         C = completion_mask.shape[1]
         figures[name] = {}
         for replay in ("none", "r3"):
-            logps, used = train_logps(model, sequences, attention, C, routes if replay == "r3" else None)
+            logps, used = train_logps(trainer, sequences, attention, C, routes if replay == "r3" else None)
             figures[name][replay] = measure(logps, rollout.float(), completion_mask, routes, used, P)
 
     sequences, attention, completion_mask, rollout, routes = generate(model, prompt_ids, prompt_mask, max_new, False, seed)
@@ -189,34 +195,47 @@ def quarters(rows: list[dict], key: str) -> dict:
     return {"first_quarter": sum(values[:q]) / q, "last_quarter": sum(values[-q:]) / q}
 
 
-def grpo_runs(runs: Path, sft: Path, steps: int, variants: list[str]) -> dict:
+def grpo_runs(runs: Path, sft: Path, steps: int, variants: list[str], seeds: list[int]) -> dict:
+    """Each variant at each GRPO seed (the SFT checkpoint shared), then each variant's mean pass@1."""
     results = {}
     for name in variants:
-        overrides = VARIANTS[name]
-        start = time.monotonic()
-        pipeline(runs, name, "grpo", f"grpo.init_from={sft}", f"grpo.max_steps={steps}", "grpo.save_steps=1000",
-                 *overrides)
-        wall = time.monotonic() - start
-        pipeline(runs, name, "eval")
-        evaluated = json.loads((runs / name / "eval" / "grpo.json").read_text())
-        rows = [json.loads(line) for line in (runs / name / "grpo" / "metrics.jsonl").read_text().splitlines()]
-        results[name] = {"overrides": overrides, "grpo_wall_s": round(wall, 1), "pass@1": evaluated["pass@1"],
-                         "k": evaluated["k"], "reward": quarters(rows, "reward"),
-                         **{key.split("/")[-1]: quarters(rows, key) for key in
-                            ("sampling/kl_k3", "routing/router_mismatch", "routing/router_mismatch_free",
-                             "sampling/is_clip_frac")}}
+        overrides, per_seed = VARIANTS[name], {}
+        for seed in seeds:
+            run = f"{name}_seed{seed}"
+            start = time.monotonic()
+            pipeline(runs, run, "grpo", f"grpo.init_from={sft}", f"grpo.max_steps={steps}", "grpo.save_steps=1000",
+                     f"grpo.seed={seed}", *overrides)
+            wall = time.monotonic() - start
+            pipeline(runs, run, "eval")
+            evaluated = json.loads((runs / run / "eval" / "grpo.json").read_text())
+            rows = [json.loads(line) for line in (runs / run / "grpo" / "metrics.jsonl").read_text().splitlines()]
+            per_seed[seed] = {"grpo_wall_s": round(wall, 1), "pass@1": evaluated["pass@1"], "k": evaluated["k"],
+                              "reward": quarters(rows, "reward"),
+                              **{key.split("/")[-1]: quarters(rows, key) for key in
+                                 ("sampling/kl_k3", "routing/router_mismatch", "routing/router_mismatch_free",
+                                  "sampling/is_clip_frac")}}
+        scores = [run["pass@1"] for run in per_seed.values()]
+        results[name] = {"overrides": overrides, "seeds": per_seed, "pass@1_mean": sum(scores) / len(scores)}
     return results
+
+
+def trained_with(sft: Path) -> dict:
+    """The SFT steps and model config the checkpoint was trained with (its stage's config.json)."""
+    config = json.loads((sft.parent / "stage_config.json").read_text())["config"]
+    return {"sft_steps": config["sft"]["max_steps"], "model_config": (config.get("model") or {}).get("config")}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sft-steps", type=int, help="default: the recipe's")
-    parser.add_argument("--sft", help="an SFT checkpoint to start from instead (skips the SFT run)")
+    parser.add_argument("--sft", help="an SFT checkpoint to start from instead (skips stage 0 and the SFT run), "
+                                      "e.g. runs/default/sft/final of `make all`")
     parser.add_argument("--model-config", help="overrides of the preset for the SFT run, as in a recipe's "
                                                "model.config, e.g. '{num_hidden_layers: 4, n_routed_experts: 16}'")
     parser.add_argument("--grpo-steps", type=int, default=100)
     parser.add_argument("--prompts", type=int, default=32, help="held-out prompts in the mismatch batch (x 8)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the mismatch batch's sampling seed")
+    parser.add_argument("--grpo-seeds", default="0", help="GRPO seeds of part 2, comma-separated (e.g. 0,1,2)")
     parser.add_argument("--skip-grpo", action="store_true", help="part 1 only")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="GRPO runs of part 2, of " + ", ".join(VARIANTS))
     parser.add_argument("--runs-dir", help="keep the runs here (default: a temporary directory)")
@@ -225,6 +244,10 @@ def main() -> None:
     unknown = set(args.variants.split(",")) - set(VARIANTS)
     if unknown:
         parser.error(f"--variants: unknown {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+    try:
+        seeds = [int(seed) for seed in args.grpo_seeds.split(",")]
+    except ValueError:
+        parser.error(f"--grpo-seeds: {args.grpo_seeds!r} is not a comma-separated list of integers")
     recipe = cfg.load_recipe(str(RECIPE))
     group = int(recipe["grpo"]["num_generations"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -234,20 +257,21 @@ def main() -> None:
         if not args.sft:
             steps = [f"sft.max_steps={args.sft_steps}"] if args.sft_steps else []
             shape = [f"model.config={args.model_config}"] if args.model_config else []
-            pipeline(runs, "sft", "sft", "sft.init_from=model", *steps, *shape, "sft.save_steps=100000")
+            # The recipe's cold start: stage 0's base, then SFT on it (from random weights, SFT alone does
+            # not learn three-number sums: GRPO from such a checkpoint reached pass@1 0.026).
+            pipeline(runs, "sft", "base", *shape)
+            pipeline(runs, "sft", "sft", *steps, *shape, "sft.save_steps=100000")
         record = {"benchmark": "MoE RL: routing replay vs train/rollout mismatch (benchmarks/moe_rl.py)",
-                  "host": {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-                           "cores": os.cpu_count(), "torch": torch.__version__},
+                  "host": host.describe(),
                   "recipe": str(RECIPE.relative_to(ROOT)),
-                  "sft": str(args.sft or "the recipe's sft stage, from the preset"),
-                  "sft_steps": args.sft_steps or recipe["sft"]["max_steps"], "model_config": args.model_config,
+                  "sft": str(args.sft or "the recipe's sft stage, from the preset"), **trained_with(sft),
                   "mismatch": mismatch_figures(sft, recipe, args.prompts, group, args.seed)}
-        for name in ("fp8_rollout", "bf16_rollout", "num_iterations_2"):
+        for name in ("fp8_rollout", "bf16_rollout", "bf16_engines", "num_iterations_2"):
             none, r3 = record["mismatch"][name]["none"]["k3_kl"], record["mismatch"][name]["r3"]["k3_kl"]
             record["mismatch"][name]["k3_kl_cut_by_r3"] = none / r3 if r3 else float("inf")
         if not args.skip_grpo:
             record["grpo"] = {"steps": args.grpo_steps,
-                              "runs": grpo_runs(runs, sft, args.grpo_steps, args.variants.split(","))}
+                              "runs": grpo_runs(runs, sft, args.grpo_steps, args.variants.split(","), seeds)}
         record["wall_s"] = round(time.monotonic() - start, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")

@@ -66,7 +66,7 @@ def device_name() -> str:
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f"{host.name()} CPU"
+    return f"CPU: {host.name()}"
 
 
 def versions() -> dict:

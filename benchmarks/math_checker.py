@@ -217,8 +217,8 @@ def main() -> None:
                                       "pred": r["pred"][-80:], "call": r["call"], "label": r["equivalent"], "ours": v}
                                      for r, v in zip(suite, ours_suite_own) if v is not r["equivalent"]],
         },
-        "machine": {**host.describe(), **{name: version(name) for name in ("sympy", "latex2sympy2_extended", "math-verify",
-                                                        "antlr4-python3-runtime")}},
+        "machine": {**host.describe(), **{name: version(name) for name in
+                                          ("sympy", "latex2sympy2_extended", "math-verify", "antlr4-python3-runtime")}},
     }
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     RESULT.write_text(json.dumps(result, indent=2) + "\n")

@@ -214,7 +214,7 @@ def grpo_runs(runs: Path, sft: Path, steps: int, variants: list[str], seeds: lis
                               **{key.split("/")[-1]: quarters(rows, key) for key in
                                  ("sampling/kl_k3", "routing/router_mismatch", "routing/router_mismatch_free",
                                   "sampling/is_clip_frac")}}
-        scores = [run["pass@1"] for run in per_seed.values()]
+        scores = [result["pass@1"] for result in per_seed.values()]
         results[name] = {"overrides": overrides, "seeds": per_seed, "pass@1_mean": sum(scores) / len(scores)}
     return results
 
@@ -264,7 +264,7 @@ def main() -> None:
         record = {"benchmark": "MoE RL: routing replay vs train/rollout mismatch (benchmarks/moe_rl.py)",
                   "host": host.describe(),
                   "recipe": str(RECIPE.relative_to(ROOT)),
-                  "sft": str(args.sft or "the recipe's sft stage, from the preset"), **trained_with(sft),
+                  "sft": str(args.sft or "the recipe's stages 0 and 1 (base, then SFT)"), **trained_with(sft),
                   "mismatch": mismatch_figures(sft, recipe, args.prompts, group, args.seed)}
         for name in ("fp8_rollout", "bf16_rollout", "bf16_engines", "num_iterations_2"):
             none, r3 = record["mismatch"][name]["none"]["k3_kl"], record["mismatch"][name]["r3"]["k3_kl"]

@@ -53,5 +53,5 @@ def name(host: dict | None = None) -> str:
     host = host or describe()
     if "gpu" in host:
         return host["gpu"]
-    isa = host["isa"][0] if host["isa"] else host["platform"]
-    return f"{host['cpu']} ({isa}, {host['cores']} cores)"
+    isa = host["isa"][0] if host.get("isa") else host.get("platform", "vector ISA unknown")
+    return f"{host.get('cpu', '?')} ({isa}, {host.get('cores', '?')} cores)"

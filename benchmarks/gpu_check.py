@@ -62,11 +62,8 @@ DRY_SHAPES = [(64, 256, 256)]
 
 
 def device_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"CPU: {host.name()}"
+    found = host.describe()
+    return host.name(found) if "gpu" in found else f"CPU: {host.name(found)}"
 
 
 def versions() -> dict:

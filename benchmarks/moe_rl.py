@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from r1pipeline import config as cfg  # noqa: E402
-from r1pipeline import host  # noqa: E402
+from r1pipeline import host, rundir  # noqa: E402
 from r1pipeline.model import R1MoEForCausalLM, routing  # noqa: E402
 from r1pipeline.model.layers import fp8_compute  # noqa: E402
 from stages.rollouts import SampledLogprobs  # noqa: E402
@@ -221,7 +221,7 @@ def grpo_runs(runs: Path, sft: Path, steps: int, variants: list[str], seeds: lis
 
 def trained_with(sft: Path) -> dict:
     """The SFT steps and model config the checkpoint was trained with (its stage's config.json)."""
-    config = json.loads((sft.parent / "stage_config.json").read_text())["config"]
+    config = rundir.read_json(sft.parent / "stage_config.json")["config"]
     return {"sft_steps": config["sft"]["max_steps"], "model_config": (config.get("model") or {}).get("config")}
 
 

@@ -134,8 +134,9 @@ def table(run_dir: Path, evals: dict, control_runs: dict | None = None) -> list[
     notes, hosts = [], []
     for stage in STAGES:
         manifest = rundir.read_manifest(run_dir / stage)
-        if manifest and manifest.get("host") and host.name(manifest["host"]) not in hosts:
-            hosts.append(host.name(manifest["host"]))
+        machine = host.name(manifest["host"]) if manifest and manifest.get("host") else None
+        if machine and machine not in hosts:
+            hosts.append(machine)
         if manifest is None and stage not in evals:
             if stage != "base":  # stage 0 belongs to the embedded default; a pretrained model is its own base
                 notes.append(f"- {stage}: not run")

@@ -3,6 +3,7 @@ the run directory honest, and train-with-resume then an atomic save of `final/`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -227,11 +228,36 @@ def train_and_save(trainer, stage: Stage, final: Path | None = None) -> dict:
     return {key: value for key, value in result.metrics.items() if isinstance(value, (int, float))}
 
 
+@contextlib.contextmanager
+def generation_ready(model):
+    """The model's config with `use_cache` on while it is saved. transformers' Trainer sets it to its
+    TrainingArguments' (False: right for training forwards), and a checkpoint saved so makes every
+    `generate` outside our stages recompute the whole prefix at each new token (545 s instead of ~12 s
+    for 128 x 384 tokens on the embedded default)."""
+    configs = [config for config in (getattr(model, "config", None), getattr(model, "generation_config", None))
+               if config is not None]
+    before = [config.use_cache for config in configs]
+    for config in configs:
+        config.use_cache = True
+    try:
+        yield
+    finally:
+        for config, value in zip(configs, before):
+            config.use_cache = value
+
+
 def save_final(trainer, directory: Path) -> None:
     """The model and the tokenizer, as the next stage and any loader read them: a LoRA run's adapter
-    is merged into the base first (and kept alone in final/adapter/), so final/ never needs peft."""
+    is merged into the base first (and kept alone in final/adapter/), so final/ never needs peft; the
+    saved config generates with the KV cache (`generation_ready`)."""
     from accelerate.utils import is_peft_model
 
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    with generation_ready(model.get_base_model() if is_peft_model(model) else model):
+        _save_final(trainer, directory, is_peft_model(trainer.model))
+
+
+def _save_final(trainer, directory: Path, peft: bool) -> None:
     if trainer.is_fsdp_enabled:  # whatever the checkpoints' state-dict type, final/ is whole
         state_dict = trainer.accelerator.get_state_dict(trainer.model)  # every rank takes part
         if trainer.is_world_process_zero():
@@ -244,7 +270,7 @@ def save_final(trainer, directory: Path) -> None:
                 first.setdefault(id(param), name)
             trainer._save(str(directory), state_dict=state_dict)
         return
-    if not is_peft_model(trainer.model):
+    if not peft:
         trainer.save_model(str(directory))
         return
     if trainer.is_world_process_zero():

@@ -1,6 +1,7 @@
 """LoRA (`model.lora`, TRL's peft_config): recipe checks, and on the real stages a GRPO run that
 resumes exactly and hands a merged checkpoint, loadable without peft, to the next stage."""
 
+import json
 import re
 import signal
 
@@ -103,6 +104,7 @@ def test_lora_grpo_resumes_exactly_and_hands_on_a_merged_checkpoint(tmp_path):
     assert changed and all(name.rsplit(".", 2)[-2] in adapted_layers for name in changed), sorted(changed)[:5]
     assert any(name.endswith("q_b_proj.weight") for name in changed)
     assert (stage / "final" / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((stage / "final" / "config.json").read_text())["use_cache"] is True  # generates with its cache
 
     # The merged checkpoint computes what base + adapter computes, and loads without peft.
     from peft import PeftModel

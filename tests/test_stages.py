@@ -183,6 +183,11 @@ def test_all_chains_stages_and_skips_done_ones(tmp_path):
     assert {"torch", "transformers", "trl"} <= grpo["versions"].keys() and grpo["wall_time_s"] > 0
     assert grpo["host"]["cores"] >= 1 and grpo["host"]["cpu"]  # which machine the wall time is of
     assert {path.stem for path in (run / "eval").glob("*.json")} == set(stages)
+    # Every final checkpoint generates with its KV cache outside our stages too (the Trainer had turned
+    # use_cache off for its training forwards).
+    for name in stages:
+        for file in ("config.json", "generation_config.json"):
+            assert json.loads((run / name / "final" / file).read_text())["use_cache"] is True, (name, file)
     report = (run / "report.md").read_text()
     stages_table = report.split("## Stages")[1].split("##")[0]
     sizes = {line.split("|")[1].strip(): float(line.split("|")[2].strip().rstrip("M"))

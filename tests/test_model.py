@@ -200,6 +200,48 @@ def test_absorbed_decode_step_equals_expanded_attention():
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
 
 
+def test_generate_decodes_into_growing_storage_with_the_dynamic_caches_result():
+    """`generate` decodes with a GrowingCache (new tokens written in place, storage doubled when full)
+    and gives what transformers' DynamicCache gives: same tokens, same scores, left padding included,
+    past the first reallocation (64 positions)."""
+    from transformers import DynamicCache
+
+    from r1pipeline.model.modeling import GrowingCache
+
+    model = build().eval()
+    prompts = tokens(batch=3, length=8)
+    mask = torch.ones_like(prompts)
+    mask[0, :3] = 0
+    settings = dict(attention_mask=mask, max_new_tokens=70, min_new_tokens=70, do_sample=False, use_cache=True,
+                    return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        growing = model.generate(prompts, **settings)
+        dynamic = model.generate(prompts, past_key_values=DynamicCache(config=model.config), **settings)
+    assert isinstance(growing.past_key_values, GrowingCache) and type(dynamic.past_key_values) is DynamicCache
+    assert torch.equal(growing.sequences, dynamic.sequences)
+    torch.testing.assert_close(torch.stack(growing.scores), torch.stack(dynamic.scores), rtol=0, atol=0)
+
+
+def test_growing_layer_keeps_its_contents_through_crop_reorder_and_growth():
+    from r1pipeline.model.modeling import GrowingLayer
+
+    layer, expected = GrowingLayer(), torch.empty(2, 1, 0, 4)
+    for step, new in enumerate((5, 1, 60, 1)):
+        states = torch.randn(2, 1, new, 4)
+        keys, values = layer.update(states, -states)
+        expected = torch.cat([expected, states], dim=2)
+        assert torch.equal(keys, expected) and torch.equal(values, -expected), step
+    layer.crop(-3)                                   # speculative decoding drops rejected tokens
+    states = torch.randn(2, 1, 2, 4)
+    keys, _ = layer.update(states, states)
+    expected = torch.cat([expected[:, :, :-3], states], dim=2)
+    assert torch.equal(keys, expected) and layer.get_seq_length() == 66
+    layer.batch_select_indices(torch.tensor([1]))    # beam search reorders the batch
+    states = torch.randn(1, 1, 1, 4)
+    keys, _ = layer.update(states, states)
+    assert torch.equal(keys, torch.cat([expected[1:], states], dim=2))
+
+
 def skewed_batches(model, steps, seed=0):
     """Hidden states that most tokens route to the same few experts: all lie near one direction."""
     g = torch.Generator().manual_seed(seed)

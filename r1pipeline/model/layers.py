@@ -176,14 +176,21 @@ class MLA(nn.Module):
         key half is folded into the query and its value half applied after attention, so the cached
         latent is never expanded to per-head keys and values, which every step would otherwise redo
         for the whole prefix. Same result as the expanded path; inference only."""
+        B, h, _, _ = q_nope.shape
+        T = latent.shape[2]
         w = effective_weight(self.kv_b_proj).view(self.heads, self.nope + self.v, self.kv_lora_rank)
         w_k, w_v = w.split([self.nope, self.v], dim=1)                      # [h, nope|v, r]
         q_latent = torch.einsum("bhsn,hnr->bhsr", q_nope, w_k)              # [B, h, 1, r]
-        scores = (q_latent @ latent.transpose(-1, -2) + q_pe @ k_pe.transpose(-1, -2)) * self.scale  # [B, h, 1, T]
+        # Every head reads the one latent (and RoPE key), so the heads are the rows of one batched GEMM
+        # per sequence: `[B, h, 1, r] @ [B, 1, r, T]` would broadcast, copying the cache once per head at
+        # every step (70% of a 384-token rollout's time).
+        latent, k_pe = latent[:, 0], k_pe[:, 0]                             # [B, T, r], [B, T, rope]
+        scores = torch.baddbmm(torch.bmm(q_pe.reshape(B, h, -1), k_pe.transpose(1, 2)),
+                               q_latent.reshape(B, h, -1), latent.transpose(1, 2)) * self.scale  # [B, h, T]
         if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        out_latent = scores.softmax(dim=-1, dtype=torch.float32).to(latent.dtype) @ latent  # [B, h, 1, r]
-        return torch.einsum("bhsr,hvr->bshv", out_latent, w_v)              # [B, 1, h, v]
+            scores = scores.view(B, h, 1, T).masked_fill(~mask, float("-inf")).view(B, h, T)
+        out_latent = torch.bmm(scores.softmax(dim=-1, dtype=torch.float32).to(latent.dtype), latent)  # [B, h, r]
+        return torch.einsum("bhr,hvr->bhv", out_latent, w_v).unsqueeze(1)   # [B, 1, h, v]
 
 
 class MLP(nn.Module):

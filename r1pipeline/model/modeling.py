@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from . import checkpoint
@@ -30,6 +30,41 @@ class R1MoEModelOutput(BaseModelOutputWithPast):
 class R1MoECausalLMOutput(CausalLMOutputWithPast):
     aux_loss: torch.Tensor | None = None
     mtp_loss: torch.Tensor | None = None  # (1/D) Σ_k L_MTP^k, before the weight λ
+
+
+class GrowingLayer(DynamicLayer):
+    """transformers' DynamicLayer with storage that grows by doubling: each update writes the new tokens
+    in place and returns views of the filled prefix, where DynamicLayer concatenates the whole prefix
+    again at every token (75% of a 128 x 384-token rollout of the embedded default, once the absorbed
+    decode stopped copying). A cropped cache keeps writing into its storage; a reordered batch
+    (beam search) gets new storage."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length, new = self.get_seq_length(), key_states.shape[-2]
+        storage = getattr(self, "_storage", None)
+        if (storage is None or self.keys.data_ptr() != storage[0].data_ptr() or length + new > storage[0].shape[-2]
+                or storage[0].shape[:-2] != key_states.shape[:-2]):
+            capacity = max(2 * (length + new), 64)
+            storage = tuple(states.new_empty(*states.shape[:-2], capacity, states.shape[-1])
+                            for states in (key_states, value_states))
+            if length:
+                storage[0][..., :length, :] = self.keys
+                storage[1][..., :length, :] = self.values
+            self._storage = storage
+        storage[0][..., length:length + new, :] = key_states
+        storage[1][..., length:length + new, :] = value_states
+        self.keys, self.values = storage[0][..., :length + new, :], storage[1][..., :length + new, :]
+        return self.keys, self.values
+
+
+class GrowingCache(DynamicCache):
+    """A DynamicCache of GrowingLayers: what our model decodes with unless given another cache."""
+
+    def __init__(self, config):
+        super().__init__(config=config)
+        self.layers = [GrowingLayer() for _ in self.layers]
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
@@ -92,7 +127,7 @@ class R1MoEModel(R1MoEPreTrainedModel):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds       # [B, S, H]
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None and not (self.gradient_checkpointing and self.training):
-            past_key_values = DynamicCache(config=self.config)
+            past_key_values = GrowingCache(self.config)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         S = x.shape[1]
         if position_ids is None:
@@ -140,6 +175,16 @@ class R1MoEForCausalLM(R1MoEPreTrainedModel, GenerationMixin):
         L = config.num_hidden_layers
         self.mtp = nn.ModuleList([MTP(config, L + k) for k in range(config.num_nextn_predict_layers)])
         self.post_init()
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """`generate`'s default cache (a DynamicCache) as a GrowingCache; a cache the caller passes, or
+        another `cache_implementation`, stays as asked."""
+        prepared = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        if type(cache) is DynamicCache and generation_config.cache_implementation is None \
+                and not getattr(cache, "_is_user_defined", False):
+            model_kwargs["past_key_values"] = GrowingCache(self.config)
+        return prepared
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, routed_experts=None,

@@ -16,7 +16,7 @@ the rest (logprob forwards, loss, backward, optimizer step, our mismatch metrics
 
 Writes benchmarks/results/grpo_step.json.
 
-    python benchmarks/grpo_step.py [--sft CHECKPOINT | --sft-steps 400] [--prompts 16] [--lengths 96,384]
+    python benchmarks/grpo_step.py [--sft CHECKPOINT | --sft-steps N] [--prompts 16] [--lengths 96,384]
 """
 
 from __future__ import annotations
@@ -167,8 +167,9 @@ def measure(sft, lengths, prompts, group, steps, repeats, directory) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sft", help="the SFT checkpoint both sides start from (default: train one)")
-    parser.add_argument("--sft-steps", type=int, default=400, help="SFT steps when --sft is not given")
+    parser.add_argument("--sft", help="the SFT checkpoint both sides start from (default: the recipe's stages 0 "
+                                      "and 1, base then SFT, as `make all` trains them)")
+    parser.add_argument("--sft-steps", type=int, help="SFT steps when --sft is not given (default: the recipe's)")
     parser.add_argument("--lengths", default="96,384", help="max completion lengths; all but the first forced")
     parser.add_argument("--prompts", type=int, default=16, help="prompts per step (x group completions)")
     parser.add_argument("--group", type=int, default=8)
@@ -190,14 +191,16 @@ def main() -> None:
     start = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         sft = Path(args.sft) if args.sft else Path(tmp) / "runs" / "sft" / "sft" / "final"
-        if not args.sft:
-            subprocess.run([sys.executable, "-m", "r1pipeline", "--runs-dir", str(Path(tmp) / "runs"), "--run", "sft",
-                            "sft", "sft.init_from=model", f"sft.max_steps={args.sft_steps}", "sft.save_steps=100000"],
-                           cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        cold_start = "the recipe's stages 0 and 1" + (f", {args.sft_steps} SFT steps" if args.sft_steps else "")
+        if not args.sft:  # the recipe's cold start: stage 0's base, then SFT on it, as `make all` runs them
+            steps = [f"sft.max_steps={args.sft_steps}"] if args.sft_steps else []
+            for stage in (["base"], ["sft", *steps, "sft.save_steps=100000"]):
+                subprocess.run([sys.executable, "-m", "r1pipeline", "--runs-dir", str(Path(tmp) / "runs"), "--run", "sft",
+                                *stage], cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         record = {"benchmark": "a whole GRPO step, ours vs TRL GRPOTrainer + transformers DeepseekV3ForCausalLM "
                                "(benchmarks/grpo_step.py)",
                   "host": host.describe(),
-                  "recipe": str(RECIPE.relative_to(ROOT)), "sft": str(args.sft or f"{args.sft_steps} SFT steps"),
+                  "recipe": str(RECIPE.relative_to(ROOT)), "sft": str(args.sft or cold_start),
                   "prompts": args.prompts, "group": args.group, "steps_per_process": args.steps,
                   "repeats": args.repeats,
                   "lengths": measure(sft, lengths, args.prompts, args.group, args.steps, args.repeats, Path(tmp))}

@@ -196,16 +196,17 @@ def quarters(rows: list[dict], key: str) -> dict:
 
 
 def grpo_runs(runs: Path, sft: Path, steps: int, variants: list[str], seeds: list[int]) -> dict:
-    """Each variant at each GRPO seed (the SFT checkpoint shared), then each variant's mean pass@1."""
+    """Each variant at each GRPO seed (the SFT checkpoint shared), then each variant's mean pass@1. With a kept
+    `--runs-dir`, seeds already run are read back rather than rerun, so one record can gather every seed."""
     results = {}
     for name in variants:
         overrides, per_seed = VARIANTS[name], {}
         for seed in seeds:
             run = f"{name}_seed{seed}"
-            start = time.monotonic()
+            # A run already done with the same config is skipped by the pipeline; its wall time is its manifest's.
             pipeline(runs, run, "grpo", f"grpo.init_from={sft}", f"grpo.max_steps={steps}", "grpo.save_steps=1000",
                      f"grpo.seed={seed}", *overrides)
-            wall = time.monotonic() - start
+            wall = rundir.read_manifest(runs / run / "grpo")["wall_time_s"]
             pipeline(runs, run, "eval")
             evaluated = json.loads((runs / run / "eval" / "grpo.json").read_text())
             rows = [json.loads(line) for line in (runs / run / "grpo" / "metrics.jsonl").read_text().splitlines()]

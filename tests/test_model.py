@@ -239,7 +239,17 @@ def test_growing_layer_keeps_its_contents_through_crop_reorder_and_growth():
     layer.batch_select_indices(torch.tensor([1]))    # beam search reorders the batch
     states = torch.randn(1, 1, 1, 4)
     keys, _ = layer.update(states, states)
-    assert torch.equal(keys, torch.cat([expected[1:], states], dim=2))
+    expected = torch.cat([expected[1:], states], dim=2)
+    assert torch.equal(keys, expected)
+    # With gradient: two cached steps, both used by the loss, backpropagate (no in-place write into
+    # what the first step saved), and a later step without gradient writes into fresh storage.
+    steps = [torch.randn(1, 1, 1, 4, requires_grad=True) for _ in range(2)]
+    loss = sum(layer.update(step, step)[0].square().sum() for step in steps)
+    loss.backward()
+    assert torch.equal(steps[0].grad, 4 * steps[0].detach()) and torch.equal(steps[1].grad, 2 * steps[1].detach())
+    with torch.no_grad():
+        keys, _ = layer.update(states, states)
+    assert torch.equal(keys, torch.cat([expected, *(step.detach() for step in steps), states], dim=2))
 
 
 def skewed_batches(model, steps, seed=0):

@@ -37,9 +37,13 @@ class GrowingLayer(DynamicLayer):
     in place and returns views of the filled prefix, where DynamicLayer concatenates the whole prefix
     again at every token (75% of a 128 x 384-token rollout of the embedded default, once the absorbed
     decode stopped copying). A cropped cache keeps writing into its storage; a reordered batch
-    (beam search) gets new storage."""
+    (beam search) gets new storage. States that carry gradient are concatenated as DynamicLayer does:
+    writing into storage that earlier views were saved from would break their backward."""
 
     def update(self, key_states, value_states, *args, **kwargs):
+        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+            self._storage = None
+            return super().update(key_states, value_states, *args, **kwargs)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         length, new = self.get_seq_length(), key_states.shape[-2]

@@ -176,8 +176,9 @@ def _transformers_engine(model, tokenizer, *, num_samples, max_new_tokens, tempe
     sampling = temperature > 0
     # Every sampling knob is explicit: generate fills unset ones from the checkpoint's
     # generation_config or its own defaults (top_k=50), and vLLM applies none of those. The KV cache
-    # too: a checkpoint saved by a Trainer has config.use_cache=False, and generating without a
-    # cache recomputes the whole sequence at every step (11-15x slower at 96 tokens, tiny preset).
+    # too: a checkpoint saved by a Trainer elsewhere has config.use_cache=False (ours keep it on,
+    # stages/common.py generation_ready), and generating without a cache recomputes the whole sequence
+    # at every step (11-15x slower at 96 tokens, tiny preset).
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sampling, repetition_penalty=1.0,
                               use_cache=True, eos_token_id=eos, pad_token_id=pad,
                               **(dict(temperature=temperature, top_p=top_p, top_k=0) if sampling else {}))

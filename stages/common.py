@@ -252,9 +252,9 @@ def save_final(trainer, directory: Path) -> None:
     saved config generates with the KV cache (`generation_ready`)."""
     from accelerate.utils import is_peft_model
 
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    with generation_ready(model.get_base_model() if is_peft_model(model) else model):
-        _save_final(trainer, directory, is_peft_model(trainer.model))
+    peft, model = is_peft_model(trainer.model), trainer.accelerator.unwrap_model(trainer.model)
+    with generation_ready(model.get_base_model() if peft else model):
+        _save_final(trainer, directory, peft)
 
 
 def _save_final(trainer, directory: Path, peft: bool) -> None:

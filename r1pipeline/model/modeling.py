@@ -40,6 +40,8 @@ class GrowingLayer(DynamicLayer):
     (beam search) gets new storage. States that carry gradient are concatenated as DynamicLayer does:
     writing into storage that earlier views were saved from would break their backward."""
 
+    _storage: tuple[torch.Tensor, torch.Tensor] | None = None  # (keys, values) at their full capacity
+
     def update(self, key_states, value_states, *args, **kwargs):
         if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
             self._storage = None
@@ -47,7 +49,7 @@ class GrowingLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         length, new = self.get_seq_length(), key_states.shape[-2]
-        storage = getattr(self, "_storage", None)
+        storage = self._storage
         if (storage is None or self.keys.data_ptr() != storage[0].data_ptr() or length + new > storage[0].shape[-2]
                 or storage[0].shape[:-2] != key_states.shape[:-2]):
             capacity = max(2 * (length + new), 64)

@@ -6,7 +6,7 @@ import torch
 
 from r1pipeline.model import PRESETS, R1MoEConfig, R1MoEForCausalLM, routing
 from r1pipeline.model.layers import fp8_compute
-from stages.rollouts import SampledLogprobs
+from stages.rollouts import SampledLogprobs, length_buckets
 
 VOCAB, PAD, EOS = 48, 0, 1
 
@@ -136,9 +136,8 @@ def test_routing_record_is_for_our_policy_only():
 TEXTS = [f"{a} + {b} = {a + b}" for a in range(20) for b in range(20)]
 
 
-def grpo_run(tmp_path, name, monkeypatch, single_pass: bool):
-    """Two GRPO steps of a tiny 2-MoE-layer policy, FP8 rollouts and R3, from one seed; the trainer's
-    forwards per step counted. single_pass=False forces the separate no-grad (old-logprob) pass."""
+def tiny_trainer(tmp_path, name: str, max_steps: int = 2):
+    """Our GRPO trainer over a tiny 2-MoE-layer policy from one seed."""
     from datasets import Dataset
     from trl import GRPOConfig
 
@@ -150,13 +149,21 @@ def grpo_run(tmp_path, name, monkeypatch, single_pass: bool):
     model = tiny_policy(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
     args = GRPOConfig(output_dir=str(tmp_path / name), use_cpu=True, report_to=[], num_generations=4,
-                      per_device_train_batch_size=8, max_completion_length=8, max_steps=2, learning_rate=1e-3,
-                      logging_steps=1, save_strategy="no", bf16=False, seed=0,
+                      per_device_train_batch_size=8, max_completion_length=8, max_steps=max_steps,
+                      learning_rate=1e-3, logging_steps=1, save_strategy="no", bf16=False, seed=0,
                       vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_max=2.0)
-    trainer = ResumableGRPOTrainer(
+    return ResumableGRPOTrainer(
         model=model, processing_class=tokenizer, args=args,
         reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],
         train_dataset=Dataset.from_dict({"prompt": [t.split("=")[0] + "=" for t in TEXTS[:32]]}))
+
+
+def grpo_run(tmp_path, name, monkeypatch, single_pass: bool):
+    """Two GRPO steps of a tiny 2-MoE-layer policy, FP8 rollouts and R3, from one seed; the trainer's
+    forwards per step counted. single_pass=False forces the separate no-grad (old-logprob) pass."""
+    from stages.grpo import ResumableGRPOTrainer
+
+    trainer = tiny_trainer(tmp_path, name)
     trainer.configure_rollouts({"routing_replay": "r3", "rollout_precision": "fp8"})
     monkeypatch.setattr(trainer, "_single_pass", lambda: single_pass)
     forwards = []
@@ -192,3 +199,66 @@ def test_on_policy_the_mismatch_comes_from_the_training_forward_alone(tmp_path, 
             assert a[name] == pytest.approx(b[name], rel=1e-4, abs=1e-7), name
     for (name, p), q in zip(single.named_parameters(), double.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_length_buckets_are_the_cheapest_cut_of_the_sorted_rows():
+    """Against every way of cutting the rows, sorted by width, into runs: the dynamic program's cost is the least."""
+    import itertools
+
+    widths, prompt, overhead = [9, 2, 30, 3, 31, 8, 1], 5, 12
+    order = sorted(range(len(widths)), key=widths.__getitem__)
+
+    def cost(groups):
+        return sum(len(g) * (prompt + max(widths[i] for i in g)) + overhead for g in groups)
+
+    for max_rows in (7, 3):
+        groups = length_buckets(widths, prompt, max_rows, overhead)
+        assert sorted(i for g in groups for i in g) == list(range(7)) and all(len(g) <= max_rows for g in groups)
+        cuts = [c for n in range(7) for c in itertools.combinations(range(1, 7), n)]
+        runs = [[order[a:b] for a, b in zip((0, *cut), (*cut, 7))] for cut in cuts]
+        assert cost(groups) == min(cost(r) for r in runs if all(len(g) <= max_rows for g in r))
+    assert length_buckets(widths, prompt, 7, overhead) == [[6, 1, 3], [5, 0], [2, 4]]
+    assert length_buckets(widths, prompt, 3, None) == [[0, 1, 2], [3, 4, 5], [6]]  # TRL's chunks
+
+
+@pytest.mark.parametrize("replay", [False, True], ids=["free", "replayed"])
+def test_the_forward_by_completion_length_changes_no_logprob_gradient_or_route(tmp_path, replay):
+    """The training forward over rows grouped by completion length, each group cut after its longest, gives
+    the logprobs, entropies, gradients and recorded routes of TRL's one forward over the padded batch."""
+    trainer = tiny_trainer(tmp_path, "buckets")
+    model = trainer.model
+    B, P, T = 12, 5, 9
+    generator = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, model.config.vocab_size, (B, P + T), generator=generator)
+    widths = torch.tensor([1, 9, 2, 3, 9, 4, 8, 2, 7, 1, 5, 6])
+    mask = torch.cat([torch.ones(B, P, dtype=torch.long), (torch.arange(T) < widths[:, None]).long()], dim=1)
+    mask[2, :2] = mask[7, :1] = 0  # left-padded prompts
+    routes = None
+    if replay:  # the least-liked experts of every real token
+        with torch.no_grad(), routing.recording(model) as log:
+            model(input_ids=ids, attention_mask=mask)
+        routes = (7 - log[0][0].long()).to(routing.ROUTE_DTYPE).masked_fill(~mask.bool()[..., None, None],
+                                                                             routing.NO_ROUTE)
+    results = {}
+    for overhead in (None, 0):
+        trainer.bucket_overhead_tokens = overhead
+        model.zero_grad()
+        (logps, entropies, _), train_routes = trainer._forward_by_length(
+            model, ids, mask, T, None, routes, True, {"compute_entropy": True})
+        (logps * mask[:, P:]).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results[overhead] = logps.detach(), entropies.detach(), grads, train_routes
+    whole, grouped = results[None], results[0]
+    real = mask[:, P:].bool()
+    torch.testing.assert_close(grouped[0][real], whole[0][real], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grouped[1][real], whole[1][real], rtol=1e-5, atol=1e-6)
+    assert torch.equal(grouped[0][~real], torch.zeros_like(grouped[0][~real]))
+    assert len(grouped[2]) == len(whole[2]) > 0
+    for a, b in zip(grouped[2], whole[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # summed in another order
+    beyond = torch.arange(P + T) >= P + widths[:, None]  # past a row's last completion token: not computed
+    cut = mask.bool() & ~beyond
+    for a, b in zip(grouped[3], whole[3]):
+        assert torch.equal(a[cut], b[cut]) and bool((a[beyond] == routing.NO_ROUTE).all())
+    if replay:
+        assert torch.equal(grouped[3][0][cut], routes[cut])

@@ -223,35 +223,48 @@ def test_length_buckets_are_the_cheapest_cut_of_the_sorted_rows():
 
 @pytest.mark.parametrize("replay", [False, True], ids=["free", "replayed"])
 def test_the_forward_by_completion_length_changes_no_logprob_gradient_or_route(tmp_path, replay):
-    """The training forward over rows grouped by completion length, each group cut after its longest, gives
-    the logprobs, entropies, gradients and recorded routes of TRL's one forward over the padded batch."""
+    """The training forward over rows grouped by completion length, each group cut after its longest, and
+    each distinct prompt computed once, gives the logprobs, entropies, gradients, recorded routes and
+    routing-bias load counts of TRL's one forward over the padded batch."""
     trainer = tiny_trainer(tmp_path, "buckets")
-    model = trainer.model
+    model = trainer.model.train()
     B, P, T = 12, 5, 9
     generator = torch.Generator().manual_seed(4)
     ids = torch.randint(3, model.config.vocab_size, (B, P + T), generator=generator)
+    ids[1:4, :P] = ids[0, :P]     # rows 0-3 share a prompt, as do rows 4-7 (left-padded), and 8-10
+    ids[5:8, :P] = ids[4, :P]
+    ids[9:11, :P] = ids[8, :P]
     widths = torch.tensor([1, 9, 2, 3, 9, 4, 8, 2, 7, 1, 5, 6])
     mask = torch.cat([torch.ones(B, P, dtype=torch.long), (torch.arange(T) < widths[:, None]).long()], dim=1)
-    mask[2, :2] = mask[7, :1] = 0  # left-padded prompts
+    mask[4:8, :2] = 0
+    mask[11, :1] = 0
     routes = None
     if replay:  # the least-liked experts of every real token
         with torch.no_grad(), routing.recording(model) as log:
             model(input_ids=ids, attention_mask=mask)
         routes = (7 - log[0][0].long()).to(routing.ROUTE_DTYPE).masked_fill(~mask.bool()[..., None, None],
                                                                              routing.NO_ROUTE)
-    results = {}
+    results, calls = {}, []
+    real_forward = model.forward
+    model.forward = lambda *args, **kwargs: calls.append(kwargs["input_ids"].shape) or real_forward(*args, **kwargs)
     for overhead in (None, 0):
         trainer.bucket_overhead_tokens = overhead
         model.zero_grad()
+        for gate in routing.moe_gates(model):
+            gate.expert_load.zero_()
+        calls.clear()
         (logps, entropies, _), train_routes = trainer._forward_by_length(
             model, ids, mask, T, None, routes, True, {"compute_entropy": True})
         (logps * mask[:, P:]).sum().backward()
         grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-        results[overhead] = logps.detach(), entropies.detach(), grads, train_routes
+        loads = [gate.expert_load.clone() for gate in routing.moe_gates(model)]
+        results[overhead] = logps.detach(), entropies.detach(), grads, train_routes, loads, list(calls)
     whole, grouped = results[None], results[0]
+    assert whole[5] == [(B, P + T)]
+    assert grouped[5][0] == (4, P - 1) and sum(shape[0] for shape in grouped[5][1:]) == B  # 4 distinct prompts
     real = mask[:, P:].bool()
-    torch.testing.assert_close(grouped[0][real], whole[0][real], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grouped[1][real], whole[1][real], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grouped[0][real], whole[0][real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grouped[1][real], whole[1][real], rtol=1e-5, atol=1e-5)
     assert torch.equal(grouped[0][~real], torch.zeros_like(grouped[0][~real]))
     assert len(grouped[2]) == len(whole[2]) > 0
     for a, b in zip(grouped[2], whole[2]):
@@ -262,3 +275,5 @@ def test_the_forward_by_completion_length_changes_no_logprob_gradient_or_route(t
         assert torch.equal(a[cut], b[cut]) and bool((a[beyond] == routing.NO_ROUTE).all())
     if replay:
         assert torch.equal(grouped[3][0][cut], routes[cut])
+    for a, b in zip(grouped[4], whole[4]):
+        assert torch.equal(a, b) and a.sum() > 0

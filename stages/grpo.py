@@ -13,6 +13,7 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 from trl.generation import vllm_generation
 from trl.generation.vllm_generation import VLLMGeneration, empty_cache
+from trl.trainer import grpo_trainer
 
 from r1pipeline import policy, vllm_engine
 from r1pipeline.config import INIT_FROM_HELP, REWARDS_HELP
@@ -175,6 +176,28 @@ def colocated_engine_settings(args, model):
         vllm_generation.LLM = trl_llm
 
 
+@contextlib.contextmanager
+def reference_of_our_class(model):
+    """While GRPOTrainer builds its reference model (beta > 0): for our policy, of our class. TRL loads it
+    from the policy's checkpoint by the `architectures` its config names (grpo_trainer.py L1003), which
+    for ours is transformers' DeepseekV3ForCausalLM (checkpoint.py writes the DeepSeek-V3 layout): the KL
+    would then compare two implementations of the same weights, and the reference's forward would lack
+    ours (absorbed MLA, shared prompts). `create_model_from_path` is the name of TRL's module to hook."""
+    if not isinstance(unwrapped(model), policy.POLICY_CLASS):
+        yield
+        return
+    trl_create = grpo_trainer.create_model_from_path
+
+    def create(model_id, architecture=None, **kwargs):
+        return trl_create(model_id, architecture=architecture or type(unwrapped(model)), **kwargs)
+
+    grpo_trainer.create_model_from_path = create
+    try:
+        yield
+    finally:
+        grpo_trainer.create_model_from_path = trl_create
+
+
 class ResumableGRPOTrainer(ExactResumeMixin, RolloutRecordMixin, GRPOTrainer):
     """GRPOTrainer whose checkpoints also hold the rollout buffer, and whose vLLM receives our MoE
     policy's weights in checkpoint format (`CheckpointFormatVLLM`).
@@ -185,7 +208,8 @@ class ResumableGRPOTrainer(ExactResumeMixin, RolloutRecordMixin, GRPOTrainer):
     counter makes resume exact."""
 
     def __init__(self, *args, vllm_sync: dict | None = None, **kwargs):
-        with colocated_engine_settings(kwargs.get("args"), kwargs.get("model")):
+        model = kwargs.get("model")
+        with colocated_engine_settings(kwargs.get("args"), model), reference_of_our_class(model):
             super().__init__(*args, **kwargs)
         if self.use_vllm and isinstance(unwrapped(self.vllm_generation.model), policy.POLICY_CLASS):
             if self.vllm_generation._dist.is_fsdp and not self.accelerator.is_fsdp2:

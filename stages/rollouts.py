@@ -384,8 +384,9 @@ class RolloutRecordMixin:
         back[order] = torch.arange(B, device=order.device)  # the inverse permutation
         result = (torch.cat(logps)[back], torch.cat(entropies)[back] if entropies else None,
                   torch.stack(aux).mean() if aux else None)
-        train_routes = tuple(torch.cat(column)[back.to(column[0].device)] for column in zip(*routes)) if record else None
-        return result, train_routes
+        if not record:
+            return result, None
+        return result, tuple(torch.cat(column)[back.to(column[0].device)] for column in zip(*routes))
 
     def _shared_prefix(self, model, input_ids, attention_mask, prompt, replay, kwargs) -> SharedPrefix | None:
         """GRPO's rows come in groups that share a prompt: one forward over each distinct prompt but its last

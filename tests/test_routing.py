@@ -136,8 +136,9 @@ def test_routing_record_is_for_our_policy_only():
 TEXTS = [f"{a} + {b} = {a + b}" for a in range(20) for b in range(20)]
 
 
-def tiny_trainer(tmp_path, name: str, max_steps: int = 2):
-    """Our GRPO trainer over a tiny 2-MoE-layer policy from one seed."""
+def tiny_trainer(tmp_path, name: str, max_steps: int = 2, beta: float = 0.0):
+    """Our GRPO trainer over a tiny 2-MoE-layer policy from one seed (with beta > 0, loaded from a
+    checkpoint, where TRL builds the reference model from)."""
     from datasets import Dataset
     from trl import GRPOConfig
 
@@ -148,8 +149,11 @@ def tiny_trainer(tmp_path, name: str, max_steps: int = 2):
     tokenizer.padding_side = "left"
     model = tiny_policy(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    if beta:
+        model.save_pretrained(tmp_path / f"{name}-init")
+        model = R1MoEForCausalLM.from_pretrained(tmp_path / f"{name}-init")
     args = GRPOConfig(output_dir=str(tmp_path / name), use_cpu=True, report_to=[], num_generations=4,
-                      per_device_train_batch_size=8, max_completion_length=8, max_steps=max_steps,
+                      per_device_train_batch_size=8, max_completion_length=8, max_steps=max_steps, beta=beta,
                       learning_rate=1e-3, logging_steps=1, save_strategy="no", bf16=False, seed=0,
                       vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_max=2.0)
     return ResumableGRPOTrainer(
@@ -277,3 +281,19 @@ def test_the_forward_by_completion_length_changes_no_logprob_gradient_or_route(t
         assert torch.equal(grouped[3][0][cut], routes[cut])
     for a, b in zip(grouped[4], whole[4]):
         assert torch.equal(a, b) and a.sum() > 0
+
+
+def test_the_reference_model_of_our_policy_is_of_our_class(tmp_path):
+    """TRL builds the reference (beta > 0) by the checkpoint's `architectures`, transformers' DeepseekV3ForCausalLM
+    for ours; our trainer builds it of our class, so the KL compares the policy with itself, not with another
+    implementation of the same weights."""
+    import json
+
+    import transformers
+
+    trainer = tiny_trainer(tmp_path, "reference", beta=0.04)
+    assert type(trainer.ref_model) is R1MoEForCausalLM
+    for (name, p), q in zip(trainer.model.named_parameters(), trainer.ref_model.parameters()):
+        assert torch.equal(p, q), name
+    saved = json.loads((tmp_path / "reference-init" / "config.json").read_text())
+    assert saved["architectures"] == [transformers.DeepseekV3ForCausalLM.__name__]  # what TRL alone would build

@@ -41,9 +41,9 @@ prompt of the batch once, with a KV cache that the rows of its group attend to (
 GRPO group's G rows share one prompt), and runs the rows in groups of similar completion length, each
 cut after its longest completion (`length_buckets`; rows are padded to the batch's longest completion,
 ~2x the mean on the embedded default). Neither changes a logprob, gradient, route or routing-bias load
-count (float summation order aside; tests/test_routing.py); together they cut the training part of a
-GRPO step of the embedded default from 1.33 s to 0.76 s (16 x 8 completions of up to 96 tokens, AMD
-EPYC 2 cores).
+count (float summation order aside; tests/test_routing.py); together they cut the "rest" of a GRPO
+step of the embedded default (16 x 8 completions of up to 96 tokens) from 1.29 s to 0.79 s in
+benchmarks/grpo_step.py (2-core AMD EPYC).
 
 FP8 rollouts (`rollout_precision: fp8`): the rollout computes every linear layer in block FP8 from the
 fp32 master weights (DeepSeek-V3's 128x128 weight blocks, 1x128 activation tiles; exact emulation on
@@ -75,9 +75,9 @@ VLLM_REFUSAL = ("routing_replay = {replay!r}, rollout_precision = {precision!r} 
                 "carries no routed experts (vLLM 0.31 returns them only from its Model Runner V2, which its CPU build "
                 "cannot start) and no FP8 rollout weights; set use_vllm=false, whose transformers rollouts do both")
 # What one more forward over a group of rows costs, in tokens of the forward itself (length_buckets):
-# kernel launches and Python per layer. The training part of a GRPO step of the embedded default (16 x 8
-# completions of up to 96 tokens, AMD EPYC 2 cores) took 1.32 s in one forward, 1.07 / 1.10 / 1.11 s
-# with 64 / 256 / 1024 here: flat over that range.
+# kernel launches and Python per layer. In GRPO stage runs of the embedded default (7 steps of 16 x 8
+# completions of up to 96 tokens, 2-core AMD EPYC, before prompts were shared) the steps' training part
+# took 1.32 s in one forward, 1.07 / 1.10 / 1.11 s with 64 / 256 / 1024 here: flat over that range.
 BUCKET_OVERHEAD_TOKENS = 256
 FP8_IS_DEFAULTS = {"vllm_importance_sampling_mode": "token_truncate", "vllm_importance_sampling_clip_max": 2.0}
 

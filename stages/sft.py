@@ -3,6 +3,7 @@ SFTTrainer, the loss on the completion only."""
 
 import dataclasses
 
+import torch
 from trl import SFTConfig, SFTTrainer
 
 from r1pipeline import policy
@@ -18,6 +19,10 @@ class Options:
     """The stage's own keys; every other key of the `sft` section is an SFTConfig field."""
 
     init_from: str = key("model", INIT_FROM_HELP)
+
+
+# What TRL's SFT loss logs once per call (sft_trainer.py compute_loss).
+PER_CALL = ("entropy", "mean_token_accuracy")
 
 
 class ResumableSFTTrainer(ExactResumeMixin, SFTTrainer):
@@ -47,6 +52,54 @@ class ResumableSFTTrainer(ExactResumeMixin, SFTTrainer):
         return batch_samples, num_items_in_batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        groups = self._length_groups(model, inputs, return_outputs, num_items_in_batch)
+        if groups is None:
+            return self._compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # The micro-batch in groups of rows of similar length, each cut after its longest row (TRL pads every
+        # row to the longest): the loss is a sum over the step's targets (num_items_in_batch), the balance
+        # loss a mean over sequences, so the groups' losses add up to the whole batch's.
+        shape = inputs["attention_mask"].shape
+        metrics, before = self._metrics["train"], {name: len(self._metrics["train"][name]) for name in PER_CALL}
+        loss, targets = 0.0, []
+        for rows, length in groups:
+            part = {name: value[rows, :length] if torch.is_tensor(value) and value.shape == shape else value
+                    for name, value in inputs.items()}
+            loss = loss + self._compute_loss(model, part, False, num_items_in_batch, share=len(rows) / shape[0])
+            targets.append(float((part["labels"][:, 1:] != -100).sum()))
+        for name in PER_CALL:  # one value per micro-batch, as TRL logs it: the groups' means weighted by targets
+            values = metrics[name][before[name]:]
+            del metrics[name][before[name]:]
+            metrics[name].append(sum(v * n for v, n in zip(values, targets)) / max(sum(targets), 1.0))
+        return loss
+
+    def _length_groups(self, model, inputs, return_outputs, num_items_in_batch):
+        """[(row index, cut)] for the micro-batch's forward (`length_buckets` over the rows' lengths), or None
+        for one forward: when the batch is not right-padded rows of our policy training with a loss normalised
+        over the step, or MTP is on (its loss needs the step's target counts), or one group is cheapest."""
+        from stages.rollouts import BUCKET_OVERHEAD_TOKENS, length_buckets
+
+        core = self._policy(model)
+        mask = inputs.get("attention_mask")
+        if (core is None or not core.training or return_outputs or num_items_in_batch is None
+                or "labels" not in inputs or mask is None or mask.dim() != 2 or "position_ids" in inputs
+                or (len(core.mtp) and core.config.mtp_loss_weight and getattr(self, "_mtp_items", None) is None)):
+            return None
+        columns = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+        lengths = (mask * columns).amax(-1)
+        if not torch.equal(mask.bool(), columns[None] <= lengths[:, None]):  # not right-padded
+            return None
+        lengths = lengths.clamp(min=1).tolist()
+        groups = length_buckets(lengths, 0, len(lengths), BUCKET_OVERHEAD_TOKENS)
+        if len(groups) < 2:
+            return None
+        # The MTP modules run over all positions but the last k of the padded batch, a row's last real token
+        # included unless the row is the longest: one padding column more keeps that so in every group.
+        extra = 1 if len(core.mtp) and core.config.mtp_loss_weight else 0
+        return [(torch.tensor(rows, device=mask.device), min(mask.shape[1], max(lengths[i] for i in rows) + extra))
+                for rows in groups]
+
+    def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, share: float = 1.0):
+        """TRL's loss plus our policy's (`share`: these rows' part of the micro-batch, for the balance loss)."""
         core = self._policy(model)
         if not (core is not None and core.training and "labels" in inputs):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -64,13 +117,13 @@ class ResumableSFTTrainer(ExactResumeMixin, SFTTrainer):
             # the loss's forward only (with return_outputs TRL runs another, for the logits).
             if extra:
                 return
-            extra.append(None if output.aux_loss is None else output.aux_loss / steps)
+            extra.append(None if output.aux_loss is None else output.aux_loss * share / steps)
             if len(core.mtp) and core.config.mtp_loss_weight:
                 mtp_loss, mtp_aux = core.mtp_losses(output.last_hidden_state, kwargs["input_ids"], inputs["labels"],
                                                     kwargs.get("attention_mask"), kwargs.get("position_ids"),
                                                     num_items=mtp_items)
                 extra.extend([core.config.mtp_loss_weight * mtp_loss * mtp_scale,
-                              None if mtp_aux is None else mtp_aux / steps])
+                              None if mtp_aux is None else mtp_aux * share / steps])
                 mtp_logged.append(mtp_loss.detach() * mtp_scale * steps)  # averaged over ranks and steps: the mean
 
         hook = core.model.register_forward_hook(add_policy_losses, with_kwargs=True)

@@ -68,3 +68,49 @@ def test_the_policys_mtp_and_balance_losses_are_trained(tmp_path):
     assert grads["ours"] > 0
     assert grads["trl"] == 0, "TRL's fused head alone leaves the MTP module untrained (the control)"
     assert losses["trl"] < losses["ours"]
+
+
+def test_a_micro_batch_in_length_groups_trains_and_logs_what_one_forward_does(tmp_path, monkeypatch):
+    """Rows grouped by length, each group cut after its longest row: the same loss (the MTP loss and the
+    balance losses, means over sequences, included), gradients and logged entropy / token accuracy as one
+    forward over the padded micro-batch."""
+    import torch
+
+    from r1pipeline.model.layers import MoE
+    from stages import rollouts
+
+    recipe = apply_overrides(load_recipe("tiny"), [*FAST_DATA, *FAST_SFT, "sft.per_device_train_batch_size=16",
+                                                   "model.config.mtp_loss_weight=0.3"])
+    (stage,) = plan(recipe, ["sft"], Path(tmp_path) / "run")
+    model, tokenizer = load_policy(stage)
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.seq_aux_alpha = 0.1  # large enough to show in the loss
+    trainer = sft.ResumableSFTTrainer(model=model, args=sft.SFTConfig(**sft.trainer_args(stage, model)),
+                                      train_dataset=sft.build_dataset(stage), processing_class=tokenizer)
+    rows = trainer.train_dataset
+    batch = trainer.data_collator([rows[i] for i in range(0, len(rows), len(rows) // 16)][:16])
+    lengths = batch["attention_mask"].sum(-1)
+    assert lengths.max() - lengths.min() > 30  # worked-out rows and bare answers
+    trainer.current_gradient_accumulation_steps = 1
+    trainer._mtp_items = model.mtp_target_counts(batch["labels"])  # as get_batch_samples counts them
+    model.train()
+    results, calls = {}, []
+    real = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **kw: calls.append(kw["input_ids"].shape) or real(*a, **kw))
+    for name, overhead in (("whole", 10 ** 9), ("groups", 0)):
+        monkeypatch.setattr(rollouts, "BUCKET_OVERHEAD_TOKENS", overhead)
+        model.zero_grad()
+        calls.clear()
+        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=(batch["labels"][:, 1:] != -100).sum())
+        loss.backward()
+        results[name] = (loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None],
+                         {key: trainer._metrics["train"][key][-1] for key in sft.PER_CALL}, list(calls))
+    whole, groups = results["whole"], results["groups"]
+    assert len(whole[3]) == 1 and len(groups[3]) > 2
+    assert sum(shape[0] * shape[1] for shape in groups[3]) < 0.9 * whole[3][0][0] * whole[3][0][1]
+    assert abs(groups[0] - whole[0]) < 1e-5 * whole[0]
+    for a, b in zip(groups[1], whole[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for key in sft.PER_CALL:
+        assert abs(groups[2][key] - whole[2][key]) < 1e-5, key

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from transformers import LogitsProcessor
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
 
@@ -220,6 +221,57 @@ def test_generate_decodes_into_growing_storage_with_the_dynamic_caches_result():
     assert isinstance(growing.past_key_values, GrowingCache) and type(dynamic.past_key_values) is DynamicCache
     assert torch.equal(growing.sequences, dynamic.sequences)
     torch.testing.assert_close(torch.stack(growing.scores), torch.stack(dynamic.scores), rtol=0, atol=0)
+
+
+class EndsAt(LogitsProcessor):
+    """Forces EOS on row i at its generated step `ends[i]` (None: never); records each step's scores."""
+
+    def __init__(self, ends, eos):
+        self.ends, self.eos, self.step, self.seen = ends, eos, 0, []
+
+    def __call__(self, input_ids, scores):
+        self.seen.append(scores.clone())
+        for row, end in enumerate(self.ends):
+            if end == self.step:
+                scores[row] = float("-inf")
+                scores[row, self.eos] = 0.0
+        self.step += 1
+        return scores
+
+
+def test_decoding_drops_finished_rows_and_changes_no_token_score_or_route():
+    """Rows that have ended (one step after their EOS) leave the decoding batch: the same tokens, scores of
+    unfinished rows and recorded routes as decoding every row to the end (a DynamicCache, which keeps all),
+    on fewer rows per step."""
+    from transformers import DynamicCache, LogitsProcessorList
+
+    from r1pipeline.model import routing
+
+    model, eos = build().eval(), 5
+    prompts = tokens(batch=6, length=8)
+    mask = torch.ones_like(prompts)
+    mask[0, :3] = 0
+    ends = [2, 9, 9, 20, 30, None]
+    runs, rows_seen = {}, []
+    hook = model.model.register_forward_pre_hook(lambda module, args, kwargs: rows_seen.append(
+        kwargs["input_ids"].shape[0]), with_kwargs=True)
+    for name, cache in (("dropped", None), ("all", DynamicCache(config=model.config))):
+        rows_seen.clear()
+        forced = EndsAt(ends, eos)
+        with torch.no_grad(), routing.recording(model) as log:
+            out = model.generate(prompts, attention_mask=mask, max_new_tokens=40, do_sample=False, eos_token_id=eos,
+                                 pad_token_id=0, past_key_values=cache, logits_processor=LogitsProcessorList([forced]))
+        lengths = [next((i + 1 for i, t in enumerate(row.tolist()) if t == eos), 40) for row in out[:, 8:]]
+        runs[name] = out, forced.seen, routing.generated_routes(log, mask, lengths), list(rows_seen)
+    hook.remove()
+    (out, seen, routes, rows), (out_all, seen_all, routes_all, rows_all) = runs["dropped"], runs["all"]
+    assert torch.equal(out, out_all)
+    assert rows_all == [6] * 40 and rows[0] == 6 and rows[-1] == 1 and sum(rows) < 0.6 * sum(rows_all)
+    for step, (a, b) in enumerate(zip(seen, seen_all)):
+        live = [i for i, end in enumerate(ends) if end is None or end >= step]
+        torch.testing.assert_close(a[live], b[live], rtol=1e-5, atol=1e-5)
+    for a, b in zip(routes, routes_all):
+        assert torch.equal(a, b)
 
 
 def test_growing_layer_keeps_its_contents_through_crop_reorder_and_growth():

@@ -13,12 +13,13 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.generation.stopping_criteria import StoppingCriteria
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from . import checkpoint
 from .config import R1MoEConfig
 from .layers import Block, Experts, Gate, RMSNorm, RotaryEmbedding
-from .routing import routing_of
+from .routing import NO_ROUTE, routing_of
 
 
 @dataclass
@@ -64,13 +65,60 @@ class GrowingLayer(DynamicLayer):
         self.keys, self.values = storage[0][..., :length + new, :], storage[1][..., :length + new, :]
         return self.keys, self.values
 
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Only these rows of the batch from now on (their storage copied; the next update reallocates)."""
+        if self.is_initialized:
+            self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
+        self._storage = None
+
 
 class GrowingCache(DynamicCache):
-    """A DynamicCache of GrowingLayers: what our model decodes with unless given another cache."""
+    """A DynamicCache of GrowingLayers: what our model decodes with unless given another cache.
+
+    While `generate` samples or searches greedily, `finished` ([B] bool, kept by `FinishedRows`) marks the
+    rows that have ended; `decode_rows` then drops them from the storage once they are an eighth of it,
+    and the decoding steps compute only the rows it holds (R1MoEForCausalLM.forward). transformers'
+    `generate` keeps decoding every row to the longest one's end, a GRPO batch's finished rows included
+    (half the row-steps of the embedded default's rollouts)."""
+
+    FINISHED_SHARE = 1 / 8  # dropped from the storage once they are this much of it
 
     def __init__(self, config):
         super().__init__(config=config)
         self.layers = [GrowingLayer() for _ in self.layers]
+        self.finished: torch.Tensor | None = None   # [B] over the whole batch
+        self.rows: torch.Tensor | None = None       # the rows of the batch the storage holds (None: all)
+
+    def decode_rows(self) -> torch.Tensor | None:
+        """The rows of the batch the next decoding step computes, in the storage's order (None: all)."""
+        if self.finished is None:
+            return self.rows
+        rows = self.rows if self.rows is not None else torch.arange(len(self.finished), device=self.finished.device)
+        done = self.finished[rows]
+        if bool(done.all()) or int(done.sum()) < max(1, len(rows) * self.FINISHED_SHARE):
+            return self.rows
+        keep = (~done).nonzero().squeeze(1)
+        for layer in self.layers:
+            layer.keep_rows(keep.to(layer.keys.device) if layer.is_initialized else keep)
+        self.rows = rows[keep]
+        return self.rows
+
+
+class FinishedRows(StoppingCriteria):
+    """A stopping criterion that stops no row: it tells `cache` (GrowingCache.finished) which rows have
+    ended, one step after they sampled an EOS, so that the EOS itself is still fed through (its routes
+    recorded). Rows that other criteria stop (stop strings) are decoded on: time, never a token."""
+
+    def __init__(self, cache: GrowingCache, eos: torch.Tensor):
+        self.cache, self.eos, self.ended = cache, eos, None
+
+    def __call__(self, input_ids, scores, **kwargs):
+        ended = torch.isin(input_ids[:, -1], self.eos.to(input_ids.device))
+        if self.ended is not None:
+            self.cache.finished = self.ended.clone()
+            ended |= self.ended
+        self.ended = ended
+        return torch.zeros_like(ended)
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
@@ -187,20 +235,47 @@ class R1MoEForCausalLM(R1MoEPreTrainedModel, GenerationMixin):
         another `cache_implementation`, stays as asked."""
         prepared = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get("past_key_values")
+        self._decoding_cache = None
         if type(cache) is DynamicCache and generation_config.cache_implementation is None \
                 and not getattr(cache, "_is_user_defined", False):
-            model_kwargs["past_key_values"] = GrowingCache(self.config)
+            model_kwargs["past_key_values"] = self._decoding_cache = GrowingCache(self.config)
         return prepared
+
+    def _get_stopping_criteria(self, generation_config, stopping_criteria, *args, **kwargs):
+        """transformers' criteria, plus `FinishedRows` on the cache made above when `generate` samples or
+        searches greedily (one sequence per row, none of the cache returned to the caller)."""
+        criteria = super()._get_stopping_criteria(generation_config, stopping_criteria, *args, **kwargs)
+        cache, self._decoding_cache = getattr(self, "_decoding_cache", None), None
+        if (cache is not None and generation_config._eos_token_tensor is not None
+                and (generation_config.num_beams or 1) == 1 and not generation_config.is_assistant
+                and not generation_config.return_dict_in_generate and generation_config.assistant_early_exit is None
+                and generation_config.prompt_lookup_num_tokens is None):
+            criteria.append(FinishedRows(cache, generation_config._eos_token_tensor))
+        return criteria
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, routed_experts=None,
                 **kwargs) -> R1MoECausalLMOutput:
+        rows = None
+        if (isinstance(past_key_values, GrowingCache) and input_ids is not None and input_ids.shape[1] == 1
+                and labels is None and routed_experts is None and not torch.is_grad_enabled()):
+            rows = past_key_values.decode_rows()  # a decoding step: the rows that have not finished
+        if rows is not None:
+            batch = input_ids.shape[0]
+            input_ids, attention_mask, position_ids = (None if t is None or t.shape[0] != batch else t[rows]
+                                                       for t in (input_ids, attention_mask, position_ids))
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          routed_experts=routed_experts)
         hidden = out.last_hidden_state                                                      # [B, S, H]
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep])                                             # [B, S', V]
+        if rows is not None:  # back to the whole batch: zeros (and no routes) for the finished rows
+            logits = logits.new_zeros(batch, *logits.shape[1:]).index_copy_(0, rows, logits)
+            log = self.model.routing_log
+            if log:
+                log[-1] = tuple(torch.full((batch, *r.shape[1:]), NO_ROUTE, dtype=r.dtype, device=r.device)
+                                .index_copy_(0, rows.to(r.device), r) for r in log[-1])
         loss = mtp_loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)

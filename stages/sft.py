@@ -74,8 +74,9 @@ class ResumableSFTTrainer(ExactResumeMixin, SFTTrainer):
 
     def _length_groups(self, model, inputs, return_outputs, num_items_in_batch):
         """[(row index, cut)] for the micro-batch's forward (`length_buckets` over the rows' lengths), or None
-        for one forward: when the batch is not right-padded rows of our policy training with a loss normalised
-        over the step, or MTP is on (its loss needs the step's target counts), or one group is cheapest."""
+        for one forward: unless the batch is right-padded rows for our policy in training, its loss normalised
+        over the step's targets (and the MTP loss, when on, over the step's MTP targets), or where one group
+        is cheapest."""
         from stages.rollouts import BUCKET_OVERHEAD_TOKENS, length_buckets
 
         core = self._policy(model)

@@ -66,6 +66,7 @@ from r1pipeline.model import routing
 from r1pipeline.model.layers import fp8_compute
 from r1pipeline.pipeline import log
 from r1pipeline.schema import key
+from stages.common import unwrapped
 
 REPLAY_MODES = ("none", "r2", "r3")
 PRECISIONS = ("model", "fp8")
@@ -104,6 +105,11 @@ def trl_defaults(section: dict) -> dict:
 def loss_mask(batch: dict) -> torch.Tensor:
     """The completion tokens a GRPO batch's loss counts: its completion mask less tool output (TRL's)."""
     return batch["completion_mask"] * batch.get("tool_mask", 1)
+
+
+def row_lengths(mask: torch.Tensor) -> torch.Tensor:
+    """[B]: each row's last marked position of `mask` [B, S], plus one (0 for a row with none)."""
+    return (mask * torch.arange(1, mask.shape[1] + 1, device=mask.device)).amax(-1)
 
 
 def length_buckets(widths: list[int], prompt: int, max_rows: int, overhead: int | None) -> list[list[int]]:
@@ -204,10 +210,7 @@ class RolloutRecordMixin:
 
     def _policy(self, model=None):
         """The model under the trainer's wrappers (DDP, PEFT): of `model`, by default the policy's."""
-        from accelerate.utils import is_peft_model
-
-        model = self.accelerator.unwrap_model(self.model if model is None else model)
-        return model.get_base_model() if is_peft_model(model) else model
+        return unwrapped(self.accelerator.unwrap_model(self.model if model is None else model))
 
     def _routed(self, model=None) -> bool:
         """Whether the policy (or `model`) has routers to record: our model with at least one MoE layer."""
@@ -353,8 +356,7 @@ class RolloutRecordMixin:
         NO_ROUTE past each group's cut."""
         B, S = input_ids.shape
         prompt = S - logits_to_keep
-        position = torch.arange(1, logits_to_keep + 1, device=attention_mask.device)
-        widths = (attention_mask[:, prompt:] * position).amax(-1).clamp(min=1).tolist()  # last real token + 1
+        widths = row_lengths(attention_mask[:, prompt:]).clamp(min=1).tolist()
         prefix = self._shared_prefix(model, input_ids, attention_mask, prompt, replay, kwargs)
         start = 0 if prefix is None else prefix.length   # the first column each group's forward computes
         groups = length_buckets(widths, prompt - start, batch_size or B, self.bucket_overhead_tokens)

@@ -77,7 +77,7 @@ class ResumableSFTTrainer(ExactResumeMixin, SFTTrainer):
         for one forward: unless the batch is right-padded rows for our policy in training, its loss normalised
         over the step's targets (and the MTP loss, when on, over the step's MTP targets), or where one group
         is cheapest."""
-        from stages.rollouts import BUCKET_OVERHEAD_TOKENS, length_buckets
+        from stages.rollouts import BUCKET_OVERHEAD_TOKENS, length_buckets, row_lengths
 
         core = self._policy(model)
         mask = inputs.get("attention_mask")
@@ -85,9 +85,8 @@ class ResumableSFTTrainer(ExactResumeMixin, SFTTrainer):
                 or "labels" not in inputs or mask is None or mask.dim() != 2 or "position_ids" in inputs
                 or (len(core.mtp) and core.config.mtp_loss_weight and getattr(self, "_mtp_items", None) is None)):
             return None
-        columns = torch.arange(1, mask.shape[1] + 1, device=mask.device)
-        lengths = (mask * columns).amax(-1)
-        if not torch.equal(mask.bool(), columns[None] <= lengths[:, None]):  # not right-padded
+        lengths = row_lengths(mask)
+        if not torch.equal(mask.bool(), torch.arange(mask.shape[1], device=mask.device) < lengths[:, None]):  # not right-padded
             return None
         lengths = lengths.clamp(min=1).tolist()
         groups = length_buckets(lengths, 0, len(lengths), BUCKET_OVERHEAD_TOKENS)

@@ -86,7 +86,8 @@ class ResumableSFTTrainer(ExactResumeMixin, SFTTrainer):
                 or (len(core.mtp) and core.config.mtp_loss_weight and getattr(self, "_mtp_items", None) is None)):
             return None
         lengths = row_lengths(mask)
-        if not torch.equal(mask.bool(), torch.arange(mask.shape[1], device=mask.device) < lengths[:, None]):  # not right-padded
+        right_padded = torch.arange(mask.shape[1], device=mask.device) < lengths[:, None]
+        if not torch.equal(mask.bool(), right_padded):
             return None
         lengths = lengths.clamp(min=1).tolist()
         groups = length_buckets(lengths, 0, len(lengths), BUCKET_OVERHEAD_TOKENS)

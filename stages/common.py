@@ -285,6 +285,10 @@ def trainer_args(stage: Stage, model, **defaults) -> dict:
     """The stage's TRL fields over our defaults, with the run directory as output_dir."""
     # Under DDP our MoE can leave parameters without gradient in a step (the MTP module outside SFT,
     # experts no token chose); DDP must look for them instead of waiting for their reduction forever.
+    # Nor may DDP broadcast rank 0's buffers at every forward (its default): each process counts its own
+    # expert loads (all-reduced at the bias update, whose bias is then the same everywhere), and a
+    # micro-batch in several forwards (length groups, a shared prefix) can take more forwards on one
+    # process than on another, which left the broadcasts unmatched and the run hung.
     moe = isinstance(model, policy.POLICY_CLASS)
-    return {"report_to": "none", "ddp_find_unused_parameters": moe, **defaults, **stage.trl_fields,
-            "output_dir": str(stage.stage_dir)}
+    return {"report_to": "none", "ddp_find_unused_parameters": moe, **({"ddp_broadcast_buffers": False} if moe else {}),
+            **defaults, **stage.trl_fields, "output_dir": str(stage.stage_dir)}

@@ -398,9 +398,12 @@ class RolloutRecordMixin:
         prompt through the cache. The routing bias's load counts each prompt token once per row, as the
         forward over whole rows would. None (whole rows) where it would not pay or does not apply: our
         policy only, not under gradient checkpointing (which drops the cache), not with an aux loss
-        (a sequence-level sum), nor where replayed routes differ within a group's prompt."""
+        (a sequence-level sum), nor where replayed routes differ within a group's prompt; not under FSDP
+        or DeepSpeed, whose parameters are gathered for a module's backward when the gradient reaches its
+        output, not the cache (with FSDP2 the process crashed)."""
         B, length = input_ids.shape[0], prompt - 1
         if (self.bucket_overhead_tokens is None or length < 1 or kwargs.get("compute_aux_loss")
+                or self.is_fsdp_enabled or self.is_deepspeed_enabled
                 or not isinstance(self._policy(model), policy.POLICY_CLASS)
                 or (model.training and routing.backbone(model).gradient_checkpointing)):
             return None

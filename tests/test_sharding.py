@@ -31,8 +31,10 @@ pytestmark = pytest.mark.slow
 FSDP2 = ROOT / "recipes" / "accelerate" / "fsdp2-cpu2.yaml"
 DDP = ROOT / "recipes" / "accelerate" / "cpu2.yaml"
 SFT = ["sft.init_from=model", "sft.max_steps=6", "sft.save_steps=2", "sft.logging_steps=1", "sft.warmup_steps=0"]
+# 16 completions a process: enough that our policy's training forward would compute each prompt once
+# (stages/rollouts.py _shared_prefix), which crashed under FSDP2 and is off there.
 GRPO = ["grpo.max_steps=4", "grpo.save_steps=2", "grpo.logging_steps=1", "grpo.num_generations=4",
-        "grpo.max_completion_length=12", "grpo.per_device_train_batch_size=4",
+        "grpo.max_completion_length=12", "grpo.per_device_train_batch_size=16",
         # a reward that varies with length, so that even a barely trained policy gets advantages
         "grpo.rewards=[{name: soft_overlong, weight: 1.0, args: {max_length: 12, cache: 11}}]"]
 
@@ -170,3 +172,26 @@ def test_a_stuck_collective_raises_after_ddp_timeout(sft_runs, tmp_path, model_r
                          accelerate_config=DDP, env=pipeline_env(plugins))
     assert code != 0 and "Timed out waiting 10000ms" in out, out[-3000:]
     assert time.monotonic() - started < 300, "the stall ended the launch long before process 1 woke up"
+
+
+def test_ddp_sft_in_several_forwards_a_process_equals_the_single_process_run(tmp_path):
+    """Our SFT computes a micro-batch in several forwards (the rows' shared system prompt once, then rows
+    in length groups: stages/sft.py), as many as its rows need, so the two processes take different numbers
+    of forwards in a step. Under DDP that hung (DDP broadcast rank 0's buffers at every forward, TRL
+    gathers its metrics at every loss call); it must run, and log what one process on the whole batch
+    logs: losses, entropy, token accuracy, tokens, and the expert loads behind the routing bias (which the
+    broadcast had overwritten with rank 0's)."""
+    runs = tmp_path / "runs"
+    steps = 4
+    for run, batch, config in (("single", 32, None), ("ddp", 16, DDP)):
+        code, out = pipeline(runs, run, "sft", "--recipe", "tiny", *FAST_DATA, *SFT[:1], f"sft.max_steps={steps}",
+                             "sft.save_steps=100", "sft.logging_steps=1", "sft.warmup_steps=0",
+                             f"sft.per_device_train_batch_size={batch}", accelerate_config=config)
+        assert code == 0, out[-3000:]
+    single, ddp = ([json.loads(line) for line in (runs / run / "sft" / "metrics.jsonl").read_text().splitlines()
+                    if '"loss"' in line] for run in ("single", "ddp"))
+    assert len(single) == len(ddp) == steps
+    for a, b in zip(single, ddp):
+        for key in ("loss", "entropy", "mean_token_accuracy"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+        assert b["num_tokens"] == a["num_tokens"] and b["moe_load_imbalance"] == a["moe_load_imbalance"]

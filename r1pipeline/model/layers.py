@@ -298,7 +298,11 @@ class Experts(nn.Module):
 
 class MoE(nn.Module):
     """DeepSeekMoE: shared experts for every token plus K routed experts of E, and the optional
-    sequence-wise balance loss α Σ_i f_i P_i (V3 Eq. 17-20)."""
+    sequence-wise balance loss α Σ_i f_i P_i (V3 Eq. 17-20).
+
+    A batch whose rows share a first stretch of tokens can compute it once (stages/sft.py): the forward
+    over that prefix keeps its balance sums (`keep_prefix_sums`), and the forwards over the rows' rest
+    add them to each row's (`prefix_sums`), so every row's loss counts its whole sequence."""
 
     def __init__(self, config: R1MoEConfig):
         super().__init__()
@@ -306,6 +310,8 @@ class MoE(nn.Module):
         self.experts = Experts(config)
         self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, config.fp8)
         self.seq_aux_alpha = config.seq_aux_alpha
+        self.keep_prefix_sums = False
+        self.prefix_sums: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None, routing: torch.Tensor | None = None):
         B, S, H = x.shape
@@ -315,17 +321,27 @@ class MoE(nn.Module):
         y = self.experts(flat, weights, indices).view(B, S, H) + self.shared_experts(x)
         aux = None
         if self.training and self.seq_aux_alpha:
-            aux = self.balance_loss(scores.view(B, S, -1), indices.view(B, S, -1), token_mask)
+            sums = self.balance_sums(scores.view(B, S, -1), indices.view(B, S, -1), token_mask)
+            if self.keep_prefix_sums:
+                self.prefix_sums = sums
+            elif self.prefix_sums is not None:
+                sums = tuple(mine + shared for mine, shared in zip(sums, self.prefix_sums))
+            aux = self.balance_loss(*sums, K=indices.shape[-1])
         return y, aux
 
-    def balance_loss(self, scores, indices, token_mask):
+    @staticmethod
+    def balance_sums(scores, indices, token_mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per sequence: how often each expert was chosen [B, E], the normalised affinities summed [B, E]
+        (with their gradient), the tokens counted [B]."""
         B, S, E = scores.shape
-        K = indices.shape[-1]
         valid = torch.ones(B, S, device=scores.device) if token_mask is None else token_mask.float()
-        tokens = valid.sum(1).clamp(min=1)                                        # [B]
         chosen = torch.zeros_like(scores).scatter_(2, indices, 1.0) * valid[..., None]
-        f = chosen.sum(1) * E / (K * tokens[:, None])                               # [B, E]
-        P = (scores / scores.sum(-1, keepdim=True) * valid[..., None]).sum(1) / tokens[:, None]
+        return chosen.sum(1), (scores / scores.sum(-1, keepdim=True) * valid[..., None]).sum(1), valid.sum(1)
+
+    def balance_loss(self, chosen, affinity, tokens, K: int):
+        E, tokens = chosen.shape[-1], tokens.clamp(min=1)[:, None]
+        f = chosen * E / (K * tokens)                                             # [B, E]
+        P = affinity / tokens
         return self.seq_aux_alpha * (f * P).sum(-1).mean()
 
 

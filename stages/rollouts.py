@@ -158,6 +158,40 @@ def count_repeats(model, used: torch.Tensor, mask: torch.Tensor, repeats: torch.
                                                minlength=gate.expert_load.numel()).to(gate.expert_load.device)
 
 
+def may_share_prefixes(trainer) -> bool:
+    """Whether a trainer may compute a shared prefix once and send the rows' gradients back through its
+    KV cache: not under FSDP or DeepSpeed, whose parameters are gathered for a module's backward when the
+    gradient reaches the module's output, not a cache (GRPO's shared prompts crashed FSDP2)."""
+    return not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled)
+
+
+def prefix_forward(model, ids: torch.Tensor, mask: torch.Tensor, repeats: torch.Tensor, routed: bool,
+                   replay: torch.Tensor | None = None):
+    """(KV cache, (used, free) routes or None) of one forward over the prefixes `ids` [u, P] that rows of a
+    batch share, each prefix standing for `repeats[u]` rows more than this forward counts: in training,
+    each MoE gate's load counts them once per row, as forwards over whole rows would (`count_repeats`)."""
+    recording = routing.recording(model) if routed else contextlib.nullcontext()
+    with routing.replaying(model, replay), recording as log_:
+        cache = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1).past_key_values
+    if routed and model.training:
+        count_repeats(model, log_[0][0], mask, repeats)
+    return cache, log_[0] if routed else None
+
+
+def cache_for_rows(cache, rows: torch.Tensor | int) -> DynamicCache:
+    """A fresh cache for the forwards of rows that attend to a shared prefix's `cache` (which their
+    forwards then leave as it is): row i gets the prefix row `rows[i]`, or with `rows` an int, the one
+    prefix row `rows` times (a view)."""
+    fresh = DynamicCache()
+    for layer_idx, layer in enumerate(cache.layers):
+        if isinstance(rows, int):
+            keys, values = (t.expand(rows, *t.shape[1:]) for t in (layer.keys, layer.values))
+        else:
+            keys, values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
+        fresh.update(keys, values, layer_idx)
+    return fresh
+
+
 class SampledLogprobs(LogitsProcessor):
     """Reads, while `generate` samples, the logprob of every sampled token under the sampling policy:
     log softmax(logits / T) as TRL computes the trainer's, one step behind (a step's token is known at
@@ -398,12 +432,11 @@ class RolloutRecordMixin:
         prompt through the cache. The routing bias's load counts each prompt token once per row, as the
         forward over whole rows would. None (whole rows) where it would not pay or does not apply: our
         policy only, not under gradient checkpointing (which drops the cache), not with an aux loss
-        (a sequence-level sum), nor where replayed routes differ within a group's prompt; not under FSDP
-        or DeepSpeed, whose parameters are gathered for a module's backward when the gradient reaches its
-        output, not the cache (with FSDP2 the process crashed)."""
+        (a sequence-level sum), nor where replayed routes differ within a group's prompt, nor under FSDP
+        or DeepSpeed (`may_share_prefixes`)."""
         B, length = input_ids.shape[0], prompt - 1
         if (self.bucket_overhead_tokens is None or length < 1 or kwargs.get("compute_aux_loss")
-                or self.is_fsdp_enabled or self.is_deepspeed_enabled
+                or not may_share_prefixes(self)
                 or not isinstance(self._policy(model), policy.POLICY_CLASS)
                 or (model.training and routing.backbone(model).gradient_checkpointing)):
             return None
@@ -415,23 +448,16 @@ class RolloutRecordMixin:
             0, of_row, torch.arange(B, device=of_row.device), "amin")            # a row of each prompt
         if replay is not None and not torch.equal(replay[:, :length], replay[first[of_row], :length]):
             return None
-        ids, mask = input_ids[first, :length], attention_mask[first, :length]
-        routed = self._routed(model)
-        recording = routing.recording(model) if routed else contextlib.nullcontext()
-        with routing.replaying(model, None if replay is None else replay[first, :length]), recording as log_, \
-                self.accelerator.autocast():
-            cache = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1).past_key_values
-        if routed and model.training:
-            repeats = torch.bincount(of_row, minlength=unique.shape[0]) - 1
-            count_repeats(model, log_[0][0], mask, repeats)
-        return SharedPrefix(cache, of_row, log_[0] if routed else None, length)
+        repeats = torch.bincount(of_row, minlength=unique.shape[0]) - 1
+        with self.accelerator.autocast():
+            cache, routes = prefix_forward(model, input_ids[first, :length], attention_mask[first, :length], repeats,
+                                           self._routed(model), None if replay is None else replay[first, :length])
+        return SharedPrefix(cache, of_row, routes, length)
 
     def _logps_after_prefix(self, model, prefix: SharedPrefix, index, ids, attention_mask, width, kwargs):
         """TRL's (logprobs, entropies, None) of rows `index` from `ids` [b, 1 + width] (the prompt's last
         token, then the completion) over their prompts' shared cache; `attention_mask` [b, P + width]."""
-        cache, select = DynamicCache(), prefix.of_row[index]
-        for layer_idx, layer in enumerate(prefix.cache.layers):
-            cache.update(layer.keys.index_select(0, select), layer.values.index_select(0, select), layer_idx)
+        cache = cache_for_rows(prefix.cache, prefix.of_row[index])
         labels = ids.masked_fill(attention_mask[:, -ids.shape[1]:] == 0, -100)
         with self.accelerator.autocast():
             out = model(input_ids=ids, attention_mask=attention_mask, past_key_values=cache,

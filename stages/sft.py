@@ -5,12 +5,10 @@ import contextlib
 import dataclasses
 
 import torch
-from transformers import DynamicCache
 from trl import SFTConfig, SFTTrainer
 
 from r1pipeline import policy
 from r1pipeline.config import INIT_FROM_HELP
-from r1pipeline.model import routing
 from r1pipeline.pipeline import Stage
 from r1pipeline.schema import key
 from stages.common import (ExactResumeMixin, callbacks, completion_of, load_policy, peft_config, sft_row,
@@ -126,7 +124,7 @@ class ResumableSFTTrainer(ExactResumeMixin, SFTTrainer):
         reads (`_shared_length`), or None for one forward: unless the batch is right-padded rows for our
         policy in training, its loss normalised over the step's targets (and the MTP loss, when on, over the
         step's MTP targets), or where one forward over whole rows is cheapest."""
-        from stages.rollouts import BUCKET_OVERHEAD_TOKENS, length_buckets, row_lengths
+        from stages.rollouts import BUCKET_OVERHEAD_TOKENS, length_buckets, may_share_prefixes, row_lengths
 
         core = self._policy(model)
         mask = inputs.get("attention_mask")
@@ -140,8 +138,7 @@ class ResumableSFTTrainer(ExactResumeMixin, SFTTrainer):
             return None
         lengths = lengths.clamp(min=1).tolist()
         groups = length_buckets(lengths, 0, len(lengths), BUCKET_OVERHEAD_TOKENS)
-        shared = 0 if self.is_fsdp_enabled or self.is_deepspeed_enabled else \
-            self._shared_length(core, inputs, BUCKET_OVERHEAD_TOKENS)
+        shared = self._shared_length(core, inputs, BUCKET_OVERHEAD_TOKENS) if may_share_prefixes(self) else 0
         if len(groups) < 2 and not shared:
             return None
         # The MTP modules run over all positions but the last k of the padded batch, a row's last real token
@@ -157,7 +154,7 @@ class ResumableSFTTrainer(ExactResumeMixin, SFTTrainer):
         or 0 where computing them once would not pay `overhead` tokens' worth for the extra forward, or does
         not apply: not under gradient checkpointing (which drops the cache), not with the MTP loss (its
         modules read every position's hidden state); nor, as the caller checks, under FSDP or DeepSpeed
-        (RolloutRecordMixin._shared_prefix)."""
+        (`may_share_prefixes`)."""
         ids, labels = inputs["input_ids"], inputs["labels"]
         if (ids.shape[0] < 2 or core.model.gradient_checkpointing or (len(core.mtp) and core.config.mtp_loss_weight)
                 or labels.shape != ids.shape):
@@ -174,22 +171,18 @@ class ResumableSFTTrainer(ExactResumeMixin, SFTTrainer):
         its rows' forwards then attend to; gradients reach the prefix through the cache. The routing bias's
         load counts and the sequence-wise balance loss count the prefix once per row, as forwards over
         whole rows do."""
-        from stages.rollouts import count_repeats
+        from stages.rollouts import prefix_forward
 
         core = self._policy(model)
         moes = [layer.mlp for layer in core.model.layers if layer.is_moe]
-        ids, mask = inputs["input_ids"][:1, :length], inputs["attention_mask"][:1, :length]
-        recording = routing.recording(model) if moes else contextlib.nullcontext()
         for moe in moes:
             moe.keep_prefix_sums, moe.prefix_sums = True, None
         try:
-            with recording as log_:
-                cache = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1).past_key_values
+            cache, _ = prefix_forward(model, inputs["input_ids"][:1, :length], inputs["attention_mask"][:1, :length],
+                                      torch.tensor([inputs["input_ids"].shape[0] - 1]), routed=bool(moes))
         finally:
             for moe in moes:
                 moe.keep_prefix_sums = False
-        if moes:
-            count_repeats(model, log_[0][0], mask, torch.tensor([inputs["input_ids"].shape[0] - 1]))
         return SharedPrefix(cache, length, moes)
 
     def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, share: float = 1.0):
@@ -244,12 +237,10 @@ class SharedPrefix:
     def rows(self, part: dict) -> dict:
         """`part` (rows of the micro-batch, whole) as the forward after the prefix: its tokens and labels from
         the prefix's end, the whole attention mask, a cache with the prefix's keys and values for each row."""
-        rows, cache = part["input_ids"].shape[0], DynamicCache()
-        for layer_idx, layer in enumerate(self.cache.layers):
-            cache.update(layer.keys.expand(rows, *layer.keys.shape[1:]),
-                         layer.values.expand(rows, *layer.values.shape[1:]), layer_idx)
+        from stages.rollouts import cache_for_rows
+
         return {**part, "input_ids": part["input_ids"][:, self.length:], "labels": part["labels"][:, self.length:],
-                "past_key_values": cache}
+                "past_key_values": cache_for_rows(self.cache, part["input_ids"].shape[0])}
 
     def close(self) -> None:
         for moe in self.moes:

@@ -161,6 +161,73 @@ def table(run_dir: Path, evals: dict, control_runs: dict | None = None) -> list[
     return lines + [""] + notes + ([""] if notes else [])
 
 
+def paired_change(before: dict, after: dict) -> tuple[float, float] | None:
+    """(after's pass@1 minus before's, its standard error paired by problem): each held-out problem's
+    share of right samples, differenced, so problems both stages find hard or easy cancel out. None
+    where the two evaluations did not score the same problems."""
+    if not before.get("problems_hash") or before.get("problems_hash") != after.get("problems_hash"):
+        return None
+    shares = [{row["id"]: sum(row["correct"]) / len(row["correct"]) for row in result.get("problems", []) if row["correct"]}
+              for result in (before, after)]
+    if len(shares[0]) < 2 or shares[0].keys() != shares[1].keys():
+        return None
+    diffs = [shares[1][i] - shares[0][i] for i in shares[0]]
+    mean = sum(diffs) / len(diffs)
+    variance = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return mean, math.sqrt(variance / len(diffs))
+
+
+def _points(value) -> str:
+    return f"{100 * value:+.1f}" if isinstance(value, (int, float)) else "–"
+
+
+def changes_table(evals: dict, control_evals: dict | None = None) -> list[str]:
+    """What each evaluated stage changed from the one before it in the pipeline (a control from the
+    stage its RL started from), in points of held-out pass@1 with the paired standard error, and in the
+    worked-out completions' share and accuracy: the figures the demo's claims are read from."""
+    order = [stage for stage in STAGES if stage in evals]
+    pairs = [(before, after, after) for before, after in zip(order, order[1:])]
+    starts = dict(zip(order[1:], order))
+    pairs += [(starts[stage], f"{stage}, control", stage) for stage in (control_evals or {}) if stage in starts]
+    rows = []
+    for before, label, stage in pairs:
+        first, second = evals[before], (control_evals[stage] if label.endswith("control") else evals[stage])
+        change = paired_change(first, second)
+        worked = [((result.get("styles") or {}).get("worked") or {}) for result in (first, second)]
+        delta = {field: (worked[1][field] - worked[0][field]
+                         if all(isinstance(w.get(field), (int, float)) for w in worked) else None)
+                 for field in ("pass@1", "share")}
+        if change is None and all(isinstance(result.get("pass@1"), (int, float)) for result in (first, second)):
+            change = (second["pass@1"] - first["pass@1"], None)  # not the same problems: no pairing
+        gain, error = change or (None, None)
+        rows.append(f"| {before} → {label} | {_points(gain)} | {_fmt(error and 100 * error, 1)} | "
+                    f"{_points(delta['pass@1'])} | {_points(delta['share'])} |")
+    if not rows:
+        return []
+    return ["## Changes between stages", "",
+            "Points of held-out pass@1 each stage gained over the one before it"
+            + (" (a control: over the checkpoint its RL started from)" if control_evals else "")
+            + ", with the standard error of that difference paired by problem (the same problems scored before and "
+            "after); worked: the change in the worked-out completions' pass@1 and share.", "",
+            "| change | pass@1 (points) | paired SE | worked pass@1 (points) | worked share (points) |", "|---" * 5 + "|",
+            *rows, ""]
+
+
+def reward_model_trends(run_dir: Path, evals: dict) -> list[str]:
+    """Each reward model's score over stage 4's training (its first against its last quarter of steps,
+    from the manifest) and on the held-out general prompts (stage 3 against stage 4)."""
+    metrics = (rundir.read_manifest(run_dir / "align") or {}).get("metrics") or {}
+    before, after = ((evals.get(stage) or {}).get("general") or {} for stage in ("rejection", "align"))
+    lines = []
+    for name in ("helpfulness", "harmlessness"):
+        first, last = (metrics.get(f"rewards/{name}/mean_{end}_quarter") for end in ("first", "last"))
+        if isinstance(first, (int, float)) and isinstance(last, (int, float)):
+            held = (f"; held out, rejection → align: {_fmt(before.get(name))} → {_fmt(after.get(name))}"
+                    if name in before and name in after else "")
+            lines.append(f"- {name}: align's training, first → last quarter: {_fmt(first)} → {_fmt(last)}{held}")
+    return lines + [""] if lines else []
+
+
 def general_table(evals: dict) -> list[str]:
     """Held-out general prompts scored by stage 4's reward model, per evaluated stage (evaluate.py)."""
     scored = [(stage, evals[stage]["general"]) for stage in STAGES if (evals.get(stage) or {}).get("general")]
@@ -292,7 +359,10 @@ def write_report(run_dir: Path) -> Path:
              if (path := run_dir / "eval" / f"{stage}.json").is_file()}
     control_runs = controls(run_dir)
     lines = [f"# Run `{run_dir.name}`", ""]
-    lines += (table(run_dir, evals, control_runs) + general_table(evals) + training_curves(run_dir, plots, control_runs)
+    control_evals = {stage: result for stage, control in control_runs.items()
+                     if (path := control / "eval" / f"{stage}.json").is_file() and (result := rundir.read_json(path))}
+    lines += (table(run_dir, evals, control_runs) + changes_table(evals, control_evals) + general_table(evals)
+              + reward_model_trends(run_dir, evals) + training_curves(run_dir, plots, control_runs)
               + pass_at_k_curves(evals, plots) + samples(evals))
     report = run_dir / "report.md"
     rundir.atomic_write_text(report, "\n".join(lines))

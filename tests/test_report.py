@@ -123,6 +123,8 @@ def test_a_control_run_is_found_and_shown_beside_the_run(tmp_path):
     write_eval(control, "grpo", 0.3)
     text = write_report(run_dir).read_text()
     assert "| grpo, control: rewards shuffled (`demo-control`) | – | 20 | 40 | 4 | 0.300 |" in text
+    # no problems recorded in these evaluations: the plain differences, without a paired error
+    assert "| sft → grpo | +37.5 | – |" in text and "| sft → grpo, control | +5.0 | – |" in text
     assert "Dashed: the control" in text and "grpo: `demo-control`" in text
 
 
@@ -177,3 +179,22 @@ def test_general_prompts_get_their_table_when_evaluated(tmp_path):
     write_eval(run_dir, "align", 0.5)
     write_eval(run_dir, "rejection", 0.5)
     assert "## General prompts" not in write_report(run_dir).read_text()
+
+
+def test_the_changes_between_stages_carry_their_paired_standard_error(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shares = {"sft": [0, 0.5, 0.5, 1], "grpo": [0.5, 1, 0.5, 1], "rejection": [1, 1, 1, 1]}
+    for stage, row in shares.items():
+        write_eval(run_dir, stage, sum(row) / 4)
+        record = rundir.read_json(run_dir / "eval" / f"{stage}.json")
+        record["problems"] = [{"id": str(i), "correct": [True] * int(2 * s) + [False] * (2 - int(2 * s))}
+                              for i, s in enumerate(row)]
+        record["problems_hash"] = "other problems" if stage == "rejection" else "h"
+        record["styles"] = {"worked": {"share": 0.5, "pass@1": sum(row) / 4}}
+        rundir.atomic_write_json(run_dir / "eval" / f"{stage}.json", record)
+    text = write_report(run_dir).read_text()
+    # differences 0.5, 0.5, 0, 0: mean 0.25, sample variance 1/12, standard error sqrt(1/48) = 0.144
+    assert "| sft → grpo | +25.0 | 14.4 | +25.0 | +0.0 |" in text
+    # another set of problems: the plain difference of pass@1, no pairing
+    assert "| grpo → rejection | +25.0 | – | +25.0 | +0.0 |" in text

@@ -299,9 +299,9 @@ def reward_trend(stage_dir) -> dict:
     return trend
 
 
-def grpo_config(stage: Stage, model) -> GRPOConfig:
+def grpo_config(stage: Stage, model, **defaults) -> GRPOConfig:
     fields = trainer_args(stage, model, reward_weights=[reward.weight for reward in stage.rewards],
-                          **trl_defaults(stage.section))
+                          **{**trl_defaults(stage.section), **defaults})
     # transformers' Trainer sets config.use_cache=False (right for training forwards), and TRL's
     # generate would then run without a KV cache, recomputing the whole sequence at every step. (With
     # use_vllm these go to vLLM's SamplingParams, which has no such field.)
@@ -310,11 +310,12 @@ def grpo_config(stage: Stage, model) -> GRPOConfig:
     return GRPOConfig(**fields)
 
 
-def train(stage: Stage, dataset) -> dict:
-    """GRPO from the stage's starting model over `dataset` (rendered prompts plus reward columns)."""
+def train(stage: Stage, dataset, **defaults) -> dict:
+    """GRPO from the stage's starting model over `dataset` (rendered prompts plus reward columns);
+    `defaults`: GRPOConfig fields of the caller's, under the recipe's."""
     model, tokenizer = load_policy(stage)
     tokenizer.padding_side = "left"
-    args = grpo_config(stage, model)
+    args = grpo_config(stage, model, **defaults)
     reward_funcs = [reward.fn for reward in stage.rewards]
     if stage.section.get("shuffle_rewards"):
         log(f"{stage.name}: control run, rewards shuffled within each group of {args.num_generations}")

@@ -31,6 +31,43 @@ def test_mixture_holds_both_domains_and_rule_rewards_skip_general_rows(tmp_path)
                        domain=math_rows["domain"]) == [None] * 4
 
 
+def test_the_mixture_spreads_each_kind_of_prompt_evenly_over_training(tmp_path):
+    """Stage 4 trains its mixture in order (TRL's shuffling off): every stretch of it holds reasoning and
+    each general kind in their shares, give or take a row or two, so each quarter of training sees the same mix."""
+    from collections import Counter
+
+    from stages.align import spread_evenly
+
+    recipe = apply_overrides(load_recipe("tiny"), ["data.num_train=200", "data.num_heldout=8", "data.shortcut_fraction=0",
+                                                   "align.init_from=model", "align.general_ratio=0.5"])
+    [stage] = plan(recipe, ["align"], tmp_path / "run")
+    mixture = build_dataset(stage)
+    labels = [domain if domain != "general" else kind for domain, kind in zip(mixture["domain"], mixture["kind"])]
+    totals = Counter(labels)
+    assert totals["math"] == 200 and sum(totals.values()) == 400
+    for start in range(0, 400, 16):  # a step's 16 prompts: 8 reasoning, give or take one
+        assert abs(labels[start:start + 16].count("math") - 8) <= 1, start
+    for quarter in range(4):
+        counts = Counter(labels[quarter * 100:(quarter + 1) * 100])
+        assert all(abs(counts[label] - total / 4) < 2 for label, total in totals.items()), (quarter, counts)
+    assert labels != sorted(labels) and build_dataset(stage)["prompt"] == mixture["prompt"], "seeded, not sorted"
+
+    order = spread_evenly([[0, 1, 2, 3], [10, 11], [20]], seed=0)
+    assert sorted(order) == [0, 1, 2, 3, 10, 11, 20]
+    assert spread_evenly([[0, 1, 2, 3], [10, 11], [20]], seed=1) != order
+
+
+def test_stage_4_trains_its_mixture_in_the_order_built(tmp_path, monkeypatch):
+    from stages import align, grpo
+
+    seen = {}
+    monkeypatch.setattr(align, "ensure_reward_model", lambda stage: {})
+    monkeypatch.setattr(align, "build_dataset", lambda stage: "mixture")
+    monkeypatch.setattr(grpo, "train", lambda stage, dataset, **defaults: seen.update(defaults, dataset=dataset) or {})
+    align.run(None)
+    assert seen == {"dataset": "mixture", "shuffle_dataset": False}
+
+
 def test_reward_trend_covers_each_reward_over_the_steps_that_logged_it(tmp_path):
     import json
 

@@ -124,7 +124,8 @@ def table_row(label: str, manifest, steps, size, result: dict) -> str:
             f"{_style(result, 'bare', 'pass@1')} | {_fmt(result.get('mean_completion_length'), 1)} |")
 
 
-def table(run_dir: Path, evals: dict, control_runs: dict | None = None) -> list[str]:
+def table(run_dir: Path, evals: dict, control_runs: dict | None = None,
+          control_evals: dict | None = None) -> list[str]:
     lines = ["## Stages", "",
              "Worked: the share of completions that work the answer out (two or more lines of reasoning) and "
              "their pass@1; bare: the pass@1 of the others (one line stating the result). Length: mean "
@@ -149,8 +150,7 @@ def table(run_dir: Path, evals: dict, control_runs: dict | None = None) -> list[
         lines.append(table_row(stage, manifest, steps, parameters(run_dir / stage / "final"), result))
         control = (control_runs or {}).get(stage)
         if control is not None:
-            path = control / "eval" / f"{stage}.json"
-            result = rundir.read_json(path) if path.is_file() else {}
+            result = (control_evals or {}).get(stage) or {}
             if not result:
                 notes.append(f"- {stage} control ({control.name}): not evaluated yet")
             steps = [row["step"] for row in read_metrics(control / stage / "metrics.jsonl") if "step" in row]
@@ -186,12 +186,13 @@ def changes_table(evals: dict, control_evals: dict | None = None) -> list[str]:
     stage its RL started from), in points of held-out pass@1 with the paired standard error, and in the
     worked-out completions' share and accuracy: the figures the demo's claims are read from."""
     order = [stage for stage in STAGES if stage in evals]
-    pairs = [(before, after, after) for before, after in zip(order, order[1:])]
+    pairs = [(before, after, evals[after]) for before, after in zip(order, order[1:])]
     starts = dict(zip(order[1:], order))
-    pairs += [(starts[stage], f"{stage}, control", stage) for stage in (control_evals or {}) if stage in starts]
+    pairs += [(starts[stage], f"{stage}, control", result) for stage, result in (control_evals or {}).items()
+              if stage in starts]
     rows = []
-    for before, label, stage in pairs:
-        first, second = evals[before], (control_evals[stage] if label.endswith("control") else evals[stage])
+    for before, label, second in pairs:
+        first = evals[before]
         change = paired_change(first, second)
         worked = [((result.get("styles") or {}).get("worked") or {}) for result in (first, second)]
         delta = {field: (worked[1][field] - worked[0][field]
@@ -361,8 +362,8 @@ def write_report(run_dir: Path) -> Path:
     lines = [f"# Run `{run_dir.name}`", ""]
     control_evals = {stage: result for stage, control in control_runs.items()
                      if (path := control / "eval" / f"{stage}.json").is_file() and (result := rundir.read_json(path))}
-    lines += (table(run_dir, evals, control_runs) + changes_table(evals, control_evals) + general_table(evals)
-              + reward_model_trends(run_dir, evals) + training_curves(run_dir, plots, control_runs)
+    lines += (table(run_dir, evals, control_runs, control_evals) + changes_table(evals, control_evals)
+              + general_table(evals) + reward_model_trends(run_dir, evals) + training_curves(run_dir, plots, control_runs)
               + pass_at_k_curves(evals, plots) + samples(evals))
     report = run_dir / "report.md"
     rundir.atomic_write_text(report, "\n".join(lines))

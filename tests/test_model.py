@@ -385,6 +385,42 @@ def test_fp8_linear_quantises_all_three_gemms():
     assert all(1e-3 < e < 0.06 for e in errors), errors  # quantised (not exact), yet close
 
 
+def test_fp8_rollout_weights_are_rounded_once_and_compute_what_the_fp8_gemms_compute(monkeypatch):
+    """fp8_compute (FP8 rollouts) rounds each weight once, on entry, as an engine holds its FP8 copy:
+    without gradients the layers compute with that copy, the same logits as the FP8 GEMMs that round
+    the weights at every call; decoding rounds no weight again (the absorbed MLA step reads kv_b_proj's
+    rounded copy, as vLLM's dequantised W_UK/W_UV); on exit nothing is left behind."""
+    from r1pipeline.model import fp8, layers
+
+    model = build().eval()
+    x = tokens(batch=3, length=16)
+    counted = {"calls": 0}
+
+    def counting(w):
+        counted["calls"] += 1
+        return fake_blocks(w)
+
+    fake_blocks = fp8.fake_blocks
+    monkeypatch.setattr(fp8, "fake_blocks", counting)
+    monkeypatch.setattr(layers, "fake_blocks", counting)
+    with layers.fp8_compute(model):
+        weights = sum(len(m.rounded) for m in model.modules() if getattr(m, "rounded", None))
+        assert counted["calls"] == weights > 0
+        with torch.enable_grad():
+            per_call = model(x).logits.detach()                      # FP8Linear: rounds at every call
+        assert counted["calls"] > weights
+        before = counted["calls"]
+        with torch.no_grad():
+            frozen = model(x).logits
+            model.generate(x, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+        assert counted["calls"] == before                            # nothing rounded again
+        kv_b = model.model.layers[0].self_attn.kv_b_proj
+        assert torch.equal(layers.effective_weight(kv_b), fake_blocks(kv_b.weight))
+    torch.testing.assert_close(frozen, per_call, rtol=0, atol=1e-6)
+    assert all(not m.fp8 and m.rounded is None for m in model.modules() if hasattr(m, "rounded"))
+    assert torch.equal(layers.effective_weight(kv_b), kv_b.weight)
+
+
 def fp8_pair():
     fp32 = build()
     fp8 = R1MoEForCausalLM(tiny(fp8=True)).eval()

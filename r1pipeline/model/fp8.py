@@ -170,3 +170,16 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def fp8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Per-expert x_e W_eᵀ in block-wise FP8; x [S, K] sorted by expert, weight [E, N, K] -> [S, N]."""
     return FP8Linear.apply(x, weight, offs)
+
+
+# ---- a frozen FP8 copy (fp8_compute: a rollout's weights do not change), no autograd ----
+
+def frozen_fp8_linear(x: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
+    """fp8_linear's forward with the weight already rounded (fake_blocks(weight)): the same product."""
+    return (fake_tiles(x.reshape(-1, x.shape[-1])) @ rounded.t()).to(x.dtype).view(*x.shape[:-1], rounded.shape[0])
+
+
+def frozen_fp8_grouped_linear(x: torch.Tensor, rounded: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """fp8_grouped_linear's forward with the weights already rounded: the same product."""
+    return grouped_mm(fake_tiles(x), rounded.transpose(1, 2), offs=offs).to(x.dtype)
+

@@ -17,7 +17,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .config import R1MoEConfig
-from .fp8 import fp8_grouped_linear, fp8_linear, grouped_mm
+from .fp8 import (fake_blocks, fp8_grouped_linear, fp8_linear, frozen_fp8_grouped_linear, frozen_fp8_linear,
+                  grouped_mm)
 
 
 class RMSNorm(nn.Module):
@@ -37,15 +38,24 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, fp8: bool = False):
         super().__init__(in_features, out_features, bias=False)
         self.fp8 = fp8
+        self.rounded: dict[str, torch.Tensor] | None = None  # fp8_compute's frozen FP8 copy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8 and self.rounded is not None and not torch.is_grad_enabled():
+            return frozen_fp8_linear(x, self.rounded["weight"])
         return fp8_linear(x, self.weight) if self.fp8 else F.linear(x, self.weight)
 
 
 def effective_weight(layer: nn.Module) -> torch.Tensor:
     """The weight a linear layer computes with: a LoRA-wrapped one (peft's lora.Linear, unmerged) adds
-    its active adapters' deltas, which its `.weight` (the frozen base weight) leaves out."""
-    weight = layer.weight
+    its active adapters' deltas, which its `.weight` (the frozen base weight) leaves out. An FP8 layer
+    computes with its weight rounded through 128x128-block e4m3, as an FP8 engine dequantises it for
+    the absorbed MLA decode (vLLM's `split_kv_b_proj`)."""
+    base = getattr(layer, "base_layer", layer)
+    if not getattr(base, "fp8", False):
+        weight = layer.weight
+    else:
+        weight = base.rounded["weight"] if base.rounded is not None else fake_blocks(base.weight)
     if hasattr(layer, "get_delta_weight") and not layer.merged and not layer.disable_adapters:
         for name in layer.active_adapters:
             if name in layer.lora_A:
@@ -57,15 +67,21 @@ def effective_weight(layer: nn.Module) -> torch.Tensor:
 def fp8_compute(model: nn.Module):
     """Within it, every Linear and routed-expert GEMM of `model` runs in block FP8 (weights quantised in
     128x128 blocks, activations in 1x128 tiles, from the unchanged master weights), as an FP8 rollout
-    engine computes; the router (Gate) and the output head keep full precision."""
+    engine computes; the router (Gate) and the output head keep full precision.
+
+    The weights are rounded once, on entry, as an engine holds its FP8 copy: without gradients (a
+    rollout) the layers compute with that copy, not re-quantising every weight at every decoding step
+    (on CPU, where the FP8 GEMM is an emulation; on a GPU the real FP8 kernel quantises per call)."""
     layers = [m for m in model.modules() if isinstance(m, (Linear, Experts)) and not m.fp8]
     for layer in layers:
         layer.fp8 = True
+        layer.rounded = {name: fake_blocks(p.detach()) for name, p in layer.named_parameters(recurse=False)
+                         if not p.is_cuda} or None
     try:
         yield
     finally:
         for layer in layers:
-            layer.fp8 = False
+            layer.fp8, layer.rounded = False, None
 
 
 class RotaryEmbedding(nn.Module):
@@ -160,8 +176,7 @@ class MLA(nn.Module):
         k_pe = apply_rope(k_pe.unsqueeze(1), *rope, self.interleave)         # [B, 1, S, rope]
         if cache is not None:
             latent, k_pe = cache.update(latent, k_pe, self.layer_idx)        # [B, 1, T, ...]
-            fp8 = getattr(getattr(self.kv_b_proj, "base_layer", self.kv_b_proj), "fp8", False)  # LoRA wraps it
-            if S == 1 and not torch.is_grad_enabled() and not fp8:
+            if S == 1 and not torch.is_grad_enabled():
                 return self.o_proj(self.absorbed_decode(q_nope, q_pe, latent, k_pe, mask).reshape(B, 1, -1))
         T = latent.shape[2]
         kv = self.kv_b_proj(latent).view(B, T, self.heads, -1).transpose(1, 2)  # [B, h, T, nope+v]
@@ -278,8 +293,12 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * inter, H))   # [gate_proj; up_proj] per expert
         self.down_proj = nn.Parameter(torch.empty(E, H, inter))
         self.fp8 = config.fp8
+        self.rounded: dict[str, torch.Tensor] | None = None  # fp8_compute's frozen FP8 copy
 
-    def _gemm(self, x, weight, offs):
+    def _gemm(self, x, name, offs):
+        weight = getattr(self, name)
+        if self.fp8 and self.rounded is not None and not torch.is_grad_enabled():
+            return frozen_fp8_grouped_linear(x, self.rounded[name], offs)
         return fp8_grouped_linear(x, weight, offs) if self.fp8 else grouped_mm(x, weight.transpose(1, 2), offs=offs)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -288,11 +307,11 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)                                    # [N*K] pairs sorted by expert
         offs = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).cumsum(0).to(torch.int32)
         token = order // K
-        h = self._gemm(x.index_select(0, token), self.gate_up_proj, offs)    # [N*K, 2*inter]
+        h = self._gemm(x.index_select(0, token), "gate_up_proj", offs)       # [N*K, 2*inter]
         gate, up = h.chunk(2, dim=-1)
         # The routing weight scales the narrow activation, not the H-wide output (down_proj is linear).
         a = F.silu(gate) * up * weights.flatten()[order, None].to(h.dtype)   # [N*K, inter]
-        y = self._gemm(a, self.down_proj, offs)                              # [N*K, H]
+        y = self._gemm(a, "down_proj", offs)                                 # [N*K, H]
         return torch.zeros_like(x).index_add_(0, token, y)                   # [N, H]
 
 

@@ -48,7 +48,9 @@ benchmarks/grpo_step.py (2-core AMD EPYC).
 FP8 rollouts (`rollout_precision: fp8`): the rollout computes every linear layer in block FP8 from the
 fp32 master weights (DeepSeek-V3's 128x128 weight blocks, 1x128 activation tiles; exact emulation on
 CPU), with the router and the output head in full precision, the production setup of slime and verl;
-TRL's token-level truncated importance sampling (C = 2) corrects the trainer for the difference.
+TRL's token-level truncated importance sampling (C = 2) corrects the trainer for the difference. As an
+FP8 engine does, the weights are rounded once per rollout and each decoding step attends in MLA's
+absorbed form with kv_b_proj's rounded weight (vLLM's dequantised W_UK / W_UV; `fp8_compute`).
 """
 
 from __future__ import annotations

@@ -420,6 +420,12 @@ def test_fp8_rollout_weights_are_rounded_once_and_compute_what_the_fp8_gemms_com
     assert all(not m.fp8 and m.rounded is None for m in model.modules() if hasattr(m, "rounded"))
     assert torch.equal(layers.effective_weight(kv_b), kv_b.weight)
 
+    # A sharded weight (here one marked as a ZeRO-3 partition) is not copied: it is rounded per call.
+    kv_b.weight.ds_id = 0
+    with layers.fp8_compute(model), torch.no_grad():
+        assert kv_b.rounded is None and model.model.layers[0].self_attn.o_proj.rounded is not None
+        torch.testing.assert_close(model(x).logits, per_call, rtol=0, atol=1e-6)
+
 
 def fp8_pair():
     fp32 = build()

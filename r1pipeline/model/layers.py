@@ -63,6 +63,10 @@ def effective_weight(layer: nn.Module) -> torch.Tensor:
     return weight
 
 
+def _whole_cpu_tensor(p: torch.Tensor) -> bool:
+    return type(p.data) is torch.Tensor and not hasattr(p, "ds_id") and not p.is_cuda  # ds_id: DeepSpeed's
+
+
 @contextlib.contextmanager
 def fp8_compute(model: nn.Module):
     """Within it, every Linear and routed-expert GEMM of `model` runs in block FP8 (weights quantised in
@@ -71,12 +75,14 @@ def fp8_compute(model: nn.Module):
 
     The weights are rounded once, on entry, as an engine holds its FP8 copy: without gradients (a
     rollout) the layers compute with that copy, not re-quantising every weight at every decoding step
-    (on CPU, where the FP8 GEMM is an emulation; on a GPU the real FP8 kernel quantises per call)."""
+    (on CPU, where the FP8 GEMM is an emulation; on a GPU the real FP8 kernel quantises per call). A
+    sharded weight (FSDP2's DTensor, a ZeRO-3 partition) is whole only inside its module's forward, so
+    it is rounded there, per call, as before."""
     layers = [m for m in model.modules() if isinstance(m, (Linear, Experts)) and not m.fp8]
     for layer in layers:
         layer.fp8 = True
         layer.rounded = {name: fake_blocks(p.detach()) for name, p in layer.named_parameters(recurse=False)
-                         if not p.is_cuda} or None
+                         if _whole_cpu_tensor(p)} or None
     try:
         yield
     finally:

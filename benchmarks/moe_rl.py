@@ -80,9 +80,11 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens: int, fp8: bool, see
     sampled = SampledLogprobs(temperature=1.0)
     torch.manual_seed(seed)
     precision = fp8_compute(model) if fp8 else torch.no_grad()
+    # With a KV cache, as the trainer's rollout decodes (stages/grpo.py), whatever the checkpoint's saved
+    # config says (a Trainer elsewhere saves use_cache=False).
     with torch.no_grad(), precision, routing.recording(model) as log:
         out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=1.0,
-                             top_k=0, max_new_tokens=max_new_tokens, logits_processor=[sampled])
+                             top_k=0, max_new_tokens=max_new_tokens, logits_processor=[sampled], use_cache=True)
     completion = out[:, prompt_ids.shape[1]:]
     eos = model.config.eos_token_id
     ends = (completion == eos).int().cumsum(1)

@@ -182,4 +182,3 @@ def frozen_fp8_linear(x: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
 def frozen_fp8_grouped_linear(x: torch.Tensor, rounded: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """fp8_grouped_linear's forward with the weights already rounded: the same product."""
     return grouped_mm(fake_tiles(x), rounded.transpose(1, 2), offs=offs).to(x.dtype)
-

@@ -146,7 +146,7 @@ class FP8Linear(torch.autograd.Function):
         ctx.save_for_backward(x, weight, offs)
         if offs is None:
             return fp8_mm(x, weight.t(), b_blocks=True).to(x.dtype)                  # [M, N]
-        return grouped_mm(fake_tiles(x), fake_blocks(weight).transpose(1, 2), offs=offs).to(x.dtype)
+        return frozen_fp8_grouped_linear(x, fake_blocks(weight), offs)
 
     @staticmethod
     def backward(ctx, dy):

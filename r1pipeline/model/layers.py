@@ -41,9 +41,14 @@ class Linear(nn.Linear):
         self.rounded: dict[str, torch.Tensor] | None = None  # fp8_compute's frozen FP8 copy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fp8 and self.rounded is not None and not torch.is_grad_enabled():
-            return frozen_fp8_linear(x, self.rounded["weight"])
+        if (rounded := frozen_copy(self, "weight")) is not None:
+            return frozen_fp8_linear(x, rounded)
         return fp8_linear(x, self.weight) if self.fp8 else F.linear(x, self.weight)
+
+
+def frozen_copy(layer: nn.Module, name: str) -> torch.Tensor | None:
+    """fp8_compute's rounded copy of the layer's weight `name`, where it has one and no gradient is wanted."""
+    return None if layer.rounded is None or torch.is_grad_enabled() else layer.rounded.get(name)
 
 
 def effective_weight(layer: nn.Module) -> torch.Tensor:
@@ -302,9 +307,9 @@ class Experts(nn.Module):
         self.rounded: dict[str, torch.Tensor] | None = None  # fp8_compute's frozen FP8 copy
 
     def _gemm(self, x, name, offs):
+        if (rounded := frozen_copy(self, name)) is not None:
+            return frozen_fp8_grouped_linear(x, rounded, offs)
         weight = getattr(self, name)
-        if self.fp8 and self.rounded is not None and not torch.is_grad_enabled():
-            return frozen_fp8_grouped_linear(x, self.rounded[name], offs)
         return fp8_grouped_linear(x, weight, offs) if self.fp8 else grouped_mm(x, weight.transpose(1, 2), offs=offs)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

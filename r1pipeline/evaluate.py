@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 
 import sandbox
@@ -23,7 +24,7 @@ from data.code_tests import humaneval_problem
 from r1pipeline import rundir
 from r1pipeline.config import ConfigError, unknown_key_error
 from r1pipeline.pipeline import log
-from r1pipeline.rollout import BACKENDS, rollout
+from r1pipeline.rollout import BACKENDS, Workers, rollout
 from rewards.code import extract_code, problem_for
 from rewards.math import verify_many
 from rewards.math_extract import MAX_ANSWER_CHARS, extract_prediction, normalise
@@ -58,6 +59,9 @@ _SPEC = {
                   "null: the recipe's held-out split; humaneval: the 164 HumanEval problems"),
     "backend": ("transformers", lambda v: v in BACKENDS, f"one of {list(BACKENDS)}",
                 "generation engine: transformers generate, or vllm on a GPU"),
+    "workers": (1, _int(1), "an integer >= 1",
+                "processes generating at once, torch's threads shared out among them (transformers backend; "
+                "vLLM schedules its own)"),
     "general_prompts": (100, _int(0), "an integer >= 0",
                         "held-out general (chat) prompts, k samples each, scored by stage 4's reward model when the "
                         "run has one (0: none)"),
@@ -176,13 +180,14 @@ def score(generated: list[dict]) -> list[dict]:
 
 def evaluate_checkpoint(checkpoint: str, rows: list[dict], *, k: int, temperature: float = 0.6, top_p: float = 0.95,
                         max_new_tokens: int = 128, batch_size: int = 256, seed: int = 0,
-                        samples_path: Path | None = None, backend: str = "transformers") -> dict:
-    """Sample k completions per row ({"id", "prompt": rendered, "solution" | code columns}) and score them."""
+                        samples_path: Path | None = None, backend: str = "transformers", workers=1) -> dict:
+    """Sample k completions per row ({"id", "prompt": rendered, "solution" | code columns}) and score them
+    (`workers`: rollout's, a number or a `Workers`)."""
     if not rows:
         raise ValueError(f"no problems to evaluate {checkpoint} on")
     generated = rollout(rows, model=checkpoint, num_samples=k, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
-                        out_path=samples_path, backend=backend, desc="eval")
+                        out_path=samples_path, backend=backend, workers=workers, desc="eval")
     problems = score(generated)
     counts = [sum(problem["correct"]) for problem in problems]
     lengths = [length for row in generated for length in row["completion_lengths"]]
@@ -300,13 +305,25 @@ def run_eval(run_dir: Path, recipe: dict, heldout, stages=STAGES) -> dict[str, d
     general = general_rows(config["general_prompts"], (recipe.get("data") or {}).get("seed", 0), system,
                            prompt_format) if reward_model and config["general_prompts"] else []
     eval_dir = run_dir / "eval"
+    # One set of worker processes samples every stage (rollout's `workers`); they start on first use.
+    pooled = config["workers"] > 1 and config["backend"] == "transformers"
+    with Workers(config["workers"]) if pooled else nullcontext(1) as workers:
+        results = _evaluate_stages(run_dir, stages, eval_dir, rows, general, reward_model, config, workers)
+    if not results:
+        log(f"eval: no finished stage in {run_dir} (none of {list(stages)} has a manifest.json)")
+    return results
+
+
+def _evaluate_stages(run_dir, stages, eval_dir, rows, general, reward_model, config, workers) -> dict[str, dict]:
     results = {}
     for stage in stages:
         if rundir.read_manifest(run_dir / stage) is None:
             continue
         checkpoint = run_dir / stage / "final"
         # The problems' hash covers the system prompt and the held-out data, which the config does not.
-        key = {"checkpoint_hash": rundir.content_hash(checkpoint), "config": config,
+        # Not the workers: they share the same batches out, the samples are the same.
+        key = {"checkpoint_hash": rundir.content_hash(checkpoint),
+               "config": {name: value for name, value in config.items() if name != "workers"},
                "problems_hash": rundir.config_hash(rows)}
         if general:
             key["reward_model_hash"] = reward_model_hash(Path(reward_model))
@@ -326,7 +343,7 @@ def run_eval(run_dir: Path, recipe: dict, heldout, stages=STAGES) -> dict[str, d
         start = time.time()
         sampling = dict(temperature=config["temperature"], top_p=config["top_p"],
                         max_new_tokens=config["max_new_tokens"], batch_size=config["batch_size"], seed=config["seed"],
-                        backend=config["backend"])
+                        backend=config["backend"], workers=workers)
         result = evaluate_checkpoint(str(checkpoint), rows, k=config["k"], samples_path=samples, **sampling)
         if general:
             result["general"] = evaluate_general(str(checkpoint), general, reward_model, k=config["k"],
@@ -345,6 +362,4 @@ def run_eval(run_dir: Path, recipe: dict, heldout, stages=STAGES) -> dict[str, d
             log(f"eval {stage}: {chat['num_prompts']} general prompts: helpfulness {chat['helpfulness']:.3f}, "
                 f"harmlessness {chat['harmlessness']:.3f} (reward model), right answer {chat['correct']:.1%}")
         results[stage] = record
-    if not results:
-        log(f"eval: no finished stage in {run_dir} (none of {list(stages)} has a manifest.json)")
     return results

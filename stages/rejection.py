@@ -46,6 +46,8 @@ class Sampling:
     seed: int = key(0, "sampling seed")
     backend: str = key("transformers", "transformers | vllm", check=lambda b: b in ("transformers", "vllm"),
                        what="'transformers' or 'vllm'")
+    workers: int = key(1, "processes generating batches at once, torch's threads shared out among them "
+                          "(transformers backend; vLLM schedules its own)", **_POSITIVE)
 
 
 def _known_filters(filters: dict) -> bool:
@@ -64,7 +66,7 @@ class Options:
                                                     "accept_threshold")
     accept_threshold: float = key(1.0, "reward a sample needs from each applicable reward to count as correct")
     sampling: dict | None = key(None, "num_samples, max_new_tokens, temperature, top_p, batch_size, num_prompts, "
-                                      "seed, backend", schema=Sampling)
+                                      "seed, backend, workers", schema=Sampling)
     filters: dict | None = key(None, "readability filters (data/filters.py) to settings, or false to switch one off",
                                check=_known_filters, what="a mapping of known filters (data/filters.py FILTERS, "
                                                           "over_long, dedupe, max_per_prompt)")
@@ -112,7 +114,7 @@ def sample(stage: Stage, sampling: dict) -> list[dict]:
                    max_new_tokens=sampling["max_new_tokens"], temperature=sampling["temperature"],
                    top_p=sampling["top_p"], seed=sampling["seed"], batch_size=sampling["batch_size"],
                    out_path=stage.stage_dir / "samples.jsonl", backend=sampling["backend"],
-                   desc="rejection: sampling")
+                   workers=sampling["workers"], desc="rejection: sampling")
 
 
 def score(stage: Stage, records: list[dict], tokenizer) -> list[dict]:

@@ -78,7 +78,7 @@ def test_answer_extraction(completion, answer):
 def fake_rollout(completions: dict, calls: list):
     """Canned completions by row id, with the real rollout's keyword-only signature."""
     def rollout(rows, *, model, tokenizer=None, num_samples, max_new_tokens, temperature=1.0, top_p=1.0, seed=0,
-                batch_size=64, out_path=None, backend="transformers", desc="rollout"):
+                batch_size=64, out_path=None, backend="transformers", desc="rollout", workers=1):
         calls.append({"model": model, "num_samples": num_samples, "temperature": temperature, "out_path": out_path})
         return [{**row, "completions": completions[row["id"]][:num_samples],
                  "completion_lengths": [len(text) for text in completions[row["id"]][:num_samples]]} for row in rows]
@@ -182,14 +182,14 @@ def test_humaneval_rows_and_canonical_solutions_pass(monkeypatch):
 def test_check_eval_defaults_and_errors():
     assert check_eval_section(None) == {"k": 8, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 128,
                                         "batch_size": 256, "seed": 0, "num_problems": None, "benchmark": None,
-                                        "backend": "transformers", "general_prompts": 100}
+                                        "backend": "transformers", "workers": 1, "general_prompts": 100}
     assert set(EVAL_KEYS) == set(check_eval_section({})) and all(isinstance(v, str) for v in EVAL_KEYS.values())
     assert check_eval_section({"k": 64, "benchmark": "humaneval", "num_problems": 10})["k"] == 64
     for section, match in [({"k": 0}, "eval.k = 0 must be an integer >= 1"), ({"k": "8"}, "eval.k = '8'"),
                            ({"k": True}, "eval.k = True"), ({"temperature": -1}, "eval.temperature = -1"),
                            ({"top_p": 0}, "eval.top_p = 0"), ({"num_problems": 0}, "eval.num_problems = 0"),
                            ({"benchmark": "mbpp"}, "eval.benchmark = 'mbpp'.*humaneval"),
-                           ({"backend": "sglang"}, "eval.backend = 'sglang'"),
+                           ({"backend": "sglang"}, "eval.backend = 'sglang'"), ({"workers": 0}, "eval.workers = 0"),
                            ({"temprature": 1.0}, "unknown key 'temprature'.*temperature"), ([8], "must be a mapping")]:
         with pytest.raises(ConfigError, match=match):
             check_eval_section(section)

@@ -10,7 +10,7 @@ import torch
 
 from data import build_tokenizer, render_completion, render_prompt
 from r1pipeline import policy
-from r1pipeline.rollout import read_samples, rollout
+from r1pipeline.rollout import Workers, read_samples, rollout
 
 QUESTIONS = [f"What is {a} + {b}?" for a in range(12) for b in range(3)]
 # Narrower than the tiny preset, so that a test generates in well under a second.
@@ -144,6 +144,8 @@ def test_resume_rejects_a_file_of_another_rollout(model, tokenizer, tmp_path):
     (dict(data=[{"id": "a"}]), "has no 'prompt'"),
     (dict(data=[{"id": 1, "prompt": "x"}]), "id=1"),
     (dict(tokenizer=None), "needs its tokenizer"),
+    (dict(workers=0), "workers=0"),
+    (dict(workers=2), "workers=2 needs `model` as a checkpoint path"),
 ])
 def test_bad_arguments_are_named(model, tokenizer, change, message):
     kwargs = {"tokenizer": tokenizer, "data": rows(2), **change}
@@ -168,3 +170,46 @@ def test_generates_with_kv_cache_from_a_trainer_checkpoint(monkeypatch, tmp_path
     monkeypatch.setattr(loaded, "forward", lambda *a, **kw: widths.append(kw["input_ids"].shape[1]) or real(*a, **kw))
     run(loaded, tokenizer, rows(2), max_new_tokens=5, batch_size=6)
     assert len(widths) >= 2 and set(widths[1:]) == {1}, widths
+
+
+def save_policy(path, tokenizer, seed: int) -> str:
+    policy.build_from_preset("tiny", SMALL, tokenizer, seed=seed).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_worker_processes_give_the_samples_one_process_gives(tokenizer, tmp_path, monkeypatch):
+    """Two one-thread worker processes share the batches out: the same records, and the same file in the
+    same order, as one process with one thread. One set of workers serves checkpoint after checkpoint,
+    and loads a checkpoint again once its files change."""
+    data = rows(9)
+    options = dict(num_samples=3, max_new_tokens=6, batch_size=6, seed=5)  # 2 prompts a batch: 5 batches
+    first, second = save_policy(tmp_path / "a", tokenizer, 0), save_policy(tmp_path / "b", tokenizer, 1)
+    rewritten = save_policy(tmp_path / "c", tokenizer, 0)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "get_num_threads", lambda: 2)
+        workers = Workers(2)
+    with workers:
+        assert workers.threads == 1
+        pooled = [rollout(data, model=path, workers=workers, out_path=tmp_path / f"pooled{i}.jsonl", **options)
+                  for i, path in enumerate((first, second, rewritten))]
+        save_policy(rewritten, tokenizer, 2)
+        pooled.append(rollout(data, model=rewritten, workers=workers, **options))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = [rollout(data, model=path, out_path=tmp_path / f"alone{i}.jsonl", **options)
+                 for i, path in enumerate((first, second))]
+        alone.append(rollout(data, model=rewritten, **options))
+    finally:
+        torch.set_num_threads(threads)
+    assert pooled[:2] == alone[:2] and pooled[2] == pooled[0]
+    assert pooled[3] == alone[2] and pooled[3] != pooled[0]  # the rewritten checkpoint was loaded again
+    assert pooled[0] != pooled[1]
+    for i in range(2):
+        assert (tmp_path / f"pooled{i}.jsonl").read_text() == (tmp_path / f"alone{i}.jsonl").read_text()
+
+
+def test_a_worker_error_reaches_the_caller(tmp_path):
+    with pytest.raises(OSError, match="missing"):
+        rollout(rows(2), model=str(tmp_path / "missing"), num_samples=2, max_new_tokens=4, workers=2)

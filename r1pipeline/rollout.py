@@ -44,10 +44,12 @@ def rollout(rows: list[dict], *, model, tokenizer=None, num_samples: int, max_ne
     batch_size: transformers seeds a batch from (seed, its first id), vLLM each prompt from (seed, id).
 
     workers: with the transformers backend (vLLM schedules its own work) and `model` a checkpoint path,
-    batches are generated in this many processes at once (`Workers`), torch's threads shared out among them. Decoding a small model
-    does not keep two threads busy: on 2 CPU cores, two one-thread processes sample the embedded
-    default's policy 1.3x faster than one two-thread process (README). The batches and their seeds stay
-    the same. A `Workers` given here outlives the call (evaluation samples checkpoint after checkpoint).
+    batches are generated in this many processes at once (`Workers`), torch's threads shared out among
+    them. Decoding a small model does not keep two threads busy: on 2 CPU cores, two one-thread processes
+    sampled 2,000 prompts x 2 of the embedded default (16 batches) 1.33x faster than one two-thread
+    process, its eval's 200 x 8 (7 batches) 1.38x (benchmarks/rollout_workers.py).
+    The batches and their seeds stay the same, so do the samples. A `Workers` given here outlives the
+    call (evaluation samples checkpoint after checkpoint).
     """
     _check_arguments(rows, num_samples, max_new_tokens, temperature, top_p, batch_size, backend, workers)
     pooled = backend == "transformers" and (isinstance(workers, Workers) or workers > 1)

@@ -49,7 +49,7 @@ def rollout(rows: list[dict], *, model, tokenizer=None, num_samples: int, max_ne
     sampled 2,000 prompts x 2 of the embedded default (16 batches) 1.33x faster than one two-thread
     process, its eval's 200 x 8 (7 batches) 1.38x (benchmarks/rollout_workers.py).
     The batches and their seeds stay the same, so do the samples. A `Workers` given here outlives the
-    call (evaluation samples checkpoint after checkpoint).
+    call (evaluation samples checkpoint after checkpoint). A single batch is generated in this process.
     """
     _check_arguments(rows, num_samples, max_new_tokens, temperature, top_p, batch_size, backend, workers)
     pooled = backend == "transformers" and (isinstance(workers, Workers) or workers > 1)
@@ -57,6 +57,9 @@ def rollout(rows: list[dict], *, model, tokenizer=None, num_samples: int, max_ne
         raise ValueError(f"workers={workers} needs `model` as a checkpoint path, which each worker process loads "
                          f"(got a loaded {type(model).__name__}); pass the path, or workers=1")
     done = _resume(Path(out_path), rows, num_samples) if out_path is not None else {}
+    prompts_per_batch = max(1, batch_size // num_samples)
+    # One batch left has nothing to share out: it is generated here, without starting processes for it.
+    pooled = pooled and sum(any(row["id"] not in done for row in batch) for batch in _batches(rows, prompts_per_batch)) > 1
     options = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     if pooled:
         pool = workers if isinstance(workers, Workers) else Workers(workers)
@@ -67,7 +70,7 @@ def rollout(rows: list[dict], *, model, tokenizer=None, num_samples: int, max_ne
         generate, close = _vllm_engine(model, **options)
         generate = _engine_over_batches(generate)
     try:
-        _generate_all(rows, done, generate, seed, max(1, batch_size // num_samples), out_path, desc)
+        _generate_all(rows, done, generate, seed, prompts_per_batch, out_path, desc)
     finally:
         if close is not None:
             close()

@@ -212,4 +212,14 @@ def test_worker_processes_give_the_samples_one_process_gives(tokenizer, tmp_path
 
 def test_a_worker_error_reaches_the_caller(tmp_path):
     with pytest.raises(OSError, match="missing"):
-        rollout(rows(2), model=str(tmp_path / "missing"), num_samples=2, max_new_tokens=4, workers=2)
+        rollout(rows(4), model=str(tmp_path / "missing"), num_samples=2, max_new_tokens=4, batch_size=4, workers=2)
+
+
+def test_a_single_batch_is_generated_without_starting_workers(tokenizer, tmp_path, monkeypatch):
+    path = save_policy(tmp_path / "p", tokenizer, 0)
+    workers = Workers(2)
+    monkeypatch.setattr(workers, "engine", lambda *args: pytest.fail("workers started for a single batch"))
+    with workers:
+        out = rollout(rows(3), model=path, num_samples=2, max_new_tokens=4, batch_size=6, workers=workers)
+    assert [record["id"] for record in out] == ["q0", "q1", "q2"]
+    assert not workers.executor._processes  # none was ever started

@@ -71,9 +71,10 @@ def main(argv=None) -> None:
     recipe = load_recipe(args.recipe)
     data = recipe.get("data") or {}
     datasets = build_datasets(data)
+    template = data.get("system_prompt", R1_SYSTEM_PROMPT), data.get("prompt_format", "r1")
     if args.setting == "eval":
         config = check_eval_section(recipe.get("eval"))
-        rows = heldout_rows(datasets["heldout"], data.get("system_prompt", R1_SYSTEM_PROMPT), data.get("prompt_format", "r1"))
+        rows = heldout_rows(datasets["heldout"], *template)
         settings = dict(num_samples=config["k"], max_new_tokens=config["max_new_tokens"],
                         temperature=config["temperature"], top_p=config["top_p"], batch_size=config["batch_size"],
                         seed=config["seed"])
@@ -81,7 +82,7 @@ def main(argv=None) -> None:
         from stages.rejection import SAMPLING_DEFAULTS
 
         config = {**SAMPLING_DEFAULTS, **((recipe.get("rejection") or {}).get("sampling") or {})}
-        rows = heldout_rows(datasets["train"], data.get("system_prompt", R1_SYSTEM_PROMPT), data.get("prompt_format", "r1"))
+        rows = heldout_rows(datasets["train"], *template)
         seen = set()  # each question once, as stage 3 samples them
         rows = [row for row in rows if not (row["prompt"] in seen or seen.add(row["prompt"]))]
         settings = {name: config[name] for name in ("num_samples", "max_new_tokens", "temperature", "top_p",

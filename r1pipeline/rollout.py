@@ -59,7 +59,8 @@ def rollout(rows: list[dict], *, model, tokenizer=None, num_samples: int, max_ne
     done = _resume(Path(out_path), rows, num_samples) if out_path is not None else {}
     prompts_per_batch = max(1, batch_size // num_samples)
     # One batch left has nothing to share out: it is generated here, without starting processes for it.
-    pooled = pooled and sum(any(row["id"] not in done for row in batch) for batch in _batches(rows, prompts_per_batch)) > 1
+    pending = sum(any(row["id"] not in done for row in batch) for batch in _batches(rows, prompts_per_batch))
+    pooled = pooled and pending > 1
     options = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     if pooled:
         pool = workers if isinstance(workers, Workers) else Workers(workers)
@@ -83,7 +84,8 @@ def _generate_all(rows, done, generate, seed, prompts_per_batch, out_path, desc)
     `generate(jobs)` maps (prompts, seeds) jobs to their samples, in order, as they finish."""
     if out_path is not None:
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    todos = [todo for batch in _batches(rows, prompts_per_batch) if (todo := [row for row in batch if row["id"] not in done])]
+    todos = [todo for batch in _batches(rows, prompts_per_batch)
+             if (todo := [row for row in batch if row["id"] not in done])]
     jobs = [([row["prompt"] for row in todo], [_seed(seed, row["id"]) for row in todo]) for todo in todos]
     with (
         open(out_path, "a", encoding="utf-8") if out_path is not None else nullcontext() as out,

@@ -73,9 +73,13 @@ class Stage:
         return model
 
     def resolved_config(self) -> dict:
-        """What determines this stage's output (hashed into the manifest)."""
-        return {"model": self.recipe.get("model") or {}, "data": self.recipe.get("data") or {},
-                self.name: self.section}
+        """What determines this stage's output (hashed into the manifest): not `sampling.workers`, which
+        shares the same batches out among processes (the same samples), so a run sampled with one
+        process is still done for a recipe that asks for two."""
+        section, sampling = self.section, self.section.get("sampling")
+        if isinstance(sampling, dict) and "workers" in sampling:
+            section = {**section, "sampling": {key: value for key, value in sampling.items() if key != "workers"}}
+        return {"model": self.recipe.get("model") or {}, "data": self.recipe.get("data") or {}, self.name: section}
 
     def resolve(self, ref: str) -> str | None:
         """A checkpoint reference ('model', a stage name, a path or hub name) as a path or hub name;

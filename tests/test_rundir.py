@@ -53,3 +53,17 @@ def test_set_aside_keeps_old_outputs(tmp_path):
     (stage / "manifest.json").write_text("{}")
     moved = rundir.set_aside(stage, "config changed")
     assert not stage.exists() and (moved / "manifest.json").read_text() == "{}"
+
+
+def test_a_stage_config_hash_leaves_out_the_sampling_workers(tmp_path):
+    """Worker processes share the same batches out (the same samples): a stage 3 done with one process is
+    still done when the recipe asks for two, and every other sampling key still counts."""
+    from r1pipeline.pipeline import Stage
+
+    def digest(sampling: dict) -> str:
+        recipe = {"model": {"preset": "tiny"}, "rejection": {"sampling": sampling, "max_steps": 5}}
+        return rundir.config_hash(Stage("rejection", tmp_path, recipe, {}, "base").resolved_config())
+
+    assert digest({"num_samples": 2}) == digest({"num_samples": 2, "workers": 2})
+    assert digest({"num_samples": 2, "workers": 1}) == digest({"num_samples": 2, "workers": 2})
+    assert digest({"num_samples": 2}) != digest({"num_samples": 4, "workers": 2})

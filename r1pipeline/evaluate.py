@@ -321,9 +321,7 @@ def _evaluate_stages(run_dir, stages, eval_dir, rows, general, reward_model, con
             continue
         checkpoint = run_dir / stage / "final"
         # The problems' hash covers the system prompt and the held-out data, which the config does not.
-        # Not the workers: they share the same batches out, the samples are the same.
-        key = {"checkpoint_hash": rundir.content_hash(checkpoint),
-               "config": {name: value for name, value in config.items() if name != "workers"},
+        key = {"checkpoint_hash": rundir.content_hash(checkpoint), "config": rundir.result_settings(config),
                "problems_hash": rundir.config_hash(rows)}
         if general:
             key["reward_model_hash"] = reward_model_hash(Path(reward_model))

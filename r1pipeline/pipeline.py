@@ -73,12 +73,11 @@ class Stage:
         return model
 
     def resolved_config(self) -> dict:
-        """What determines this stage's output (hashed into the manifest): not `sampling.workers`, which
-        shares the same batches out among processes (the same samples), so a run sampled with one
-        process is still done for a recipe that asks for two."""
+        """What determines this stage's output (hashed into the manifest): its sampling settings less
+        those that change only the speed (rundir.SPEED_ONLY)."""
         section, sampling = self.section, self.section.get("sampling")
-        if isinstance(sampling, dict) and "workers" in sampling:
-            section = {**section, "sampling": {key: value for key, value in sampling.items() if key != "workers"}}
+        if isinstance(sampling, dict):
+            section = {**section, "sampling": rundir.result_settings(sampling)}
         return {"model": self.recipe.get("model") or {}, "data": self.recipe.get("data") or {}, self.name: section}
 
     def resolve(self, ref: str) -> str | None:

@@ -57,10 +57,10 @@ def rollout(rows: list[dict], *, model, tokenizer=None, num_samples: int, max_ne
         raise ValueError(f"workers={workers} needs `model` as a checkpoint path, which each worker process loads "
                          f"(got a loaded {type(model).__name__}); pass the path, or workers=1")
     done = _resume(Path(out_path), rows, num_samples) if out_path is not None else {}
-    prompts_per_batch = max(1, batch_size // num_samples)
-    # One batch left has nothing to share out: it is generated here, without starting processes for it.
-    pending = sum(any(row["id"] not in done for row in batch) for batch in _batches(rows, prompts_per_batch))
-    pooled = pooled and pending > 1
+    # Each batch's rows not done yet (`_batches` cuts them from all rows: a resumed rollout meets the same).
+    todos = [todo for batch in _batches(rows, max(1, batch_size // num_samples))
+             if (todo := [row for row in batch if row["id"] not in done])]
+    pooled = pooled and len(todos) > 1  # one batch has nothing to share out: generated here, no processes
     options = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     if pooled:
         pool = workers if isinstance(workers, Workers) else Workers(workers)
@@ -71,7 +71,7 @@ def rollout(rows: list[dict], *, model, tokenizer=None, num_samples: int, max_ne
         generate, close = _vllm_engine(model, **options)
         generate = _engine_over_batches(generate)
     try:
-        _generate_all(rows, done, generate, seed, prompts_per_batch, out_path, desc)
+        _generate_all(todos, len(rows), done, generate, seed, out_path, desc)
     finally:
         if close is not None:
             close()
@@ -79,17 +79,15 @@ def rollout(rows: list[dict], *, model, tokenizer=None, num_samples: int, max_ne
              "completion_lengths": done[row["id"]]["completion_lengths"]} for row in rows]
 
 
-def _generate_all(rows, done, generate, seed, prompts_per_batch, out_path, desc) -> None:
-    """Generate every prompt not in `done`, batch by batch, appending each batch to `out_path` in order.
-    `generate(jobs)` maps (prompts, seeds) jobs to their samples, in order, as they finish."""
+def _generate_all(todos, total, done, generate, seed, out_path, desc) -> None:
+    """Generate the batches `todos` (of `total` rows, the rest in `done`), appending each batch to `out_path`
+    in order. `generate(jobs)` maps (prompts, seeds) jobs to their samples, in order, as they finish."""
     if out_path is not None:
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    todos = [todo for batch in _batches(rows, prompts_per_batch)
-             if (todo := [row for row in batch if row["id"] not in done])]
     jobs = [([row["prompt"] for row in todo], [_seed(seed, row["id"]) for row in todo]) for todo in todos]
     with (
         open(out_path, "a", encoding="utf-8") if out_path is not None else nullcontext() as out,
-        tqdm(total=len(rows), initial=len(done), desc=desc, unit="prompt") as progress,
+        tqdm(total=total, initial=len(done), desc=desc, unit="prompt") as progress,
     ):
         for todo, samples in zip(todos, generate(jobs), strict=True):
             records = [{**row, "completions": texts, "completion_lengths": lengths}

@@ -46,6 +46,17 @@ def config_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+# Settings that change how fast a result comes, not the result: rollout's `workers` share the same
+# batches (and seeds) out among processes. Left out of the hashes that decide whether a stage or an
+# evaluation is done, so a run made with one count stays done for another.
+SPEED_ONLY = ("workers",)
+
+
+def result_settings(settings: dict) -> dict:
+    """`settings` less the SPEED_ONLY keys."""
+    return {key: value for key, value in settings.items() if key not in SPEED_ONLY}
+
+
 def content_hash(path: Path, ignore: tuple[str, ...] = ()) -> str:
     """sha256 over the relative names and bytes of every file below `path`, less files named in `ignore`."""
     path = Path(path)

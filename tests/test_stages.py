@@ -223,7 +223,9 @@ def test_rejection_killed_while_sampling_does_not_resample(tmp_path, sft_checkpo
     runs = tmp_path / "runs"
     samples = runs / "killed" / "rejection" / "samples.jsonl"
     args = [*FAST_DATA, *FAST_REJECTION, f"rejection.sample_from={sft_checkpoint}", "rejection.init_from=model",
-            "rejection.sampling.batch_size=4", "rejection.sampling.num_samples=2", "rejection.sampling.num_prompts=16"]
+            "rejection.sampling.batch_size=4", "rejection.sampling.num_samples=2", "rejection.sampling.num_prompts=16",
+            # One process: two workers finish these tiny batches in bursts, past the kill's polling (CI saw all 16).
+            "rejection.sampling.workers=1"]
 
     def sampled() -> list[str]:
         return samples.read_text().splitlines() if samples.exists() else []

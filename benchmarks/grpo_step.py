@@ -4,24 +4,33 @@ size, completion lengths, reward functions, GRPOConfig fields and seeds.
 
 - ours: stage 2 as `make grpo` runs it (stages/grpo.py: our trainer subclass over our DeepSeek-V3
   policy, R1MoEForCausalLM, with its mismatch metrics);
-- trl: `trl.GRPOTrainer` over transformers' `DeepseekV3ForCausalLM` loaded from the same checkpoint.
+- trl: `trl.GRPOTrainer` over transformers' `DeepseekV3ForCausalLM` loaded from the same checkpoint;
+- ours_vllm (with `--sides ours,ours_vllm,trl`): our stage 2 with `grpo.use_vllm=true`, its rollouts from
+  vLLM's engine (the CPU build here, colocated in the process, the weights synced into it before every
+  step's rollouts and verified). vLLM's CPU build serves only the 512-wide MLA latent, so all sides then
+  start from a `tiny-vllm` checkpoint (the recipe's cold start with `model.preset=tiny-vllm` when no
+  `--sft` is given). TRL's side keeps transformers' `generate`: on CPU its own vLLM sync cannot load a
+  stock model (README, "vLLM: CPU and GPU").
 
 Two completion lengths: the embedded default's (`max_completion_length` 96; completions end at EOS,
 ~50 tokens on a trained policy) and 4x that with every completion forced to the full length
-(`generation_kwargs.min_new_tokens`, given to both), since a trained policy stops by itself long
+(`generation_kwargs.min_new_tokens`, vLLM's `min_tokens`, given to every side), since a trained policy stops by itself long
 before. Each side runs in its own process, one warm-up step then timed steps, the sides alternating
 (ours, trl, trl, ours, ...); the figure is the median step time over all timed steps, with its split:
 generation (TRL's own profiling of `generate`), rewards (its profiling of each reward function), and
-the rest (logprob forwards, loss, backward, optimizer step, our mismatch metrics).
+the rest (logprob forwards, loss, backward, optimizer step, our mismatch metrics, and with vLLM the
+weight sync, also reported alone as `sync_s`).
 
-Writes benchmarks/results/grpo_step.json.
+Writes benchmarks/results/grpo_step.json (with ours_vllm: grpo_step_vllm.json).
 
     python benchmarks/grpo_step.py [--sft CHECKPOINT | --sft-steps N] [--prompts 16] [--lengths 96,384]
+                                   [--sides ours,ours_vllm,trl]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -37,22 +46,28 @@ sys.path.insert(0, str(ROOT))
 from r1pipeline import host  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "tiny.yaml"
-SIDES = ("ours", "trl")
+SIDES = ("ours", "ours_vllm", "trl")
+BASELINE = "trl"
+VLLM_MODEL = ["model.preset=tiny-vllm"]  # the one MLA shape vLLM's CPU build serves
 
 
 # ---- one side, in its own process ---------------------------------------------------------------
 
 
-def grpo_stage(sft: str, length: int, forced: bool, prompts: int, group: int, steps: int, run_dir: Path):
-    """Stage 2 of the embedded default, planned as `make grpo` plans it, with these sizes."""
+def grpo_stage(sft: str, length: int, forced: bool, prompts: int, group: int, steps: int, run_dir: Path,
+               vllm: bool = False):
+    """Stage 2 of the embedded default, planned as `make grpo` plans it, with these sizes (`vllm`: as
+    `make grpo ARGS="model.preset=tiny-vllm grpo.use_vllm=true"` plans it)."""
     from r1pipeline import config as cfg
     from r1pipeline.pipeline import plan
 
     overrides = [f"grpo.init_from={sft}", f"grpo.max_completion_length={length}", f"grpo.max_steps={steps}",
                  f"grpo.per_device_train_batch_size={prompts * group}", f"grpo.num_generations={group}",
                  "grpo.logging_steps=1", "grpo.save_steps=100000"]
+    if vllm:
+        overrides += [*VLLM_MODEL, "grpo.use_vllm=true"]
     if forced:
-        overrides.append(f"grpo.generation_kwargs={{min_new_tokens: {length}}}")
+        overrides.append(f"grpo.generation_kwargs={{{'min_tokens' if vllm else 'min_new_tokens'}: {length}}}")
     recipe = cfg.apply_overrides(cfg.load_recipe(str(RECIPE)), overrides)
     [stage] = plan(recipe, ["grpo"], run_dir)
     return stage
@@ -85,8 +100,9 @@ def step_timer(reward_names: set[str]):
             total = time.perf_counter() - self.start
             generation = sum(d for name, d in spans if "generate" in name)
             rewards = sum(d for name, d in spans if name.split(".")[-1] in reward_names)
+            sync = sum(d for name, d in spans if name.endswith("sync_weights"))
             self.steps.append({"step_s": total, "generation_s": generation, "reward_s": rewards,
-                               "rest_s": total - generation - rewards})
+                               "rest_s": total - generation - rewards, "sync_s": sync})
 
     return StepTimer()
 
@@ -96,15 +112,16 @@ def worker(side: str, sft: str, length: int, forced: bool, prompts: int, group: 
 
     from r1pipeline.pipeline import keep_vllm_out_of_trl
 
-    keep_vllm_out_of_trl()  # neither side generates with vLLM; TRL would import it anyway (7 s)
+    if side != "ours_vllm":
+        keep_vllm_out_of_trl()  # this side does not generate with vLLM; TRL would import it anyway (7 s)
     from stages import grpo
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        stage = grpo_stage(sft, length, forced, prompts, group, steps, Path(tmp))
+        stage = grpo_stage(sft, length, forced, prompts, group, steps, Path(tmp), vllm=side == "ours_vllm")
         timer = step_timer({reward.fn.__name__ for reward in stage.rewards})
         lengths = []
-        if side == "ours":
+        if side != BASELINE:
             ours = grpo.callbacks
             grpo.callbacks = lambda stage: [*ours(stage), timer]
             grpo.run(stage)
@@ -123,8 +140,8 @@ def worker(side: str, sft: str, length: int, forced: bool, prompts: int, group: 
             trainer.train()
             lengths = [row["completions/mean_length"] for row in trainer.state.log_history
                        if "completions/mean_length" in row]
-    out.write_text(json.dumps({"side": side, "model": "R1MoEForCausalLM" if side == "ours" else
-                               "DeepseekV3ForCausalLM", "steps": timer.steps, "mean_completion_length": lengths}))
+    out.write_text(json.dumps({"side": side, "model": "DeepseekV3ForCausalLM" if side == BASELINE else
+                               "R1MoEForCausalLM", "steps": timer.steps, "mean_completion_length": lengths}))
 
 
 # ---- the comparison -----------------------------------------------------------------------------
@@ -148,21 +165,45 @@ def summary(runs: list[dict]) -> dict:
             "model": runs[0]["model"]}
 
 
-def measure(sft, lengths, prompts, group, steps, repeats, directory) -> dict:
+def measure(sft, lengths, prompts, group, steps, repeats, directory, sides=("ours", "trl")) -> dict:
+    """Per length, each side's summary and each of ours' speed-up over TRL's (`speedup`, `generation_speedup`
+    for `ours`; `speedup_vllm`, `generation_speedup_vllm` for `ours_vllm`)."""
     results = {}
     for index, length in enumerate(lengths):
         forced = index > 0  # the recipe's own length ends at EOS; the longer ones are forced
-        runs = {side: [] for side in SIDES}
+        runs = {side: [] for side in sides}
         for repeat in range(repeats):
-            for side in SIDES if repeat % 2 == 0 else SIDES[::-1]:
+            for side in sides if repeat % 2 == 0 else sides[::-1]:
                 runs[side].append(run_side(side, sft, length, forced, prompts, group, steps, directory))
                 print(f"[grpo_step] length {length}: {side} run {repeat + 1} done", flush=True)
-        figures = {side: summary(runs[side]) for side in SIDES}
-        figures["speedup"] = round(figures["trl"]["step_s"] / figures["ours"]["step_s"], 2)
-        figures["generation_speedup"] = round(figures["trl"]["generation_s"] / figures["ours"]["generation_s"], 2)
+        figures = {side: summary(runs[side]) for side in sides}
+        for side in sides:
+            if side != BASELINE:
+                suffix = side.removeprefix("ours")
+                figures[f"speedup{suffix}"] = round(figures[BASELINE]["step_s"] / figures[side]["step_s"], 2)
+                figures[f"generation_speedup{suffix}"] = round(
+                    figures[BASELINE]["generation_s"] / figures[side]["generation_s"], 2)
         figures["max_completion_length"], figures["forced_to_full_length"] = length, forced
         results[str(length)] = figures
     return results
+
+
+def check_vllm_checkpoint(parser, sft: str | None) -> None:
+    """Before any work: vLLM installed, and a given checkpoint one the engine here serves (the CPU build:
+    MLA latent + RoPE = 576, the tiny-vllm preset)."""
+    if importlib.util.find_spec("vllm") is None:
+        parser.error("--sides with ours_vllm: vLLM is not installed (`make install` installs its CPU build)")
+    if sft is None:
+        return
+    from transformers import AutoConfig
+
+    from r1pipeline import vllm_engine
+
+    try:
+        vllm_engine.check_servable(AutoConfig.from_pretrained(sft))
+    except (OSError, ValueError) as exc:
+        parser.error(f"--sides with ours_vllm, --sft {sft}: {exc} (or leave --sft out: a tiny-vllm cold start is "
+                     "trained)")
 
 
 def main() -> None:
@@ -175,7 +216,9 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4, help="steps per process, the first one a warm-up")
     parser.add_argument("--repeats", type=int, default=2, help="processes per side and length, alternating")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "grpo_step.json"))
+    parser.add_argument("--sides", default="ours,trl", help=f"which of {','.join(SIDES)} to run; trl, the baseline, "
+                                                             "always (ours_vllm: all from a tiny-vllm checkpoint)")
+    parser.add_argument("--out", help="default: benchmarks/results/grpo_step.json (with ours_vllm: grpo_step_vllm.json)")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--forced", action="store_true", help=argparse.SUPPRESS)
@@ -186,7 +229,14 @@ def main() -> None:
     lengths = [int(n) for n in args.lengths.split(",")]
     if args.steps < 2 or args.repeats < 1 or any(n < 1 for n in lengths):
         parser.error("--steps must be >= 2 (one warm-up), --repeats >= 1, --lengths positive")
-    import torch
+    sides = [side.strip() for side in args.sides.split(",") if side.strip()]
+    if unknown := sorted(set(sides) - set(SIDES)):
+        parser.error(f"--sides: {', '.join(unknown)} not among {', '.join(SIDES)}")
+    sides = [side for side in SIDES if side in sides or side == BASELINE]
+    vllm = "ours_vllm" in sides
+    if vllm:
+        check_vllm_checkpoint(parser, args.sft)
+    out = Path(args.out or ROOT / "benchmarks" / "results" / ("grpo_step_vllm.json" if vllm else "grpo_step.json"))
 
     start = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
@@ -194,7 +244,9 @@ def main() -> None:
         cold_start = "the recipe's stages 0 and 1" + (f", {args.sft_steps} SFT steps" if args.sft_steps else "")
         if not args.sft:  # the recipe's cold start: stage 0's base, then SFT on it, as `make all` runs them
             steps = [f"sft.max_steps={args.sft_steps}"] if args.sft_steps else []
-            for stage in (["base"], ["sft", *steps, "sft.save_steps=100000"]):
+            model = VLLM_MODEL if vllm else []
+            cold_start += ", model.preset=tiny-vllm" if vllm else ""
+            for stage in (["base", *model], ["sft", *model, *steps, "sft.save_steps=100000"]):
                 subprocess.run([sys.executable, "-m", "r1pipeline", "--runs-dir", str(Path(tmp) / "runs"), "--run", "sft",
                                 *stage], cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         record = {"benchmark": "a whole GRPO step, ours vs TRL GRPOTrainer + transformers DeepseekV3ForCausalLM "
@@ -202,11 +254,12 @@ def main() -> None:
                   "host": host.describe(),
                   "recipe": str(RECIPE.relative_to(ROOT)), "sft": str(args.sft or cold_start),
                   "prompts": args.prompts, "group": args.group, "steps_per_process": args.steps,
-                  "repeats": args.repeats,
-                  "lengths": measure(sft, lengths, args.prompts, args.group, args.steps, args.repeats, Path(tmp))}
+                  "repeats": args.repeats, "sides": sides,
+                  "lengths": measure(sft, lengths, args.prompts, args.group, args.steps, args.repeats, Path(tmp),
+                                     sides)}
     record["wall_s"] = round(time.monotonic() - start, 1)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record["lengths"], indent=2))
 
 

@@ -23,7 +23,7 @@ weight sync, also reported alone as `sync_s`).
 
 Writes benchmarks/results/grpo_step.json (with ours_vllm: grpo_step_vllm.json).
 
-    python benchmarks/grpo_step.py [--sft CHECKPOINT | --sft-steps N] [--prompts 16] [--lengths 96,384]
+    python benchmarks/grpo_step.py [--sft CHECKPOINT | --sft-steps N] [--prompts 16] [--lengths 96,384] [--steps 4]
                                    [--sides ours,ours_vllm,trl]
 """
 
@@ -167,9 +167,10 @@ def summary(runs: list[dict]) -> dict:
 
 def measure(sft, lengths, prompts, group, steps, repeats, directory, sides=("ours", "trl")) -> dict:
     """Per length, each side's summary and each of ours' speed-up over TRL's (`speedup`, `generation_speedup`
-    for `ours`; `speedup_vllm`, `generation_speedup_vllm` for `ours_vllm`)."""
+    for `ours`; `speedup_vllm`, `generation_speedup_vllm` for `ours_vllm`). `steps`: per process, one
+    number or one per length."""
     results = {}
-    for index, length in enumerate(lengths):
+    for index, (length, steps) in enumerate(zip(lengths, steps if isinstance(steps, list) else [steps] * len(lengths))):
         forced = index > 0  # the recipe's own length ends at EOS; the longer ones are forced
         runs = {side: [] for side in sides}
         for repeat in range(repeats):
@@ -184,6 +185,7 @@ def measure(sft, lengths, prompts, group, steps, repeats, directory, sides=("our
                 figures[f"generation_speedup{suffix}"] = round(
                     figures[BASELINE]["generation_s"] / figures[side]["generation_s"], 2)
         figures["max_completion_length"], figures["forced_to_full_length"] = length, forced
+        figures["steps_per_process"] = steps
         results[str(length)] = figures
     return results
 
@@ -214,7 +216,8 @@ def main() -> None:
     parser.add_argument("--lengths", default="96,384", help="max completion lengths; all but the first forced")
     parser.add_argument("--prompts", type=int, default=16, help="prompts per step (x group completions)")
     parser.add_argument("--group", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=4, help="steps per process, the first one a warm-up")
+    parser.add_argument("--steps", default="4", help="steps per process, the first one a warm-up; one number, or "
+                                                    "one per length (e.g. 4,2: TRL's steps at 4x length take minutes)")
     parser.add_argument("--repeats", type=int, default=2, help="processes per side and length, alternating")
     parser.add_argument("--sides", default="ours,trl", help=f"which of {','.join(SIDES)} to run; trl, the baseline, "
                                                              "always (ours_vllm: all from a tiny-vllm checkpoint)")
@@ -224,10 +227,17 @@ def main() -> None:
     parser.add_argument("--forced", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker, args.sft, args.length, args.forced, args.prompts, args.group, args.steps,
+        return worker(args.worker, args.sft, args.length, args.forced, args.prompts, args.group, int(args.steps),
                       Path(args.out))
     lengths = [int(n) for n in args.lengths.split(",")]
-    if args.steps < 2 or args.repeats < 1 or any(n < 1 for n in lengths):
+    try:
+        steps = [int(n) for n in args.steps.split(",")]
+    except ValueError:
+        parser.error(f"--steps {args.steps!r}: not a number or a comma-separated list of numbers")
+    if len(steps) not in (1, len(lengths)):
+        parser.error(f"--steps {args.steps!r}: one number, or one per length ({len(lengths)})")
+    steps = steps * len(lengths) if len(steps) == 1 else steps
+    if any(n < 2 for n in steps) or args.repeats < 1 or any(n < 1 for n in lengths):
         parser.error("--steps must be >= 2 (one warm-up), --repeats >= 1, --lengths positive")
     sides = [side.strip() for side in args.sides.split(",") if side.strip()]
     if unknown := sorted(set(sides) - set(SIDES)):
@@ -253,9 +263,9 @@ def main() -> None:
                                "(benchmarks/grpo_step.py)",
                   "host": host.describe(),
                   "recipe": str(RECIPE.relative_to(ROOT)), "sft": str(args.sft or cold_start),
-                  "prompts": args.prompts, "group": args.group, "steps_per_process": args.steps,
+                  "prompts": args.prompts, "group": args.group, "steps_per_process": steps,
                   "repeats": args.repeats, "sides": sides,
-                  "lengths": measure(sft, lengths, args.prompts, args.group, args.steps, args.repeats, Path(tmp),
+                  "lengths": measure(sft, lengths, args.prompts, args.group, steps, args.repeats, Path(tmp),
                                      sides)}
     record["wall_s"] = round(time.monotonic() - start, 1)
     out.parent.mkdir(parents=True, exist_ok=True)

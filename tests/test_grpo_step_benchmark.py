@@ -13,10 +13,15 @@ from conftest import ROOT, pipeline_env
 BENCHMARK = str(ROOT / "benchmarks" / "grpo_step.py")
 
 
-def test_bad_sides_are_refused_before_any_work(tmp_path):
-    done = subprocess.run([sys.executable, BENCHMARK, "--sides", "ours,vllm", "--out", str(tmp_path / "r.json")],
+@pytest.mark.parametrize("args, said", [
+    (["--sides", "ours,vllm"], "--sides: vllm not among ours, ours_vllm, trl"),
+    (["--steps", "4,2,1"], "--steps '4,2,1': one number, or one per length (2)"),
+    (["--steps", "4,1"], "--steps must be >= 2 (one warm-up)"),
+])
+def test_bad_arguments_are_refused_before_any_work(args, said, tmp_path):
+    done = subprocess.run([sys.executable, BENCHMARK, *args, "--out", str(tmp_path / "r.json")],
                           env=pipeline_env(), capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "--sides: vllm not among ours, ours_vllm, trl" in done.stderr, done.stderr
+    assert done.returncode == 2 and said in done.stderr, done.stderr
     assert not any(tmp_path.iterdir())
 
 
@@ -43,8 +48,8 @@ def test_speedups_are_each_of_our_sides_against_trl(monkeypatch, tmp_path):
     times = {"ours": (1.0, 0.5), "ours_vllm": (2.0, 1.0), "trl": (4.0, 3.0)}
     order = []
 
-    def run_side(side, sft, length, forced, *rest):
-        order.append((side, length, forced))
+    def run_side(side, sft, length, forced, prompts, group, steps, directory):
+        order.append((side, length, forced, steps))
         step, generation = times[side]
         steps = [{"step_s": 99.0, "generation_s": 99.0, "reward_s": 0.0, "rest_s": 0.0, "sync_s": 0.0}] + [
             {"step_s": step, "generation_s": generation, "reward_s": 0.1, "rest_s": step - generation - 0.1,
@@ -52,13 +57,16 @@ def test_speedups_are_each_of_our_sides_against_trl(monkeypatch, tmp_path):
         return {"side": side, "model": "m", "steps": steps, "mean_completion_length": [float(length)]}
 
     monkeypatch.setattr(grpo_step, "run_side", run_side)
-    figures = grpo_step.measure("ckpt", [8, 32], 2, 2, 4, 2, tmp_path, ("ours", "ours_vllm", "trl"))
+    figures = grpo_step.measure("ckpt", [8, 32], 2, 2, [4, 2], 2, tmp_path, ("ours", "ours_vllm", "trl"))
     assert figures["8"]["speedup"] == 4.0 and figures["8"]["generation_speedup"] == 6.0
     assert figures["8"]["speedup_vllm"] == 2.0 and figures["8"]["generation_speedup_vllm"] == 3.0
     assert figures["32"]["forced_to_full_length"] and not figures["8"]["forced_to_full_length"]
     assert figures["8"]["ours"]["timed_steps"] == 6 and figures["8"]["trl"]["step_s"] == 4.0
+    assert figures["8"]["steps_per_process"] == 4 and figures["32"]["steps_per_process"] == 2  # one per length
+    assert {steps for _, _, _, steps in order} == {4, 2} and all(steps == (4 if length == 8 else 2)
+                                                                for _, length, _, steps in order)
     # alternating: the second repetition runs the sides in the reverse order
-    assert [side for side, length, _ in order if length == 8] == ["ours", "ours_vllm", "trl", "trl", "ours_vllm", "ours"]
+    assert [side for side, length, *_ in order if length == 8] == ["ours", "ours_vllm", "trl", "trl", "ours_vllm", "ours"]
 
 
 @pytest.mark.slow

@@ -28,7 +28,9 @@ of a batch before its update are those of its training forward. There the mismat
 trainer used and TRL's importance-sampling ratio are taken from that forward (detached) instead of a
 separate no-grad pass over the batch: one forward fewer per step (12 GRPO steps of the embedded
 default: 63.3 s with the pass, 55.0 s without, 54.6 s with no mismatch metrics at all; 2-core Intel
-host). With gradient accumulation the metrics are then logged per micro-batch and averaged.
+host). With gradient accumulation the metrics are then logged per micro-batch and averaged. The same
+holds for vLLM's rollouts (`use_vllm`), where TRL runs that pass at every step whenever its
+importance-sampling correction is on (its default): on-policy it is skipped there too.
 
 Routing replay (`routing_replay`): r3 forces the rollout's experts in every training forward of the
 batch; r2 records the first training forward's (the trainer's "old" logprobs pass) and replays them in
@@ -261,20 +263,22 @@ class RolloutRecordMixin:
     def _single_pass(self) -> bool:
         """Whether each batch gets one training forward, before any update it takes part in (the module
         docstring): then TRL's "old" logprobs of the batch would be that forward's own."""
-        return (not self.args.use_vllm and self.num_iterations == 1
-                and self.args.gradient_accumulation_steps % self.args.steps_per_generation == 0)
+        return self.num_iterations == 1 and self.args.gradient_accumulation_steps % self.args.steps_per_generation == 0
 
     def _measured_in_loss(self) -> bool:
-        """Whether the mismatch, the trainer's routes and the importance ratio come from the loss's forward."""
-        return self._own_rollouts() and self._single_pass()
+        """Whether the mismatch, the trainer's routes and the importance ratio come from the loss's forward:
+        on a single pass, for rollouts that keep their sampling logprobs (ours, or vLLM's)."""
+        return (self._own_rollouts() or self.args.use_vllm) and self._single_pass()
 
     @contextlib.contextmanager
     def _use_vllm_reads(self, value: bool):
         """TRL gates its use of sampling logprobs (the old-logprob pass, the importance-sampling ratio,
         its `sampling/*` metrics, the correction in the loss: grpo_trainer.py L2644-2909, L3146) on
         `use_vllm`. Our transformers rollouts have those logprobs too: around scoring and the loss the
-        gate reads true, and around generation itself false again, so that TRL generates with transformers."""
-        if not self._own_rollouts():
+        gate reads true, and around generation itself false again, so that TRL generates with transformers.
+        With vLLM's rollouts measured in the loss, scoring reads false (no old-logprob pass) while `_generate`
+        keeps it true."""
+        if not (self._own_rollouts() or self._measured_in_loss()):
             yield
             return
         before, self.use_vllm = self.use_vllm, value
@@ -314,6 +318,16 @@ class RolloutRecordMixin:
         if seen["routes"] is not None:
             self._rollout_routes = routing.generated_routes(seen["routes"], seen["prompt_mask"].cpu(), lengths)
         return completion_ids, [row[:n].tolist() for row, n in zip(logprobs, lengths)]
+
+    def _generate(self, prompts):
+        """TRL's; with vLLM, always with the gate true (its weight sync and engine), whatever scoring reads."""
+        if not self.args.use_vllm:
+            return super()._generate(prompts)
+        before, self.use_vllm = self.use_vllm, True
+        try:
+            return super()._generate(prompts)
+        finally:
+            self.use_vllm = before
 
     def _generate_and_score_completions(self, inputs):
         in_loss = self._measured_in_loss()

@@ -64,9 +64,19 @@ def test_engine_equals_trainer_after_every_sync_of_a_grpo_run(trainer, monkeypat
         gaps.append((trainer.state.global_step, *engine_gap(trainer)))
 
     monkeypatch.setattr(CheckpointFormatVLLM, "sync_weights", checked_sync)
+    forwards, real_forward = [], ResumableGRPOTrainer._get_per_token_logps_and_entropies
+
+    def counted(self, *args, **kwargs):
+        forwards.append(torch.is_grad_enabled())
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(ResumableGRPOTrainer, "_get_per_token_logps_and_entropies", counted)
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     trainer.train()
     assert [step for step, _, _ in gaps] == [0, 1, 2]            # a sync before each step's rollouts
+    # On-policy, TRL's importance ratio comes from the training forward itself: no no-grad "old-logprob"
+    # pass over the batch (which TRL runs at every step with vLLM), one forward per step.
+    assert trainer._measured_in_loss() and forwards == [True, True, True]
     assert all(mismatches == [] for _, mismatches, _ in gaps)    # bit-exact, every tensor
     assert all(delta < 1e-4 for _, _, delta in gaps), gaps
     assert any(not torch.equal(before[name], p) for name, p in trainer.model.named_parameters())  # it trained
@@ -75,6 +85,7 @@ def test_engine_equals_trainer_after_every_sync_of_a_grpo_run(trainer, monkeypat
     assert len(logged) == 3
     for row in logged:  # fp32 engine and trainer: the sampled tokens' logprobs agree, so k3 is ~0
         assert 0 <= row["sampling/kl_k3"] < 1e-6 and row["sampling/frac_dlogp_gt_ln2"] == 0
+        assert row["sampling/importance_sampling_ratio/mean"] == pytest.approx(1.0, abs=1e-3)
         assert 0 < row["sampling/sampling_logp_difference/mean"] <= row["sampling/sampling_logp_difference/max"] < 1e-3
 
 

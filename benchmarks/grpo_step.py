@@ -14,8 +14,8 @@ size, completion lengths, reward functions, GRPOConfig fields and seeds.
 
 Two completion lengths: the embedded default's (`max_completion_length` 96; completions end at EOS,
 ~50 tokens on a trained policy) and 4x that with every completion forced to the full length
-(`generation_kwargs.min_new_tokens`, vLLM's `min_tokens`, given to every side), since a trained policy stops by itself long
-before. Each side runs in its own process, one warm-up step then timed steps, the sides alternating
+(`generation_kwargs.min_new_tokens`, vLLM's `min_tokens`, given to every side), since a trained policy
+stops by itself long before. Each side runs in its own process, one warm-up step then timed steps, the sides alternating
 (ours, trl, trl, ours, ...); the figure is the median step time over all timed steps, with its split:
 generation (TRL's own profiling of `generate`), rewards (its profiling of each reward function), and
 the rest (logprob forwards, loss, backward, optimizer step, our mismatch metrics, and with vLLM the
@@ -221,7 +221,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="processes per side and length, alternating")
     parser.add_argument("--sides", default="ours,trl", help=f"which of {','.join(SIDES)} to run; trl, the baseline, "
                                                              "always (ours_vllm: all from a tiny-vllm checkpoint)")
-    parser.add_argument("--out", help="default: benchmarks/results/grpo_step.json (with ours_vllm: grpo_step_vllm.json)")
+    parser.add_argument("--out", help="default: benchmarks/results/grpo_step.json (with ours_vllm: "
+                                      "grpo_step_vllm.json)")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--forced", action="store_true", help=argparse.SUPPRESS)
@@ -257,8 +258,8 @@ def main() -> None:
             model = VLLM_MODEL if vllm else []
             cold_start += ", model.preset=tiny-vllm" if vllm else ""
             for stage in (["base", *model], ["sft", *model, *steps, "sft.save_steps=100000"]):
-                subprocess.run([sys.executable, "-m", "r1pipeline", "--runs-dir", str(Path(tmp) / "runs"), "--run", "sft",
-                                *stage], cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                subprocess.run([sys.executable, "-m", "r1pipeline", "--runs-dir", str(Path(tmp) / "runs"), "--run",
+                                "sft", *stage], cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         record = {"benchmark": "a whole GRPO step, ours vs TRL GRPOTrainer + transformers DeepseekV3ForCausalLM "
                                "(benchmarks/grpo_step.py)",
                   "host": host.describe(),

@@ -16,6 +16,8 @@
 Writes benchmarks/results/make_all_arithmetic.json.
 
     python benchmarks/make_all_arithmetic.py [--run runs/default] [--reps 15]
+
+(`make bench` runs it without `--run`: part 2 then reads runs/default where `make all` has finished there.)
 """
 
 from __future__ import annotations
@@ -147,19 +149,25 @@ def run_arithmetic(run: Path, rate: float) -> dict:
             "stages_wall_s": round(wall, 1), "wall_over_lower_bound": round(wall / (flops / rate), 2)}
 
 
+def unfinished(run: Path) -> list[str]:
+    return [stage for stage in ("base", *SFT_TYPE, *RL) if not (run / stage / "manifest.json").exists()]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", help="a finished `make all` run directory (runs/<name>) for part 2")
+    parser.add_argument("--run", help="a finished `make all` run directory (runs/<name>) for part 2 (default: "
+                                      "runs/default if finished)")
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "make_all_arithmetic.json"))
     args = parser.parse_args(argv)
     if args.reps < 1:
         parser.error(f"--reps {args.reps}: at least 1")
-    run = Path(args.run) if args.run else None
-    if run is not None:
-        missing = [stage for stage in ("base", *SFT_TYPE, *RL) if not (run / stage / "manifest.json").exists()]
-        if missing:
-            parser.error(f"--run {run}: no finished stage(s) {', '.join(missing)} there (run `make all` first)")
+    run = Path(args.run) if args.run else ROOT / "runs" / "default"
+    if args.run and (missing := unfinished(run)):
+        parser.error(f"--run {run}: no finished stage(s) {', '.join(missing)} there (run `make all` first)")
+    if not args.run and unfinished(run):
+        print(f"{run}: no finished `make all` there, so the training step only (part 1)", file=sys.stderr)
+        run = None
     config = policy_config()
     flops = step_flops(config)
     seconds = timed_step(config, args.reps)

@@ -66,7 +66,8 @@ def test_speedups_are_each_of_our_sides_against_trl(monkeypatch, tmp_path):
     assert {steps for _, _, _, steps in order} == {4, 2} and all(steps == (4 if length == 8 else 2)
                                                                 for _, length, _, steps in order)
     # alternating: the second repetition runs the sides in the reverse order
-    assert [side for side, length, *_ in order if length == 8] == ["ours", "ours_vllm", "trl", "trl", "ours_vllm", "ours"]
+    assert [side for side, length, *_ in order if length == 8] == ["ours", "ours_vllm", "trl",
+                                                                  "trl", "ours_vllm", "ours"]
 
 
 @pytest.mark.slow

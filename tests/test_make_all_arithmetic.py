@@ -77,3 +77,15 @@ def test_an_unfinished_run_is_refused_before_any_work(tmp_path):
                           env=pipeline_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "no finished stage(s) sft, rejection, distill, grpo, align" in done.stderr
     assert not (tmp_path / "out.json").exists()
+
+
+def test_without_a_finished_run_it_measures_the_training_step_only(tmp_path, monkeypatch, capsys):
+    """As `make bench` runs it on a fresh clone: no runs/default, so part 1 alone."""
+    monkeypatch.setattr(arithmetic, "ROOT", tmp_path)
+    out = tmp_path / "out.json"
+    arithmetic.main(["--reps", "1", "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert "run" not in record and "no finished `make all` there" in capsys.readouterr().err
+    step = record["training_step"]
+    assert step["gflop"] > 0 and step["gflop_per_s"] == pytest.approx(step["gflop"] / step["seconds"], rel=1e-2)
+    assert 0 < record["step_share_of_gemm_rate"] < 1.5

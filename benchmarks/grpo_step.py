@@ -168,9 +168,9 @@ def summary(runs: list[dict]) -> dict:
 def measure(sft, lengths, prompts, group, steps, repeats, directory, sides=("ours", "trl")) -> dict:
     """Per length, each side's summary and each of ours' speed-up over TRL's (`speedup`, `generation_speedup`
     for `ours`; `speedup_vllm`, `generation_speedup_vllm` for `ours_vllm`). `steps`: per process, one
-    number or one per length."""
+    count per length."""
     results = {}
-    for index, (length, steps) in enumerate(zip(lengths, steps if isinstance(steps, list) else [steps] * len(lengths))):
+    for index, (length, steps) in enumerate(zip(lengths, steps, strict=True)):
         forced = index > 0  # the recipe's own length ends at EOS; the longer ones are forced
         runs = {side: [] for side in sides}
         for repeat in range(repeats):

@@ -36,19 +36,21 @@ sys.path.insert(0, str(ROOT))
 
 from r1pipeline import host  # noqa: E402
 from r1pipeline.config import load_recipe  # noqa: E402
-from r1pipeline.model import PRESETS, R1MoEConfig, R1MoEForCausalLM  # noqa: E402
+from r1pipeline.model import R1MoEConfig, R1MoEForCausalLM  # noqa: E402
 from r1pipeline.model.checkpoint import config_from_checkpoint  # noqa: E402
+from r1pipeline.pipeline import preset_config  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "tiny.yaml"
 BATCH, LENGTH = 32, 80       # an SFT micro-batch of the embedded default (~87 tokens a row, less the shared prefix)
 SFT_TYPE, RL = ("sft", "rejection", "distill"), ("grpo", "align")
+STAGES = ("base", *SFT_TYPE, *RL)  # the stages whose training the bound counts
 
 
-def policy_config(overrides: dict | None = None, vocab_size: int = 512) -> R1MoEConfig:
-    """The recipe's policy (the tiny preset with its `model.config`), at the embedded tokenizer's size."""
-    recipe = load_recipe(str(RECIPE))
-    fields = {**PRESETS[recipe["model"]["preset"]], **(recipe["model"].get("config") or {}), **(overrides or {})}
-    return R1MoEConfig(vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, bos_token_id=2, **fields)
+def policy_config(vocab_size: int = 512) -> R1MoEConfig:
+    """The recipe's policy (its preset under its `model.config`), at the embedded tokenizer's size."""
+    model = load_recipe(str(RECIPE))["model"]
+    tokens = {"vocab_size": vocab_size, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
+    return preset_config({**model, "config": {**(model.get("config") or {}), **tokens}})
 
 
 def step_flops(config: R1MoEConfig, length: int = LENGTH, batch: int = BATCH, train: bool = True) -> float:
@@ -121,7 +123,7 @@ def run_arithmetic(run: Path, rate: float) -> dict:
     forward = step_flops(configs["sft"], train=False) / (BATCH * LENGTH)
     shared = shared_prefix_tokens(run)
     stages = {}
-    for stage in ("base", *SFT_TYPE, *RL):
+    for stage in STAGES:
         manifest = json.loads((run / stage / "manifest.json").read_text())
         section = manifest["config"][stage]
         rows = metrics(run / stage)
@@ -150,7 +152,7 @@ def run_arithmetic(run: Path, rate: float) -> dict:
 
 
 def unfinished(run: Path) -> list[str]:
-    return [stage for stage in ("base", *SFT_TYPE, *RL) if not (run / stage / "manifest.json").exists()]
+    return [stage for stage in STAGES if not (run / stage / "manifest.json").exists()]
 
 
 def main(argv=None) -> None:

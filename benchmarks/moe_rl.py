@@ -197,29 +197,75 @@ def quarters(rows: list[dict], key: str) -> dict:
     return {"first_quarter": sum(values[:q]) / q, "last_quarter": sum(values[-q:]) / q}
 
 
-def grpo_runs(runs: Path, sft: Path, steps: int, variants: list[str], seeds: list[int]) -> dict:
-    """Each variant at each GRPO seed (the SFT checkpoint shared), then each variant's mean pass@1. With a kept
-    `--runs-dir`, seeds already run are read back rather than rerun, so one record can gather every seed."""
+def grpo_run(runs: Path, sft: Path, steps: int, name: str, seed: int) -> dict:
+    """One variant at one GRPO seed: its run (skipped by the pipeline if already done with the same config, the
+    wall time then its manifest's), its held-out eval, and its curves' quarters."""
+    run = f"{name}_seed{seed}"
+    pipeline(runs, run, "grpo", f"grpo.init_from={sft}", f"grpo.max_steps={steps}", "grpo.save_steps=1000",
+             f"grpo.seed={seed}", *VARIANTS[name])
+    wall = rundir.read_manifest(runs / run / "grpo")["wall_time_s"]
+    pipeline(runs, run, "eval")
+    evaluated = json.loads((runs / run / "eval" / "grpo.json").read_text())
+    rows = [json.loads(line) for line in (runs / run / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    return {"grpo_wall_s": round(wall, 1), "pass@1": evaluated["pass@1"], "k": evaluated["k"],
+            "reward": quarters(rows, "reward"),
+            **{key.split("/")[-1]: quarters(rows, key) for key in
+               ("sampling/kl_k3", "routing/router_mismatch", "routing/router_mismatch_free", "sampling/is_clip_frac")}}
+
+
+# Two-sided 95 % quantiles of Student's t by degrees of freedom (1-30); beyond 30 the 30th, a little wide.
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def paired(baseline: dict, variant: dict) -> dict:
+    """The variant's held-out pass@1 minus the baseline's at the same GRPO seed (same SFT checkpoint), in
+    points: each seed's difference, their mean, standard error and 95 % t-interval."""
+    seeds = sorted(set(baseline) & set(variant), key=int)
+    diffs = [100 * (variant[seed]["pass@1"] - baseline[seed]["pass@1"]) for seed in seeds]
+    n = len(diffs)
+    summary = {"seeds": seeds, "diff_points": [round(d, 4) for d in diffs], "n": n,
+               "mean_points": sum(diffs) / n if n else None}
+    if n >= 2:
+        mean = summary["mean_points"]
+        se = (sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) ** 0.5
+        t = T975[min(n - 1, len(T975)) - 1]
+        summary.update(se_points=se, ci95_points=[mean - t * se, mean + t * se])
+    return summary
+
+
+def grpo_runs(runs: Path, sft: Path, steps: int, variants: list[str], seeds: list[int], carried=None) -> dict:
+    """Each variant at each GRPO seed (the SFT checkpoint shared), seed by seed so that a stopped invocation
+    leaves whole pairs; then each variant's mean pass@1 and its difference from the baseline seed by seed.
+    `carried` holds earlier seeds' results ({variant: {seed: result}}, e.g. a previous record's): the seeds
+    run now replace theirs. With a kept `--runs-dir`, seeds already run are read back rather than rerun."""
+    per_seed = {name: dict((carried or {}).get(name, {})) for name in variants}
+    for seed in seeds:
+        for name in variants:
+            per_seed[name][str(seed)] = grpo_run(runs, sft, steps, name, seed)
     results = {}
     for name in variants:
-        overrides, per_seed = VARIANTS[name], {}
-        for seed in seeds:
-            run = f"{name}_seed{seed}"
-            # A run already done with the same config is skipped by the pipeline; its wall time is its manifest's.
-            pipeline(runs, run, "grpo", f"grpo.init_from={sft}", f"grpo.max_steps={steps}", "grpo.save_steps=1000",
-                     f"grpo.seed={seed}", *overrides)
-            wall = rundir.read_manifest(runs / run / "grpo")["wall_time_s"]
-            pipeline(runs, run, "eval")
-            evaluated = json.loads((runs / run / "eval" / "grpo.json").read_text())
-            rows = [json.loads(line) for line in (runs / run / "grpo" / "metrics.jsonl").read_text().splitlines()]
-            per_seed[seed] = {"grpo_wall_s": round(wall, 1), "pass@1": evaluated["pass@1"], "k": evaluated["k"],
-                              "reward": quarters(rows, "reward"),
-                              **{key.split("/")[-1]: quarters(rows, key) for key in
-                                 ("sampling/kl_k3", "routing/router_mismatch", "routing/router_mismatch_free",
-                                  "sampling/is_clip_frac")}}
-        scores = [result["pass@1"] for result in per_seed.values()]
-        results[name] = {"overrides": overrides, "seeds": per_seed, "pass@1_mean": sum(scores) / len(scores)}
+        ordered = dict(sorted(per_seed[name].items(), key=lambda item: int(item[0])))
+        scores = [result["pass@1"] for result in ordered.values()]
+        results[name] = {"overrides": VARIANTS[name], "seeds": ordered, "pass@1_mean": sum(scores) / len(scores)}
+        if name != "baseline" and "baseline" in variants:
+            results[name]["vs_baseline"] = paired(per_seed["baseline"], ordered)
     return results
+
+
+def carried_seeds(previous: dict, steps: int, trained: dict) -> dict:
+    """A previous record's per-seed GRPO results, to gather with this invocation's: only from the same GRPO
+    steps and an SFT checkpoint of the same steps and model config (the checkpoint itself the user vouches
+    for, e.g. by a seed that reproduces)."""
+    if "grpo" not in previous:
+        raise ValueError("it has no GRPO runs (it was made with --skip-grpo)")
+    theirs = {"grpo steps": previous["grpo"]["steps"], "sft steps": previous.get("sft_steps"),
+              "model config": previous.get("model_config")}
+    ours = {"grpo steps": steps, "sft steps": trained["sft_steps"], "model config": trained["model_config"]}
+    differ = [f"{key} {theirs[key]!r} (this run: {ours[key]!r})" for key in ours if theirs[key] != ours[key]]
+    if differ:
+        raise ValueError("it differs in " + ", ".join(differ))
+    return {name: run["seeds"] for name, run in previous["grpo"]["runs"].items()}
 
 
 def trained_with(sft: Path) -> dict:
@@ -242,6 +288,9 @@ def main() -> None:
     parser.add_argument("--skip-grpo", action="store_true", help="part 1 only")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="GRPO runs of part 2, of " + ", ".join(VARIANTS))
     parser.add_argument("--runs-dir", help="keep the runs here (default: a temporary directory)")
+    parser.add_argument("--merge", help="a previous record of this script (same --sft checkpoint and --grpo-steps) "
+                                        "whose GRPO seeds are gathered with this invocation's, e.g. "
+                                        "benchmarks/results/moe_rl.json")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "moe_rl.json"))
     args = parser.parse_args()
     unknown = set(args.variants.split(",")) - set(VARIANTS)
@@ -251,6 +300,19 @@ def main() -> None:
         seeds = [int(seed) for seed in args.grpo_seeds.split(",")]
     except ValueError:
         parser.error(f"--grpo-seeds: {args.grpo_seeds!r} is not a comma-separated list of integers")
+    previous, carried = {}, None
+    if args.merge:
+        if not args.sft or args.skip_grpo:
+            parser.error("--merge gathers GRPO seeds from the same checkpoint: it needs --sft and no --skip-grpo")
+        try:
+            previous = json.loads(Path(args.merge).read_text())
+            trained = trained_with(Path(args.sft))
+        except (OSError, ValueError) as error:
+            parser.error(f"--merge {args.merge} with --sft {args.sft}: {error}")
+        try:
+            carried = carried_seeds(previous, args.grpo_steps, trained)
+        except (ValueError, KeyError) as error:
+            parser.error(f"--merge {args.merge}: {error}")
     recipe = cfg.load_recipe(str(RECIPE))
     group = int(recipe["grpo"]["num_generations"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -274,7 +336,10 @@ def main() -> None:
             record["mismatch"][name]["k3_kl_cut_by_r3"] = none / r3 if r3 else float("inf")
         if not args.skip_grpo:
             record["grpo"] = {"steps": args.grpo_steps,
-                              "runs": grpo_runs(runs, sft, args.grpo_steps, args.variants.split(","), seeds)}
+                              "runs": grpo_runs(runs, sft, args.grpo_steps, args.variants.split(","), seeds, carried)}
+            if args.merge:
+                record["grpo"]["merged_from"] = {"file": args.merge, "seeds_run_now": seeds, "sft": previous.get("sft"),
+                                                 "notes": previous.get("notes")}
         record["wall_s"] = round(time.monotonic() - start, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")

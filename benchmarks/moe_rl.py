@@ -18,13 +18,16 @@ short GRPO runs with and without R3 + FP8 rollouts from one SFT checkpoint.
    (token, MoE layer) whose expert set differs from the rollout's in the forward that is trained,
    and the same for the experts the trainer's router would choose itself.
 2. GRPO from the same SFT checkpoint, `--grpo-steps` each: baseline (rollouts in fp32, no replay),
-   FP8 rollouts without replay, FP8 rollouts with R3; held-out pass@1 (the run's eval section) and the
-   reward and mismatch curves' means over the first and last quarter of steps.
+   FP8 rollouts without replay, FP8 rollouts with R3; held-out pass@1 (the run's eval section), each
+   variant's difference from the baseline seed by seed (mean, standard error, 95 % t-interval), and the
+   reward and mismatch curves' means over the first and last quarter of steps. `--merge` gathers a
+   previous record's seeds from the same checkpoint, so seeds run in different sessions make one record.
 
 Writes benchmarks/results/moe_rl.json.
 
     python benchmarks/moe_rl.py [--sft-steps N | --sft CHECKPOINT] [--model-config YAML] [--grpo-steps 100]
                                 [--prompts 32] [--skip-grpo] [--variants A,B] [--grpo-seeds 0,1,2]
+                                [--runs-dir DIR] [--merge benchmarks/results/moe_rl.json] [--out FILE]
 """
 
 from __future__ import annotations
@@ -339,7 +342,8 @@ def main() -> None:
                               "runs": grpo_runs(runs, sft, args.grpo_steps, args.variants.split(","), seeds, carried)}
             if args.merge:
                 record["grpo"]["merged_from"] = {"file": args.merge, "seeds_run_now": seeds, "sft": previous.get("sft"),
-                                                 "notes": previous.get("notes")}
+                                                 "notes": previous.get("notes"),
+                                                 "merged_from": previous["grpo"].get("merged_from")}
         record["wall_s"] = round(time.monotonic() - start, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")

@@ -51,6 +51,7 @@ from r1pipeline import config as cfg  # noqa: E402
 from r1pipeline import host, rundir  # noqa: E402
 from r1pipeline.model import R1MoEForCausalLM, routing  # noqa: E402
 from r1pipeline.model.layers import fp8_compute  # noqa: E402
+from r1pipeline.report import mean_and_se  # noqa: E402
 from stages.rollouts import SampledLogprobs  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "tiny.yaml"
@@ -230,8 +231,7 @@ def paired(baseline: dict, variant: dict) -> dict:
     summary = {"seeds": seeds, "diff_points": [round(d, 4) for d in diffs], "n": n,
                "mean_points": sum(diffs) / n if n else None}
     if n >= 2:
-        mean = summary["mean_points"]
-        se = (sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) ** 0.5
+        mean, se = mean_and_se(diffs)
         t = T975[min(n - 1, len(T975)) - 1]
         summary.update(se_points=se, ci95_points=[mean - t * se, mean + t * se])
     return summary

@@ -171,10 +171,14 @@ def paired_change(before: dict, after: dict) -> tuple[float, float] | None:
               for result in (before, after)]
     if len(shares[0]) < 2 or shares[0].keys() != shares[1].keys():
         return None
-    diffs = [shares[1][i] - shares[0][i] for i in shares[0]]
-    mean = sum(diffs) / len(diffs)
-    variance = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
-    return mean, math.sqrt(variance / len(diffs))
+    return mean_and_se([shares[1][i] - shares[0][i] for i in shares[0]])
+
+
+def mean_and_se(values: list[float]) -> tuple[float, float]:
+    """The mean of two or more values and its standard error (sample standard deviation / sqrt(n))."""
+    mean = sum(values) / len(values)
+    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(variance / len(values))
 
 
 def _points(value) -> str:
